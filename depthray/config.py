@@ -1,0 +1,290 @@
+"""Typed job configuration: YAML in, validated dataclasses out.
+
+Every section is a dataclass; unknown keys and wrong types are rejected once, up front,
+with one message listing every problem, so a typo never reaches a GPU worker.
+`--set a.b=c` overrides are parsed as YAML scalars (``--set inference.ensemble_size=3``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+@dataclass
+class TilingConfig:
+    mode: str = "auto"  # auto | on | off
+    working_resolution: int = 0  # long side tiles are cut from; 0 = the image's own size
+    overlap: float = 0.25  # fraction of a tile shared with its neighbour
+    max_tiles: int = 64  # cap per image; working resolution shrinks to respect it
+    # auto tiles only when the long side exceeds this multiple of the processing resolution
+    auto_threshold: float = 1.5
+
+
+@dataclass
+class InferenceConfig:
+    ensemble_size: int = 5
+    ensemble_reduction: str = "median"  # median (uncertainty = MAD) | mean (uncertainty = std)
+    seed: int = 0
+    num_inference_steps: int | None = None  # None = checkpoint default
+    batch_size: int = 8  # views per model call
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "marigold"
+    path: str = "prs-eth/marigold-depth-v1-1"  # local dir | hub id | s3:// or any fsspec URL
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    variant: str | None = None  # checkpoint file variant: fp16 | bf16 | None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    processing_resolution: int | None = None  # None = checkpoint default
+    cache_dir: str | None = None  # where remote checkpoints are copied (default ~/.cache/depthray)
+    vae_decoder: str | None = None  # optional AutoencoderTiny folder/hub id for fast decoding
+    compile: bool = False  # torch.compile the UNet (GPU only; slow first batch)
+    factory: str | None = None  # "pkg.module:callable" returning any depth model
+    options: dict = field(default_factory=dict)  # keyword arguments for the factory
+
+
+@dataclass
+class InputConfig:
+    url: str = ""  # glob, brace range, list file (.txt) or folder; any fsspec URL
+    format: str = "auto"  # auto | webdataset | parquet | images
+    image_column: str = "image"  # parquet: column with encoded image bytes
+    key_column: str = "key"  # parquet: column with the sample key
+    max_pixels: int = 64_000_000  # larger images are rejected as errors (decompression bombs)
+    min_side: int = 8  # smaller images are rejected as errors
+
+
+@dataclass
+class OutputConfig:
+    url: str = ""
+    format: str = "parquet"  # parquet | webdataset
+    include_image: bool = False  # webdataset: pass the input image through as {key}.jpg
+    overwrite: bool = False  # ignore manifests and redo every shard
+
+
+@dataclass
+class ComputeConfig:
+    address: str | None = None  # Ray address; None = start or join a local Ray
+    num_actors: int | None = None  # GPU actor pool size; None = one per GPU (1 on CPU)
+    num_gpus_per_actor: float | None = None  # None = 1 when GPUs exist, else 0
+    num_cpus_per_actor: float = 1.0
+    images_per_batch: int = 4  # images handed to an inference actor at once
+    read_parallelism: int | None = None  # concurrent shard readers; None = Ray decides
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None  # custom S3 endpoint (MinIO, moto); also AWS_ENDPOINT_URL
+    region: str | None = None
+    anon: bool = False
+    retries: int = 5
+
+
+@dataclass
+class QualityConfig:
+    max_uncertainty_mean: float | None = None  # images above are marked low confidence
+    min_valid_fraction: float | None = None
+
+
+@dataclass
+class Config:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Short hash of what determines the depth values (model + inference settings)."""
+        payload = json.dumps(
+            {"model": dataclasses.asdict(self.model), "inference": dataclasses.asdict(self.inference)},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+_CHOICES = {
+    "inference.ensemble_reduction": ("median", "mean"),
+    "inference.tiling.mode": ("auto", "on", "off"),
+    "model.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "input.format": ("auto", "webdataset", "parquet", "images"),
+    "output.format": ("parquet", "webdataset"),
+}
+
+
+def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    """Check `value` against annotation `tp`; return the (possibly coerced) value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub: list[str] = []
+            out = _check_value(value, arg, where, sub)
+            if not sub:
+                return out
+        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            errors.append(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: Mapping[str, Any] | None, prefix: str, errors: list[str]):
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        errors.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            errors.append(f"{prefix}{key}: unknown key (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        where = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], where + ".", errors)
+        else:
+            kwargs[f.name] = _check_value(data[f.name], tp, where, errors)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
+    flat = _flatten(cfg.to_dict())
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            errors.append(f"{key}: must be one of {', '.join(allowed)}, got {flat[key]!r}")
+    inf = cfg.inference
+    if inf.ensemble_size < 1:
+        errors.append(f"inference.ensemble_size: must be >= 1, got {inf.ensemble_size}")
+    if inf.batch_size < 1:
+        errors.append(f"inference.batch_size: must be >= 1, got {inf.batch_size}")
+    if inf.num_inference_steps is not None and inf.num_inference_steps < 1:
+        errors.append("inference.num_inference_steps: must be >= 1 or null")
+    if not 0.0 <= inf.tiling.overlap < 0.9:
+        errors.append(f"inference.tiling.overlap: must be in [0, 0.9), got {inf.tiling.overlap}")
+    if inf.tiling.working_resolution < 0:
+        errors.append("inference.tiling.working_resolution: must be >= 0 (0 = native size)")
+    if inf.tiling.max_tiles < 1:
+        errors.append("inference.tiling.max_tiles: must be >= 1")
+    if cfg.model.processing_resolution is not None and cfg.model.processing_resolution < 8:
+        errors.append("model.processing_resolution: must be >= 8 or null")
+    if cfg.model.factory is not None and ":" not in cfg.model.factory:
+        errors.append(f"model.factory: expected 'package.module:callable', got {cfg.model.factory!r}")
+    if require_io:
+        if not cfg.input.url:
+            errors.append("input.url: required (a glob, brace range, list file or folder)")
+        if not cfg.output.url:
+            errors.append("output.url: required")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and k != "options":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=c`` strings to a nested dict; values are parsed as YAML scalars."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. inference.ensemble_size=3")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any] | None, *, require_io: bool = False) -> Config:
+    """Build and validate a Config; raises ConfigError listing every problem."""
+    errors: list[str] = []
+    cfg = _build(Config, dict(data or {}), "", errors)
+    if not errors:
+        _validate(cfg, errors, require_io)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, require_io: bool = True
+) -> Config:
+    """Read a YAML file (or nothing), apply ``--set`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data, require_io=require_io)
+
+
+def inference_config(value: InferenceConfig | Mapping[str, Any] | None) -> InferenceConfig:
+    """Accept the `inference:` section as an object, a plain dict, or None (defaults)."""
+    if value is None:
+        return InferenceConfig()
+    if isinstance(value, InferenceConfig):
+        return value
+    return config_from_dict({"inference": dict(value)}).inference
+
+
+def model_config(value: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+    """Accept the `model:` section as an object or a plain dict."""
+    if isinstance(value, ModelConfig):
+        return value
+    return config_from_dict({"model": dict(value)}).model

@@ -1,0 +1,32 @@
+"""The depth model interface every engine, test double and plug-in implements."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class DepthModel(Protocol):
+    """Any object with these two members is a depthray depth model.
+
+    ``__call__`` takes views float32 ``[N,3,h,w]`` in [0,1] (h, w at most about
+    ``processing_resolution``) and one seed per view, and returns float32 ``[N,h,w]`` in
+    [0,1]: one affine-invariant ensemble member per view, deterministic for a given seed.
+    Callers ensemble by repeating a view with different seeds; a good implementation
+    notices the repeats and encodes each distinct view once.
+    """
+
+    processing_resolution: int
+
+    def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor: ...
+
+
+def check_views(views: torch.Tensor, seeds: list[int]) -> None:
+    """Validate a model call's arguments once, with messages that say what was passed."""
+    if not isinstance(views, torch.Tensor) or views.ndim != 4 or views.shape[1] != 3:
+        shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
+        raise ValueError(f"views must be a float tensor [N,3,h,w], got {shape}")
+    if len(seeds) != views.shape[0]:
+        raise ValueError(f"need one seed per view: {views.shape[0]} views, {len(seeds)} seeds")
