@@ -1,0 +1,286 @@
+"""The Marigold depth engine: diffusers' model classes, our own batched denoising loop.
+
+Numerically it is diffusers' ``MarigoldDepthPipeline`` with ensemble_size=1 (a parity test
+holds it to that); what differs is the batching. One call takes views from many images and
+ensemble members at once: each distinct view is VAE-encoded once (members are repeats of
+a view with other seeds) and its latent reused, the empty-prompt embedding is computed
+once at load, and every member gets its own noise generator so results do not depend on
+how requests were grouped into batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from depthray.models.base import check_views
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA (Marigold is trained in it and it halves memory), float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Initial depth latents [N,*shape], float32 on CPU, one generator per seed.
+
+    Drawn on the CPU so the same seed gives the same noise on every device and batch.
+    """
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+    return out
+
+
+class _LatentCache:
+    """Small LRU of encoded views, so members split across calls still encode once.
+
+    Keys are cheap fingerprints; a hit is confirmed with an exact comparison, so a
+    fingerprint collision can only cost an extra encode, never a wrong latent.
+    """
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @staticmethod
+    def key(view: torch.Tensor) -> tuple:
+        flat = view.reshape(-1)
+        return (tuple(view.shape), float(flat.sum()), float(flat[:: 97].sum()), float(flat[1::13].square().sum()))
+
+    def get(self, key: tuple, view: torch.Tensor) -> torch.Tensor | None:
+        hit = self._items.get(key)
+        if hit is None or not torch.equal(hit[0], view):
+            return None
+        self._items.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: tuple, view: torch.Tensor, latent: torch.Tensor) -> None:
+        self._items[key] = (view, latent)
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+class MarigoldDepthModel:
+    """Marigold depth estimation with the depthray model interface (see models/base.py)."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        scheduler: Any,
+        empty_text_embedding: torch.Tensor,
+        *,
+        processing_resolution: int,
+        num_inference_steps: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        vae_decoder: torch.nn.Module | None = None,
+        name: str = "marigold",
+        max_batch_size: int | None = None,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = unet.to(self.device, dtype).eval()
+        self.vae = vae.to(self.device, dtype).eval()
+        self.vae_decoder = vae_decoder.to(self.device, dtype).eval() if vae_decoder is not None else None
+        self.scheduler = scheduler
+        self.empty_text_embedding = empty_text_embedding.to(self.device, dtype)  # [1,T,D]
+        self.processing_resolution = int(processing_resolution)
+        self.default_num_inference_steps = int(num_inference_steps)
+        self.num_inference_steps = int(num_inference_steps)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self._cache = _LatentCache()
+        if self.device.type == "cuda":
+            # channels_last helps cuDNN convolutions on tensor cores; SDPA attention is the
+            # default attention processor in diffusers on torch >= 2.
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        *,
+        dtype: str = "auto",
+        variant: str | None = None,
+        device: str = "auto",
+        processing_resolution: int | None = None,
+        num_inference_steps: int | None = None,
+        vae_decoder: str | None = None,
+        compile: bool = False,
+        name: str | None = None,
+    ) -> "MarigoldDepthModel":
+        """Load a diffusers-layout Marigold checkpoint folder (unet, vae, scheduler, text)."""
+        import diffusers
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder)
+        index_path = folder / "model_index.json"
+        if not index_path.exists():
+            raise FileNotFoundError(f"{folder}: no model_index.json; not a diffusers checkpoint")
+        index = json.loads(index_path.read_text())
+        dev = pick_device(device)
+        torch_dtype = pick_dtype(dtype, dev)
+        kw = dict(torch_dtype=torch_dtype, variant=variant)
+
+        # 1. Denoiser and autoencoder, with the classes the checkpoint names.
+        unet = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        if unet.config.in_channels != 8:
+            raise ValueError(f"{folder}: unet has {unet.config.in_channels} input channels; Marigold has 8")
+        vae_cls = getattr(diffusers, index.get("vae", ["diffusers", "AutoencoderKL"])[1])
+        vae = vae_cls.from_pretrained(folder, subfolder="vae", **kw)
+        sched_cls = getattr(diffusers, index.get("scheduler", ["diffusers", "DDIMScheduler"])[1])
+        scheduler = sched_cls.from_pretrained(folder, subfolder="scheduler")
+
+        # 2. The empty-prompt embedding, once; the text encoder is not kept.
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", variant=variant)
+        ids = tokenizer("", padding="do_not_pad", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            empty = text_encoder(ids)[0]  # [1,2,D]
+        del text_encoder
+
+        decoder = None
+        if vae_decoder:
+            from depthray.models.loading import resolve_checkpoint
+
+            decoder = diffusers.AutoencoderTiny.from_pretrained(resolve_checkpoint(vae_decoder),
+                                                                torch_dtype=torch_dtype)
+
+        model = cls(
+            unet,
+            vae,
+            scheduler,
+            empty,
+            processing_resolution=processing_resolution or index.get("default_processing_resolution") or 768,
+            num_inference_steps=num_inference_steps or index.get("default_denoising_steps") or 1,
+            device=dev,
+            dtype=torch_dtype,
+            vae_decoder=decoder,
+            name=name or str(folder),
+        )
+        if compile:
+            model.unet = torch.compile(model.unet, mode="max-autotune-no-cudagraphs", dynamic=False)
+        log.info("loaded %s on %s (%s), %d px, %d steps", model.name, dev, torch_dtype,
+                 model.processing_resolution, model.num_inference_steps)
+        return model
+
+    # ------------------------------------------------------------------ stages
+    def preprocess(self, views: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[N,3,h,w] in [0,1] -> [N,3,PPH,PPW] in [-1,1] at processing res, and its padding."""
+        x = views * 2.0 - 1.0
+        h, w = x.shape[-2:]
+        res = self.processing_resolution
+        if res > 0:
+            new_h, new_w = h * res // max(h, w), w * res // max(h, w)
+            if new_h == 0 or new_w == 0:
+                raise ValueError(f"extreme aspect ratio {w}x{h}: resizing to {res} px gives an empty side")
+            x = F.interpolate(x, (new_h, new_w), mode="bilinear", antialias=True)  # [N,3,PH,PW]
+        ph, pw = -x.shape[-2] % self.vae_scale_factor, -x.shape[-1] % self.vae_scale_factor
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # [N,3,PPH,PPW]
+        return x, (ph, pw)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,PPH,PPW] in [-1,1] -> image latents [B,4,h,w] (distribution mode, scaled)."""
+        out = self.vae.encode(images.to(self.device, self.dtype))
+        latent = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+        return latent * self.scaling_factor
+
+    @torch.no_grad()
+    def denoise(self, image_latent: torch.Tensor, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """DDIM/LCM steps on the depth latent: [B,4,h,w] x2 -> [B,4,h,w]."""
+        b = image_latent.shape[0]
+        text = self.empty_text_embedding.expand(b, -1, -1)  # [B,2,D]
+        # Per-member generators keep stochastic schedulers (multi-step LCM) independent of batching.
+        gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+        latent = noise.to(self.device, self.dtype)
+        self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
+        for t in self.scheduler.timesteps:
+            x = torch.cat([image_latent, latent], dim=1)  # [B,8,h,w]
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            pred = self.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]  # [B,4,h,w]
+            latent = self.scheduler.step(pred, t, latent, generator=gens).prev_sample
+        return latent
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Depth latent [B,4,h,w] -> depth [B,PPH,PPW] in [0,1] (channel mean, clipped)."""
+        vae = self.vae_decoder or self.vae
+        img = vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]  # [B,3,PPH,PPW]
+        depth = img.mean(dim=1).clamp(-1.0, 1.0)  # [B,PPH,PPW]
+        return (depth + 1.0) / 2.0
+
+    # ------------------------------------------------------------------ interface
+    def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """One member per view: [N,3,h,w] in [0,1] + N seeds -> [N,h,w] float32 in [0,1]."""
+        check_views(views, seeds)
+        n = views.shape[0]
+        out = torch.empty((n, views.shape[-2], views.shape[-1]), dtype=torch.float32)
+        step = self.max_batch_size or n
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            out[sl] = self._predict_batch(views[sl].float().cpu(), list(seeds[sl]))
+        return out
+
+    def _predict_batch(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        h, w = views.shape[-2:]
+        # 1. Distinct views: members repeat a view, encode each distinct one once.
+        keys = [_LatentCache.key(v) for v in views]
+        distinct: dict[int, int] = {}  # batch row -> row of its first equal view
+        latents: dict[int, torch.Tensor] = {}
+        to_encode: list[int] = []
+        for i, k in enumerate(keys):
+            first = next((j for j in to_encode if keys[j] == k and torch.equal(views[j], views[i])), None)
+            if first is not None:
+                distinct[i] = first
+                continue
+            cached = self._cache.get(k, views[i])
+            if cached is not None:
+                latents[i] = cached
+            else:
+                to_encode.append(i)
+            distinct[i] = i
+        # 2. Preprocess + VAE-encode the new ones.  [U,3,PPH,PPW] -> [U,4,h/8,w/8]
+        images, padding = self.preprocess(views[to_encode] if to_encode else views[:1])
+        if to_encode:
+            enc = self.encode(images)
+            for row, i in enumerate(to_encode):
+                latents[i] = enc[row : row + 1]
+                self._cache.put(keys[i], views[i].clone(), latents[i])
+        image_latent = torch.cat([latents[distinct[i]] for i in range(len(seeds))])  # [B,4,h,w]
+        # 3. Denoise from seeded noise.
+        noise = initial_noise(seeds, tuple(image_latent.shape[1:]))  # [B,4,h,w]
+        latent = self.denoise(image_latent, noise, seeds)
+        # 4. Decode, unpad, back to the view size.
+        depth = self.decode(latent).float()  # [B,PPH,PPW]
+        ph, pw = padding
+        depth = depth[:, : depth.shape[1] - ph, : depth.shape[2] - pw]  # [B,PH,PW]
+        depth = F.interpolate(depth.unsqueeze(1), (h, w), mode="bilinear")[:, 0]  # [B,h,w]
+        return depth.clamp(0.0, 1.0).cpu()

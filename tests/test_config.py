@@ -1,0 +1,53 @@
+"""Config is validated once, up front, with every problem in one message."""
+
+from __future__ import annotations
+
+import pytest
+
+from depthray.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+
+def test_defaults_match_the_design():
+    cfg = config_from_dict({})
+    assert cfg.inference.ensemble_size == 5
+    assert cfg.inference.ensemble_reduction == "median"
+    assert cfg.inference.tiling.mode == "auto"
+    assert cfg.model.kind == "marigold" and cfg.model.path == "prs-eth/marigold-depth-v1-1"
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"inference": {"ensemble_sise": 3, "batch_size": "8"}, "modell": {}})
+    msg = str(e.value)
+    assert "inference.ensemble_sise: unknown key" in msg
+    assert "inference.batch_size: expected int" in msg
+    assert "modell: unknown key" in msg
+
+
+def test_choices_and_ranges():
+    with pytest.raises(ConfigError, match="ensemble_reduction: must be one of median, mean"):
+        config_from_dict({"inference": {"ensemble_reduction": "max"}})
+    with pytest.raises(ConfigError, match="ensemble_size: must be >= 1"):
+        config_from_dict({"inference": {"ensemble_size": 0}})
+    with pytest.raises(ConfigError, match="input.url: required"):
+        config_from_dict({}, require_io=True)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("input: {url: /data/*.tar}\noutput: {url: /out}\ninference: {ensemble_size: 4}\n")
+    cfg = load_config(p, ["inference.ensemble_size=2", "inference.tiling.overlap=0.5",
+                          "model.processing_resolution=null"])
+    assert cfg.inference.ensemble_size == 2
+    assert cfg.inference.tiling.overlap == 0.5
+    assert cfg.model.processing_resolution is None
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["inference.seed"])
+
+
+def test_int_accepted_for_float_and_hash_tracks_inference():
+    a = config_from_dict({"inference": {"tiling": {"overlap": 0}}})
+    assert isinstance(a.inference.tiling.overlap, float)
+    b = config_from_dict({"inference": {"seed": 1}})
+    assert a.hash() != b.hash()
+    assert config_from_dict({}).hash() == config_from_dict({"output": {"url": "/elsewhere"}}).hash()

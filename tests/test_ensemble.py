@@ -1,0 +1,95 @@
+"""Ensembling math on hand-made arrays: known scale/shift recovered, median/MAD, mean/std."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from depthray.ensemble import ensemble_depth, fuse, normalize_members, solve_alignment
+
+
+def _scene(h: int = 24, w: int = 32) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    return 0.2 + 0.5 * y + 0.3 * torch.sin(6 * x) ** 2  # [h,w], not constant, not affine in x,y
+
+
+def test_known_affine_members_are_aligned_exactly():
+    gt = _scene()
+    scales = torch.tensor([1.0, 0.5, 2.0, 3.0])
+    shifts = torch.tensor([0.0, 0.3, -1.0, 5.0])
+    members = (gt * scales[:, None, None] + shifts[:, None, None]).unsqueeze(0)  # [1,4,h,w]
+    res = ensemble_depth(members, "median")
+    expected = (gt - gt.min()) / (gt.max() - gt.min())
+    torch.testing.assert_close(res.depth[0], expected, atol=1e-5, rtol=0)
+    assert float(res.uncertainty.abs().max()) < 1e-5
+    # Aligned members coincide: the recovered parameters undo each member's transform.
+    x = normalize_members(members)
+    aligned = x * res.scale[:, :, None, None] + res.shift[:, :, None, None]
+    assert float((aligned - aligned[:, :1]).abs().max()) < 1e-5
+    torch.testing.assert_close(res.scale.mean(), torch.tensor(1.0), atol=1e-5, rtol=0)
+
+
+def test_alignment_recovers_relative_parameters_on_raw_members():
+    gt = _scene().unsqueeze(0).unsqueeze(0)  # [1,1,h,w]
+    members = torch.cat([gt, 2 * gt + 1], dim=1)  # member 1 = 2*member 0 + 1
+    scale, shift = solve_alignment(members)
+    # s0*g + t0 == s1*(2g+1) + t1 with mean(s)=1, mean(t)=0 -> s0 = 4/3, s1 = 2/3, t0 = 1/3, t1 = -1/3
+    torch.testing.assert_close(scale[0], torch.tensor([4 / 3, 2 / 3]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(shift[0], torch.tensor([1 / 3, -1 / 3]), atol=1e-4, rtol=0)
+
+
+def test_median_and_mad_by_hand():
+    a = torch.tensor([[0.0, 1.0]])
+    members = torch.stack([a, a * 0 + 0.5, a * 0 + 0.9])[None]  # [1,3,1,2]
+    depth, unc = fuse(members, "median")
+    # pixel 0: values 0, .5, .9 -> median .5, deviations .5, 0, .4 -> MAD .4
+    # pixel 1: values 1, .5, .9 -> median .9, deviations .1, .4, 0 -> MAD .1
+    torch.testing.assert_close(depth[0, 0], torch.tensor([0.5, 0.9]))
+    torch.testing.assert_close(unc[0, 0], torch.tensor([0.4, 0.1]))
+
+
+def test_mean_and_std_by_hand():
+    members = torch.tensor([[[[1.0]], [[2.0]], [[6.0]]]])  # [1,3,1,1]
+    depth, unc = fuse(members, "mean")
+    assert float(depth) == pytest.approx(3.0)
+    assert float(unc) == pytest.approx((((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 3) ** 0.5)
+
+
+def test_noisy_members_fuse_closer_than_any_member():
+    gen = torch.Generator().manual_seed(0)
+    gt = _scene()
+    gtn = (gt - gt.min()) / (gt.max() - gt.min())
+    members = torch.stack([
+        (gt + 0.05 * torch.randn(gt.shape, generator=gen)) * s + t
+        for s, t in [(1, 0), (2, 1), (0.5, -2), (3, 0.2), (1.5, 4)]
+    ])[None]
+    for reduction in ("median", "mean"):
+        res = ensemble_depth(members, reduction)
+        assert float(res.depth.min()) == pytest.approx(0.0, abs=1e-6)
+        assert float(res.depth.max()) == pytest.approx(1.0, abs=1e-6)
+        fused_err = float((res.depth[0] - gtn).abs().mean())
+        single = normalize_members(members)[0]
+        member_err = min(float((m - gtn).abs().mean()) for m in single)
+        assert fused_err < member_err
+        assert float(res.uncertainty.mean()) > 0.005  # noise shows up as uncertainty
+
+
+def test_single_member_is_passed_through():
+    m = torch.rand(2, 1, 5, 6)
+    res = ensemble_depth(m)
+    torch.testing.assert_close(res.depth, m[:, 0])
+    assert float(res.uncertainty.abs().max()) == 0.0
+
+
+def test_views_are_independent_in_a_batch():
+    gt = _scene()
+    v0 = torch.stack([gt, 2 * gt + 1, gt * 0.1])
+    v1 = torch.stack([gt.flip(0), gt.flip(0) * 3, gt.flip(0) - 2])
+    both = ensemble_depth(torch.stack([v0, v1]))
+    alone = ensemble_depth(v1[None])
+    torch.testing.assert_close(both.depth[1], alone.depth[0], atol=1e-6, rtol=0)
+
+
+def test_bad_reduction_is_rejected():
+    with pytest.raises(ValueError, match="median"):
+        ensemble_depth(torch.rand(1, 3, 4, 4), "max")

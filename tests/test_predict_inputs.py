@@ -1,0 +1,97 @@
+"""`predict_image` through the real tiny Marigold: odd inputs, output contract, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import depthray
+from depthray.predict import image_to_tensor
+
+CFG = {"ensemble_size": 3, "batch_size": 4, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return depthray.load_model({"kind": "marigold", "path": str(tiny_model_dir), "processing_resolution": 64})
+
+
+def _rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        _rgb(45, 61),  # not a multiple of 8
+        _rgb(8, 8),  # tiny
+        _rgb(30, 7),  # tall and thin, smaller than the model
+        _rgb(40, 50)[:, :, 0],  # gray HxW
+        _rgb(40, 50)[:, :, :1],  # gray HxWx1
+        np.concatenate([_rgb(40, 50), np.full((40, 50, 1), 128, np.uint8)], axis=2),  # RGBA
+        (_rgb(40, 50).astype(np.uint16) * 257),  # 16-bit
+        _rgb(40, 50).astype(np.float32) / 255.0,  # float in [0,1]
+    ],
+    ids=["odd-size", "8x8", "30x7", "gray", "gray1", "rgba", "uint16", "float"],
+)
+def test_odd_inputs_give_depth_at_input_size(model, image):
+    res = depthray.predict_image(image, model, CFG)
+    h, w = image.shape[:2]
+    assert res.depth.shape == (h, w) and res.depth.dtype == np.float32
+    assert res.uncertainty.shape == (h, w) and res.uncertainty.dtype == np.float32
+    assert np.isfinite(res.depth).all() and np.isfinite(res.uncertainty).all()
+    assert res.depth.min() >= 0.0 and res.depth.max() <= 1.0
+    assert res.uncertainty.min() >= 0.0
+    assert res.ensemble_size == 3
+
+
+def test_uint16_equals_uint8_scaled(model):
+    img8 = _rgb(40, 50, seed=3)
+    a = depthray.predict_image(img8, model, CFG)
+    b = depthray.predict_image(img8.astype(np.uint16) * 257, model, CFG)
+    np.testing.assert_allclose(a.depth, b.depth, atol=1e-5)
+
+
+def test_deterministic_by_seed(model):
+    img = _rgb(40, 50, seed=4)
+    a = depthray.predict_image(img, model, CFG)
+    b = depthray.predict_image(img, model, CFG)
+    np.testing.assert_array_equal(a.depth, b.depth)
+    c = depthray.predict_image(img, model, {**CFG, "seed": 1})
+    assert np.abs(c.depth - a.depth).max() > 1e-4
+
+
+def test_ensemble_members_disagree_so_uncertainty_is_positive(model):
+    res = depthray.predict_image(_rgb(40, 50, seed=5), model, {**CFG, "ensemble_reduction": "mean"})
+    assert res.uncertainty.mean() > 0
+    single = depthray.predict_image(_rgb(40, 50, seed=5), model, {**CFG, "ensemble_size": 1})
+    assert single.uncertainty.max() == 0.0
+
+
+def test_batch_of_images_equals_one_by_one(model):
+    images = [_rgb(40, 50, seed=6), _rgb(33, 64, seed=7), _rgb(40, 50, seed=8)]
+    together = depthray.predict_images(images, model, CFG)
+    for img, res in zip(images, together):
+        alone = depthray.predict_image(img, model, CFG)
+        np.testing.assert_allclose(res.depth, alone.depth, atol=1e-4)
+
+
+def test_config_dict_is_validated(model):
+    from depthray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ensemble_sise"):
+        depthray.predict_image(_rgb(16, 16), model, {"ensemble_sise": 3})
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((4, 4, 2), np.uint8), "HxW"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+        (np.full((4, 4, 3), 255.0, np.float32), "divide"),
+        (np.zeros((4, 4, 3), np.int64), "dtype"),
+    ],
+)
+def test_bad_images_raise_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        image_to_tensor(bad)
