@@ -50,6 +50,13 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor
     return out
 
 
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move to device; cast only when needed (from_pretrained already loads in `dtype`)."""
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module.to(device).eval()
+
+
 class _LatentCache:
     """Small LRU of encoded views, so members split across calls still encode once.
 
@@ -100,9 +107,9 @@ class MarigoldDepthModel:
     ):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.unet = unet.to(self.device, dtype).eval()
-        self.vae = vae.to(self.device, dtype).eval()
-        self.vae_decoder = vae_decoder.to(self.device, dtype).eval() if vae_decoder is not None else None
+        self.unet = _to(unet, self.device, dtype)
+        self.vae = _to(vae, self.device, dtype)
+        self.vae_decoder = _to(vae_decoder, self.device, dtype) if vae_decoder is not None else None
         self.scheduler = scheduler
         self.empty_text_embedding = empty_text_embedding.to(self.device, dtype)  # [1,T,D]
         self.processing_resolution = int(processing_resolution)
@@ -136,7 +143,12 @@ class MarigoldDepthModel:
     ) -> "MarigoldDepthModel":
         """Load a diffusers-layout Marigold checkpoint folder (unet, vae, scheduler, text)."""
         import diffusers
+        import transformers
         from transformers import CLIPTextModel, CLIPTokenizer
+
+        # Loading progress bars would flood worker logs (one per actor start).
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
         folder = Path(folder)
         index_path = folder / "model_index.json"

@@ -171,7 +171,10 @@ def build_tiny_marigold(
 
     The folder appears complete or not at all (built in a temporary folder, then renamed).
     """
+    import diffusers
     from diffusers import MarigoldDepthPipeline
+
+    diffusers.utils.logging.disable_progress_bar()
 
     out = Path(out_dir)
     if (out / "model_index.json").exists():
