@@ -168,3 +168,19 @@ def test_variant_and_dtype(tiny_model_dir, tmp_path):
     assert float((m16(v, [3]) - ref).abs().mean()) < 0.02
     assert float((mbf(v, [3]) - ref).abs().mean()) < 0.05
     assert np.isfinite(mbf(v, [3]).numpy()).all()
+
+
+def test_tiny_vae_decoder_option(tiny_model_dir, tmp_path):
+    """model.vae_decoder swaps in an AutoencoderTiny for decoding; encoding keeps the full VAE."""
+    from depthray.models.tiny import build_tiny_vae_decoder
+
+    taesd = build_tiny_vae_decoder(tmp_path / "taesd")
+    fast = depthray.load_model({"kind": "marigold", "path": str(tiny_model_dir), "processing_resolution": RES,
+                                "vae_decoder": str(taesd)})
+    full = depthray.load_model({"kind": "marigold", "path": str(tiny_model_dir), "processing_resolution": RES})
+    assert type(fast.vae_decoder).__name__ == "AutoencoderTiny"
+    v = _views(2)
+    a, b = fast(v, [1, 2]), full(v, [1, 2])
+    assert a.shape == b.shape == (2, 50, 70)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert float((a - b).abs().max()) > 1e-3  # another decoder really ran

@@ -210,6 +210,23 @@ def build_tiny_marigold(
     return out
 
 
+def build_tiny_vae_decoder(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0) -> Path:
+    """A random-weight AutoencoderTiny (TAESD architecture) for `model.vae_decoder`.
+
+    preset "sd2" has TAESD's real widths (for timing); "tiny" is a toy for tests.
+    """
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    if preset == "tiny":
+        taesd = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                                num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+    else:
+        taesd = AutoencoderTiny()
+    taesd.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def default_tiny_model_dir() -> Path:
     root = os.environ.get("DEPTHRAY_CACHE") or os.path.join(Path.home(), ".cache", "depthray")
     return Path(root) / "models" / "tiny-marigold"
