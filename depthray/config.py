@@ -76,6 +76,7 @@ class OutputConfig:
     format: str = "parquet"  # parquet | webdataset
     include_image: bool = False  # webdataset: pass the input image through as {key}.jpg
     overwrite: bool = False  # ignore manifests and redo every shard
+    rows_per_part: int = 512  # most rows in one part file (a shard is written as parts)
 
 
 @dataclass
@@ -215,6 +216,8 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("model.processing_resolution: must be >= 8 or null")
     if cfg.model.factory is not None and ":" not in cfg.model.factory:
         errors.append(f"model.factory: expected 'package.module:callable', got {cfg.model.factory!r}")
+    if cfg.output.rows_per_part < 1:
+        errors.append("output.rows_per_part: must be >= 1")
     if require_io:
         if not cfg.input.url:
             errors.append("input.url: required (a glob, brace range, list file or folder)")

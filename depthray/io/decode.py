@@ -1,0 +1,99 @@
+"""Decode stage: encoded image bytes -> RGB uint8, following what a viewer would display.
+
+EXIF orientation is applied; gray, gray+alpha, palette, RGBA, CMYK, 16-bit and float
+images become 8-bit RGB (alpha dropped, as predict.image_to_tensor does); animated and
+multi-page files give their first frame. Images over `input.max_pixels` (decompression
+bombs) or under `input.min_side` are rejected before their pixels are decoded. Every
+failure becomes an error record; nothing raises out of the stage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+
+from depthray.config import InputConfig
+from depthray.io import records
+
+# We enforce input.max_pixels ourselves from the header, before decoding; PIL's own
+# limit would otherwise warn or raise at a different, global threshold.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class DecodeError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if mode == "F" or arr.dtype.kind == "f":
+            arr = np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0
+        elif mode.startswith("I;16") or arr.max(initial=0) > 255:  # 16-bit range
+            arr = arr.astype(np.float32) / 257.0
+        arr = np.rint(arr).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")  # L, LA, P, RGBA, CMYK, YCbCr, 1, ...
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Bytes -> (RGB uint8 [H,W,3] as displayed, facts about the decode)."""
+    if not data:
+        raise DecodeError("empty", "zero-byte image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise DecodeError("not_an_image", f"{type(e).__name__}: {e}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise DecodeError("too_large", f"{w}x{h} = {w * h} pixels > input.max_pixels={max_pixels}")
+    meta: dict[str, Any] = {"format": img.format, "mode": img.mode}
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        meta["frames"] = frames  # we keep the first
+    try:
+        img.seek(0)
+        orientation = img.getexif().get(0x0112, 1)
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        img.load()
+    except Exception as e:
+        raise DecodeError("decode", f"{type(e).__name__}: {e}") from e
+    if orientation not in (None, 1):
+        meta["exif_orientation"] = int(orientation)  # pixels are rotated to display order
+    if min(img.size) < min_side:
+        raise DecodeError("too_small", f"{img.size[0]}x{img.size[1]}: a side < input.min_side={min_side}")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr, meta
+
+
+def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Table:
+    """Ray Data UDF: SAMPLE rows -> DECODED rows (errors and trailers pass through)."""
+    out = []
+    for row in batch.to_pylist():
+        if records.is_trailer(row) or records.is_error(row):
+            row["data"] = None
+            out.append(row)
+            continue
+        try:
+            arr, meta = decode_image(row["data"], cfg.max_pixels, cfg.min_side)
+        except DecodeError as e:
+            out.append(records.error_row(row, "decode", e.reason, str(e)))
+            continue
+        row.update(pixels=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], meta=json.dumps(meta))
+        if not keep_input:
+            row["data"] = None
+        out.append(row)
+    return records.to_table(out, records.DECODED)

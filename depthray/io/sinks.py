@@ -1,0 +1,174 @@
+"""Output side: part files of depth results and of errors, named after their input shard.
+
+A sink turns a group of rows from one input shard into one part file's bytes; the base
+class names the part and writes it atomically. Part names are a hash of the keys they
+hold, so a retried write task rewrites the same file instead of adding a duplicate:
+
+    {output}/{shard}.part-{hash}.parquet|.tar      depth results
+    {output}/_errors/{shard}.part-{hash}.parquet    error records (any output format)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections import Counter, defaultdict
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from depthray.config import OutputConfig, StorageConfig
+from depthray.io import records
+from depthray.io.fs import filesystem, join, write_atomic
+
+ERRORS_DIR = "_errors"
+PART_RE = re.compile(r"^(?P<shard>.+)\.part-(?P<hash>[0-9a-f]{16})\.(?P<ext>parquet|tar)$")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("depth", pa.binary()),  # 16-bit PNG, depth * 65535, 0 = near
+        ("uncertainty", pa.binary()),  # 16-bit PNG, uncertainty / uncertainty_scale * 65535
+        ("uncertainty_scale", pa.float32()),
+        ("uncertainty_mean", pa.float32()),
+        ("model", pa.string()),
+        ("config_hash", pa.string()),
+        ("ensemble_size", pa.int32()),
+        ("num_views", pa.int32()),
+        ("meta", pa.string()),  # JSON: decode facts (exif_orientation, frames, ...), flags
+    ]
+)
+
+
+def part_hash(keys: list[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def safe_key(key: str) -> str:
+    """A file-name-safe WebDataset key: no dots, slashes or odd characters; a changed key
+    gets a hash suffix so two keys never collide. The original key stays in the JSON."""
+    clean = re.sub(r"[^A-Za-z0-9_\-]", "_", key)[:150]
+    return clean if clean == key else f"{clean}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+class Sink:
+    """Writes one part file per call; subclasses say how rows become bytes."""
+
+    extension = ""
+    subdir = ""
+
+    def __init__(self, url: str, storage: StorageConfig):
+        self.url = url
+        self.storage = storage
+
+    def encode(self, rows: list[dict[str, Any]]) -> bytes:
+        raise NotImplementedError
+
+    def write(self, shard: str, rows: list[dict[str, Any]], digest: str) -> str:
+        """Write `rows` (all from input shard `shard`) as one part; returns its relative path."""
+        rel = f"{shard}.part-{digest}.{self.extension}"
+        rel = f"{self.subdir}/{rel}" if self.subdir else rel
+        fs, root = filesystem(self.url, self.storage)
+        write_atomic(fs, join(root, rel), self.encode(rows))
+        return rel
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue().to_pybytes()
+
+
+class ParquetSink(Sink):
+    extension = "parquet"
+
+    def __init__(self, url, storage, model: str, config_hash: str):
+        super().__init__(url, storage)
+        self.extra = {"model": model, "config_hash": config_hash}
+
+    def encode(self, rows):
+        return _parquet_bytes(records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA))
+
+
+class WebDatasetSink(Sink):
+    """`{key}.depth.png`, `{key}.uncertainty.png`, `{key}.json` and optionally the input
+    image as `{key}.{ext}` (its original encoding and extension)."""
+
+    extension = "tar"
+
+    def __init__(self, url, storage, model: str, config_hash: str, include_image: bool):
+        super().__init__(url, storage)
+        self.extra = {"model": model, "config_hash": config_hash}
+        self.include_image = include_image
+
+    def encode(self, rows):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for r in sorted(rows, key=lambda r: r["key"]):
+                name = safe_key(r["key"])
+                meta = {k: r.get(k) for k in ("key", "source", "width", "height", "uncertainty_scale",
+                                              "uncertainty_mean", "ensemble_size", "num_views")}
+                meta.update(self.extra, **json.loads(r.get("meta") or "{}"))
+                members = [("depth.png", r["depth"]), ("uncertainty.png", r["uncertainty"]),
+                           ("json", json.dumps(meta, sort_keys=True).encode())]
+                if self.include_image and r.get("data"):
+                    ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
+                    members.append((ext, r["data"]))
+                for suffix, data in members:
+                    info = tarfile.TarInfo(f"{name}.{suffix}")
+                    info.size = len(data)
+                    info.mode = 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+
+class ErrorSink(Sink):
+    extension = "parquet"
+    subdir = ERRORS_DIR
+
+    def encode(self, rows):
+        return _parquet_bytes(records.to_table(rows, records.ERRORS))
+
+
+def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash: str) -> Sink:
+    if cfg.format == "webdataset":
+        return WebDatasetSink(cfg.url, storage, model, config_hash, cfg.include_image)
+    return ParquetSink(cfg.url, storage, model, config_hash)
+
+
+def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, model: str,
+                config_hash: str) -> pa.Table:
+    """Ray Data UDF: ENCODED rows -> parts on storage, and one ACK row per source shard."""
+    sink = make_sink(cfg, storage, model, config_hash)
+    errors_sink = ErrorSink(cfg.url, storage)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in batch.to_pylist():
+        groups[row["source"]].append(row)
+    acks = []
+    for shard, rows in groups.items():
+        trailer = next((r for r in rows if records.is_trailer(r)), None)
+        outputs = [r for r in rows if not records.is_trailer(r) and r.get("error") is None]
+        errors = [r for r in rows if records.is_error(r)]
+        digest = part_hash([r["key"] for r in outputs + errors])
+        acks.append(
+            {
+                "source": shard,
+                "rows": len(rows),
+                "outputs": len(outputs),
+                "errors": len(errors),
+                "shard_total": trailer["shard_total"] if trailer else None,
+                "shard_error": trailer.get("message") if trailer and trailer.get("error") else None,
+                "parts": [sink.write(shard, outputs, digest)] if outputs else [],
+                "error_parts": [errors_sink.write(shard, errors, digest)] if errors else [],
+                "error_reasons": json.dumps(Counter(f"{r['stage']}:{r['error']}" for r in errors)),
+                "infer_s": float(sum(r.get("infer_s") or 0.0 for r in outputs)),
+            }
+        )
+    return records.to_table(acks, records.ACK)

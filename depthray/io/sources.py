@@ -1,0 +1,317 @@
+"""Input side: list shards from a URL pattern, and read a shard into sample rows.
+
+A shard is the unit of work (one WebDataset .tar, one Parquet file, or one folder of
+image files). Readers implement `samples(fs, path)`; the base class handles batching,
+trailers, and turning storage failures into records instead of exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from depthray.config import ConfigError, InputConfig, StorageConfig
+from depthray.io import records
+from depthray.io.fs import filesystem, full_url
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
+SHARD_EXTS = {"tar": "webdataset", "parquet": "parquet"}
+LIST_FILE_EXTS = (".txt", ".lst", ".list")
+SHARD_KEY = "<shard>"  # key of an error record about a whole shard (e.g. truncated tar)
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # relative path without extension; names output parts and manifests
+    url: str  # full URL (file://, s3://, ...) of the file, or of the folder for images
+    format: str  # webdataset | parquet | images
+
+
+# ---------------------------------------------------------------------------- listing
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand `{a,b}` alternatives and `{000..099}` zero-padded ranges (shell style)."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:  # a literal brace, not an expansion
+        return [head + "{" + body + "}" + t for t in expand_braces(tail)]
+    return [e for opt in options for e in expand_braces(head + opt + tail)]
+
+
+def _ext(path: str) -> str:
+    base = posixpath.basename(path.rstrip("/"))
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _strip_ext(rel: str) -> str:
+    head, base = posixpath.split(rel)
+    if "." in base:
+        base = base.rsplit(".", 1)[0]
+    return posixpath.join(head, base) if head else base
+
+
+def safe_name(rel: str) -> str:
+    """A shard name usable as a relative output path: no '..', no leading '/'."""
+    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = ["__" if p == ".." else re.sub(r"[^\w.\-=+@]", "_", p) for p in parts]
+    return "/".join(parts) or "shard"
+
+
+def _name_shards(urls: list[str], formats: list[str], base: str | None = None) -> list[Shard]:
+    paths = [u.split("://", 1)[-1].rstrip("/") for u in urls]
+    if base is None:
+        base = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
+        if base in paths:  # a single folder shard
+            base = posixpath.dirname(base)
+    shards = []
+    for url, path, fmt in zip(urls, paths, formats):
+        rel = posixpath.relpath(path, base) if base else path
+        name = rel if fmt == "images" else _strip_ext(rel)
+        shards.append(Shard(name=safe_name(name), url=url, format=fmt))
+    seen: dict[str, str] = {}
+    for s in shards:
+        if s.name in seen:
+            raise ConfigError(f"input.url: shards {seen[s.name]} and {s.url} map to the same name {s.name!r}")
+        seen[s.name] = s.url
+    return shards
+
+
+def _format_of(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    ext = _ext(path)
+    if ext in SHARD_EXTS:
+        return SHARD_EXTS[ext]
+    raise ConfigError(f"input.format: cannot tell the format of {path!r}; set input.format")
+
+
+def _list_folder(fs, root: str, declared: str) -> tuple[list[str], list[str]]:
+    """Shard files in a folder, or (for image folders) every folder that holds images."""
+    files = sorted(p for p in fs.find(root) if not posixpath.basename(p).startswith((".", "_")))
+    shard_files = [p for p in files if _ext(p) in SHARD_EXTS and declared in ("auto", SHARD_EXTS[_ext(p)])]
+    if shard_files and declared != "images":
+        return [full_url(fs, p) for p in shard_files], [SHARD_EXTS[_ext(p)] for p in shard_files]
+    dirs = sorted({posixpath.dirname(p) for p in files if _ext(p) in IMAGE_EXTS})
+    return [full_url(fs, d) for d in dirs], ["images"] * len(dirs)
+
+
+def list_shards(cfg: InputConfig, storage: StorageConfig) -> list[Shard]:
+    """Resolve `input.url` (glob, brace range, list file or folder) to shards, in order.
+
+    Brace-expanded names are not checked for existence here (that would be one request
+    per shard); a missing shard is reported by the reader and retried on the next run.
+    """
+    url = cfg.url
+    if url.lower().endswith(LIST_FILE_EXTS):
+        fs, path = filesystem(url, storage)
+        lines = fs.cat_file(path).decode().splitlines()
+        patterns = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    else:
+        patterns = [url]
+    urls: list[str] = []
+    formats: list[str] = []
+    base = None
+    for pattern in patterns:
+        for item in expand_braces(pattern):
+            fs, path = filesystem(item, storage)
+            if _has_glob(path):
+                for p in sorted(fs.glob(path)):
+                    urls.append(full_url(fs, p))
+                    formats.append("images" if fs.isdir(p) else _format_of(p, cfg.format))
+            elif _ext(path) in SHARD_EXTS or (cfg.format in SHARD_EXTS.values() and not fs.isdir(path)):
+                urls.append(full_url(fs, path))
+                formats.append(_format_of(path, cfg.format))
+            elif fs.isdir(path):
+                found, fmts = _list_folder(fs, path, cfg.format)
+                urls += found
+                formats += fmts
+                if len(patterns) == 1:
+                    base = path.rstrip("/")  # names relative to the folder given
+            else:
+                raise ConfigError(f"input.url: {item} is neither a shard file nor a folder")
+    if not urls:
+        raise ConfigError(f"input.url: nothing matches {url!r}")
+    if base is not None:
+        paths = [u.split("://", 1)[-1].rstrip("/") for u in urls]
+        if base in paths:  # images directly in the folder given: one shard named after it
+            base = posixpath.dirname(base)
+    return _name_shards(urls, formats, base)
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+class Reader:
+    """Turns one shard into sample rows; subclasses implement `samples`.
+
+    The base class batches rows into Arrow blocks (bounded by rows and bytes, so a shard
+    never sits in memory whole), appends the trailer, and classifies failures: storage
+    errors (OSError: missing file, network, permissions) mark the shard failed so the next
+    run retries it; corrupt data (bad tar, bad Parquet) becomes a shard-level error record
+    and the shard still completes, since re-reading would not help.
+    """
+
+    def __init__(self, cfg: InputConfig, storage: StorageConfig, rows_per_block: int = 32,
+                 bytes_per_block: int = 64 << 20):
+        self.cfg = cfg
+        self.storage = storage
+        self.rows_per_block = rows_per_block
+        self.bytes_per_block = bytes_per_block
+
+    def samples(self, fs, path: str) -> Iterator[dict[str, Any]]:
+        """Yield {"key", "data", "ext"} or error fields ({"key", "error", "message"})."""
+        raise NotImplementedError
+
+    def read(self, shard: Shard) -> Iterator[pa.Table]:
+        rows: list[dict[str, Any]] = []
+        size = 0
+        total = 0
+        shard_error = None
+        try:
+            fs, path = filesystem(shard.url, self.storage)
+            for row in self.samples(fs, path):
+                row["source"] = shard.name
+                if row.get("error"):
+                    row["stage"] = "read"
+                rows.append(row)
+                total += 1
+                size += len(row.get("data") or b"")
+                if len(rows) >= self.rows_per_block or size >= self.bytes_per_block:
+                    yield records.to_table(rows, records.SAMPLE)
+                    rows, size = [], 0
+        except OSError as e:
+            shard_error = f"{type(e).__name__}: {e}"
+            log.warning("shard %s could not be read (will be retried on the next run): %s",
+                        shard.name, shard_error)
+        except Exception as e:  # corrupt container: record it, keep what was read
+            rows.append({"source": shard.name, "key": SHARD_KEY, "stage": "read",
+                         "error": "corrupt_shard", "message": f"{type(e).__name__}: {e}"})
+            total += 1
+        rows.append({"source": shard.name, "key": None, "shard_total": total,
+                     "error": "read_failed" if shard_error else None, "message": shard_error})
+        yield records.to_table(rows, records.SAMPLE)
+
+
+def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
+    """Keys are unique per shard: a repeat gets a `~dupN` suffix and becomes an error."""
+    n = seen.get(key, 0)
+    seen[key] = n + 1
+    return (key, False) if n == 0 else (f"{key}~dup{n}", True)
+
+
+class WebDatasetReader(Reader):
+    """Tar members grouped by WebDataset key (path up to the first dot of the basename)."""
+
+    @staticmethod
+    def split_name(name: str) -> tuple[str, str]:
+        head, base = posixpath.split(name)
+        stem, _, ext = base.partition(".")
+        return (posixpath.join(head, stem) if head else stem), ext.lower()
+
+    def _sample(self, key: str, members: dict[str, bytes], seen: dict[str, int]) -> dict[str, Any]:
+        key, dup = _unique(key, seen)
+        if dup:
+            return {"key": key, "error": "duplicate_key",
+                    "message": "key already seen in this shard (tar members not grouped by key?)"}
+        for ext, data in members.items():
+            if ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
+                return {"key": key, "data": data, "ext": ext.rsplit(".", 1)[-1]}
+        return {"key": key, "error": "no_image",
+                "message": f"sample has no image member (members: {', '.join(sorted(members))})"}
+
+    def samples(self, fs, path):
+        seen: dict[str, int] = {}
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            key, members = None, {}
+            for m in tar:
+                if not m.isfile() or posixpath.basename(m.name).startswith("."):
+                    continue
+                k, ext = self.split_name(m.name)
+                if k != key and key is not None:
+                    yield self._sample(key, members, seen)
+                    members = {}
+                key = k
+                members[ext] = tar.extractfile(m).read()
+            if key is not None:
+                yield self._sample(key, members, seen)
+
+
+class ParquetReader(Reader):
+    """Rows of a Parquet file: `input.image_column` (bytes, or a {bytes, path} struct as
+    Hugging Face datasets write it) and `input.key_column` (row number when absent)."""
+
+    def samples(self, fs, path):
+        import pyarrow.parquet as pq
+
+        seen: dict[str, int] = {}
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if self.cfg.image_column not in names:
+                raise ValueError(f"no column {self.cfg.image_column!r} (columns: {', '.join(names)})")
+            has_key = self.cfg.key_column in names
+            cols = [self.cfg.image_column] + ([self.cfg.key_column] if has_key else [])
+            index = 0
+            for batch in pf.iter_batches(batch_size=self.rows_per_block, columns=cols):
+                images = batch.column(self.cfg.image_column).to_pylist()
+                keys = batch.column(self.cfg.key_column).to_pylist() if has_key else [None] * len(images)
+                for raw_key, value in zip(keys, images):
+                    key, dup = _unique(str(raw_key) if raw_key is not None else f"{index:08d}", seen)
+                    index += 1
+                    if isinstance(value, dict):
+                        value = value.get("bytes")
+                    if dup:
+                        yield {"key": key, "error": "duplicate_key", "message": "key already seen in this shard"}
+                    elif not value:
+                        yield {"key": key, "error": "no_image", "message": "image column is empty"}
+                    else:
+                        yield {"key": key, "data": bytes(value), "ext": None}
+
+
+class ImageFolderReader(Reader):
+    """Image files directly inside one folder; key = file name without extension."""
+
+    def samples(self, fs, path):
+        files = sorted(p for p in fs.ls(path, detail=False)
+                       if _ext(p) in IMAGE_EXTS and not posixpath.basename(p).startswith("."))
+        seen: dict[str, int] = {}
+        for p in files:
+            key, dup = _unique(_strip_ext(posixpath.basename(p)), seen)
+            if dup:
+                yield {"key": key, "error": "duplicate_key",
+                       "message": f"{posixpath.basename(p)}: another file has the same name stem"}
+                continue
+            yield {"key": key, "data": fs.cat_file(p), "ext": _ext(p)}
+
+
+READERS = {"webdataset": WebDatasetReader, "parquet": ParquetReader, "images": ImageFolderReader}
+
+
+def read_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig) -> Iterator[pa.Table]:
+    """Ray Data UDF: a block of shard descriptors -> streamed blocks of sample rows."""
+    for item in batch.to_pylist():
+        shard = Shard(name=item["name"], url=item["url"], format=item["format"])
+        yield from READERS[shard.format](cfg, storage).read(shard)

@@ -1,0 +1,222 @@
+"""The distributed job: a Ray Data graph from input shards to depth shards, and its driver.
+
+    list + plan  -> read (tasks) -> decode (tasks) -> infer (actor pool, GPU)
+                 -> encode (tasks) -> write (tasks) -> acks -> driver commits manifests
+
+Every stage turns a bad row into an error record and never raises for one, so Ray Data's
+`max_errored_blocks` (kept at 0) can never drop rows silently. The driver consumes only
+the write stage's small acknowledgements and writes a shard's manifest once all of its
+rows have landed (see depthray/stats.py and depthray/io/manifest.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from depthray import __version__
+from depthray.config import Config, ConfigError
+from depthray.io import records
+from depthray.io.codecs import encode_batch
+from depthray.io.decode import decode_batch
+from depthray.io.manifest import ManifestStore, plan_shards
+from depthray.io.sinks import write_batch
+from depthray.io.sources import list_shards, read_shards
+from depthray.stats import ShardTracker
+
+log = logging.getLogger(__name__)
+
+
+def model_label(cfg: Config) -> str:
+    return cfg.model.factory or cfg.model.path
+
+
+class DepthPredictor:
+    """Ray Data actor: loads the model once, predicts depth for batches of decoded rows.
+
+    A batch that fails is retried one image at a time, so one bad image becomes one error
+    record instead of failing its neighbours (or the job).
+    """
+
+    def __init__(self, model_spec: dict, inference: Any, storage: Any):
+        from depthray.io.fs import storage_options
+        from depthray.models.loading import load_model
+
+        self.model = load_model(model_spec, storage_options(model_spec["path"], storage))
+        self.inference = inference
+
+    def _predict(self, rows: list[dict]) -> list:
+        from depthray.predict import predict_images
+
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in rows]
+        return predict_images(images, self.model, self.inference)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if not records.is_trailer(r) and r.get("error") is None]
+        t0 = time.perf_counter()
+        try:
+            results = list(zip(todo, self._predict(todo))) if todo else []
+        except Exception as e:
+            log.warning("batch of %d failed (%s); retrying one image at a time", len(todo), e)
+            results = []
+            for r in todo:
+                try:
+                    results.append((r, self._predict([r])[0]))
+                except Exception as e1:
+                    results.append((r, e1))
+        share = (time.perf_counter() - t0) / max(len(todo), 1)
+        out = [r for r in rows if records.is_trailer(r) or r.get("error") is not None]
+        for r, res in results:
+            if isinstance(res, Exception):
+                out.append(records.error_row(r, "infer", "infer", f"{type(res).__name__}: {res}"))
+                continue
+            r.update(depth_f32=res.depth.astype(np.float32).tobytes(),
+                     uncertainty_f32=res.uncertainty.astype(np.float32).tobytes(),
+                     num_views=res.num_views, ensemble_size=res.ensemble_size, infer_s=share)
+            r.pop("pixels", None)
+            out.append(r)
+        return records.to_table(out, records.PREDICTED)
+
+
+@dataclasses.dataclass
+class Resources:
+    num_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+
+
+def resolve_resources(cfg: Config) -> Resources:
+    """Actor pool size and per-actor GPUs from config, defaulting to the cluster's GPUs."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    per = cfg.compute.num_gpus_per_actor
+    if per is None:
+        per = 1.0 if gpus >= 1 else 0.0
+    n = cfg.compute.num_actors
+    if n is None:
+        n = max(1, int(gpus // per)) if per > 0 else 1
+    if per > 0 and n * per > gpus:
+        log.warning("%d actors x %g GPUs asked, cluster has %g GPUs now (autoscaler may add more)",
+                    n, per, gpus)
+    return Resources(num_actors=n, gpus_per_actor=per, cpus_per_actor=cfg.compute.num_cpus_per_actor)
+
+
+def build_dataset(cfg: Config, shards: list, res: Resources):
+    """The Ray Data graph for `shards` (lazy; runs when the driver iterates it)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+    ctx = DataContext.get_current()
+    ctx.max_errored_blocks = 0  # a failing block fails the job loudly, never drops rows
+    ctx.enable_progress_bars = False  # the driver logs its own progress lines
+
+    keep_input = cfg.output.format == "webdataset" and cfg.output.include_image
+    items = [{"name": s.name, "url": s.url, "format": s.format} for s in shards]
+    read_compute = TaskPoolStrategy(size=cfg.compute.read_parallelism) if cfg.compute.read_parallelism else None
+    # Decoded pixels take memory; saying so keeps Ray from packing too many decode tasks
+    # on one node. It also keeps Ray from fusing read+decode into the inference actor (it
+    # fuses operators with equal resource requests), which would put CPU decoding on the
+    # GPU actor's critical path.
+    read_args = {"memory": 256 << 20}
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", compute=read_compute,
+                        fn_kwargs={"cfg": cfg.input, "storage": cfg.storage}, **read_args)
+    ds = ds.map_batches(decode_batch, batch_size=None, batch_format="pyarrow", compute=read_compute,
+                        fn_kwargs={"cfg": cfg.input, "keep_input": keep_input}, **read_args)
+    ds = ds.map_batches(
+        DepthPredictor,
+        batch_size=cfg.compute.images_per_batch,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=res.num_actors),
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+        fn_constructor_kwargs={"model_spec": dataclasses.asdict(cfg.model), "inference": cfg.inference,
+                               "storage": cfg.storage},
+    )
+    ds = ds.map_batches(encode_batch, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"max_uncertainty_mean": cfg.quality.max_uncertainty_mean})
+    ds = ds.map_batches(
+        write_batch,
+        batch_size=cfg.output.rows_per_part,
+        batch_format="pyarrow",
+        fn_kwargs={"cfg": cfg.output, "storage": cfg.storage, "model": model_label(cfg),
+                   "config_hash": cfg.hash()},
+    )
+    return ds
+
+
+def _check_paths(cfg: Config) -> None:
+    inp = cfg.input.url.split("{")[0].split("*")[0].rstrip("/")
+    out = cfg.output.url.rstrip("/")
+    if out == inp or out.startswith(inp + "/"):
+        raise ConfigError(f"output.url {cfg.output.url!r} is inside input.url {cfg.input.url!r}; "
+                          "outputs would be read as inputs on the next run")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (a cluster, "auto") or start a local Ray; no-op if already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "logging_level": logging.WARNING}
+    if address is None and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
+    """Run (or resume) the job described by `cfg` on the connected Ray; returns the summary.
+
+    Call `init_ray` first (or `ray.init` yourself). Configuration problems raise ConfigError
+    before any worker starts.
+    """
+    run_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+    _check_paths(cfg)
+    # 1. Plan: list shards, skip committed ones, clear leftovers of the rest.
+    shards = list_shards(cfg.input, cfg.storage)
+    plan = plan_shards(shards, cfg.output, cfg.storage)
+    log.info("%d shards: %d to do, %d already complete", len(shards), len(plan.todo), len(plan.skipped))
+    store = ManifestStore(cfg.output.url, cfg.storage)
+    static = {"config_hash": cfg.hash(), "model": model_label(cfg), "run_id": run_id,
+              "depthray_version": __version__}
+    tracker = ShardTracker({s.name: s.url for s in plan.todo}, store.write, static, log_every_s)
+    stages: list[str] = []
+    res = None
+    # 2. Stream the graph; the driver only sees acknowledgements.
+    if plan.todo:
+        res = resolve_resources(cfg)
+        ds = build_dataset(cfg, plan.todo, res)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for ack in batch.to_pylist():
+                tracker.update(ack)
+        tracker.maybe_log(force=True)
+        stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
+    # 3. Summary.
+    totals = tracker.summary()
+    summary = {
+        "run_id": run_id,
+        "input": cfg.input.url,
+        "output": cfg.output.url,
+        "shards_total": len(shards),
+        "shards_skipped": len(plan.skipped),
+        "leftover_files_deleted": plan.deleted_parts,
+        **totals,
+        "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
+        "actors": res.num_actors if res else 0,
+        "stages": stages,
+        **static,
+    }
+    summary["summary_path"] = store.write_job_summary(run_id, summary)
+    if summary["shards_unfinished"]:
+        log.warning("%d shard(s) unfinished; re-run the same command to retry them: %s",
+                    len(summary["shards_unfinished"]), summary["shards_unfinished"])
+    return summary

@@ -1,0 +1,123 @@
+"""Driver-side bookkeeping: which shards are complete, progress lines, the job summary.
+
+The write stage returns one small ACK row per (batch, shard). The tracker adds them up;
+when a shard's rows-written equals the count its reader announced in the trailer, the
+shard is complete and its manifest is written (the commit point). Nothing here touches
+images, so the driver's memory stays small whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardState:
+    url: str
+    rows: int = 0  # rows written so far, trailer included
+    total: int | None = None  # rows the reader emitted, trailer excluded
+    failed: str | None = None
+    outputs: int = 0
+    errors: int = 0
+    parts: list[str] = field(default_factory=list)
+    error_parts: list[str] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
+    infer_s: float = 0.0
+    started: float = field(default_factory=time.time)
+    done: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and self.failed is None and self.rows == self.total + 1
+
+
+class ShardTracker:
+    def __init__(self, shards: dict[str, str], commit: Callable[[str, dict], None],
+                 static: dict[str, Any], log_every_s: float = 10.0):
+        self.states = {name: ShardState(url=url) for name, url in shards.items()}
+        self.commit = commit  # writes a shard's manifest
+        self.static = static  # fields every manifest carries (config hash, model, ...)
+        self.log_every_s = log_every_s
+        self.start = time.time()
+        self.last_log = self.start
+        self.completed = 0
+        self.images = 0  # outputs written
+        self.errors = 0
+        self.reasons: Counter = Counter()
+
+    def update(self, ack: dict[str, Any]) -> None:
+        st = self.states.get(ack["source"])
+        if st is None or st.done:
+            log.error("unexpected write acknowledgement for shard %r (ignored)", ack["source"])
+            return
+        st.rows += ack["rows"]
+        st.outputs += ack["outputs"]
+        st.errors += ack["errors"]
+        st.parts += ack["parts"] or []
+        st.error_parts += ack["error_parts"] or []
+        st.reasons.update(json.loads(ack["error_reasons"] or "{}"))
+        st.infer_s += ack["infer_s"] or 0.0
+        if ack["shard_total"] is not None:
+            st.total = ack["shard_total"]
+            st.failed = ack["shard_error"]
+        self.images += ack["outputs"]
+        self.errors += ack["errors"]
+        self.reasons.update(json.loads(ack["error_reasons"] or "{}"))
+        if st.total is not None and st.rows > st.total + 1:
+            raise RuntimeError(f"shard {ack['source']}: more rows written ({st.rows}) than read "
+                               f"({st.total + 1}); refusing to commit a duplicate")
+        if st.complete:
+            self._commit(ack["source"], st)
+        self.maybe_log()
+
+    def _commit(self, name: str, st: ShardState) -> None:
+        manifest = {
+            "shard": name,
+            "url": st.url,
+            "status": "complete",
+            "inputs": st.total,
+            "outputs": st.outputs,
+            "errors": st.errors,
+            "parts": sorted(st.parts),
+            "error_parts": sorted(st.error_parts),
+            "error_reasons": dict(st.reasons),
+            "infer_seconds": round(st.infer_s, 3),
+            "wall_seconds": round(time.time() - st.started, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **self.static,
+        }
+        self.commit(name, manifest)
+        st.done = True
+        self.completed += 1
+
+    def rate(self) -> float:
+        return self.images / max(time.time() - self.start, 1e-9)
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last_log >= self.log_every_s:
+            self.last_log = now
+            log.info("progress: %d/%d shards, %d images (%.2f images/s), %d errors",
+                     self.completed, len(self.states), self.images, self.rate(), self.errors)
+
+    def summary(self) -> dict[str, Any]:
+        unfinished = {n: (s.failed or "incomplete") for n, s in self.states.items() if not s.done}
+        infer_s = sum(s.infer_s for s in self.states.values())
+        return {
+            "shards": len(self.states),
+            "shards_complete": self.completed,
+            "shards_unfinished": unfinished,
+            "images": self.images,
+            "errors": self.errors,
+            "error_reasons": dict(self.reasons),
+            "wall_seconds": round(time.time() - self.start, 3),
+            "images_per_second": round(self.rate(), 3),
+            "infer_seconds": round(infer_s, 3),
+        }
