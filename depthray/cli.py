@@ -86,6 +86,78 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _print_summary(summary: dict) -> None:
+    print(f"output: {summary['output']}  (summary: {summary['summary_path']})")
+    print(f"shards: {summary['shards_complete']} done now, {summary['shards_skipped']} already complete, "
+          f"{len(summary['shards_unfinished'])} unfinished")
+    print(f"images: {summary['images']} written, {summary['errors']} errors "
+          f"{summary['error_reasons'] or ''}; {summary['images_per_second']:.2f} images/s "
+          f"over {summary['wall_seconds']:.1f}s")
+    for line in summary.get("stages", []):
+        print(f"  {line}")
+    for name, why in summary["shards_unfinished"].items():
+        print(f"  unfinished {name}: {why} (re-run to retry)")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from depthray.config import load_config
+    from depthray.pipeline import init_ray, run_job
+
+    cfg = load_config(args.config, args.set)
+    init_ray(args.address or cfg.compute.address, num_cpus=args.num_cpus)
+    summary = run_job(cfg)
+    _print_summary(summary)
+    return 1 if summary["shards_unfinished"] else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from depthray.demo import run_demo
+
+    summary = run_demo(args.workdir, num_cpus=args.num_cpus)
+    _print_summary(summary)
+    if summary.get("preview"):
+        print(f"preview (input | depth): {summary['preview']}")
+    print("read it back: pyarrow.parquet.read_table(%r)  # depth: 16-bit PNG, depth*65535, 0 = near"
+          % summary["output"])
+    print("note: the demo model has random weights; its depth shows the plumbing, not quality")
+    return 1 if summary["shards_unfinished"] else 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from depthray.submit import submit
+
+    _, status = submit(args.config, args.set, address=args.address, wait=not args.no_wait,
+                       ship_code=not args.no_ship_code, timeout_s=args.timeout)
+    return 0 if status in ("SUCCEEDED", "SUBMITTED") else 1
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from depthray.evaluate import evaluate, format_rows, format_summary, summary_json
+
+    report = evaluate(
+        args.pred, args.gt, space=args.space, mask_url=args.mask, gt_png_scale=args.gt_png_scale,
+        gt_is_disparity=args.gt_disparity, min_depth=args.min_depth, max_depth=args.max_depth,
+    )
+    if not args.no_rows:
+        print(format_rows(report))
+        print()
+    print(format_summary(report))
+    if report.missing:
+        print(f"{len(report.missing)} GT images have no prediction, e.g. {report.missing[:5]}")
+    if args.json:
+        print(summary_json(report))  # last line: one JSON object
+    return 0 if report.summary["n_images"] else 1
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from depthray.preview import write_preview
+
+    sheet, page = write_preview(args.output, args.out, n=args.n, inputs_url=args.inputs,
+                                gt_url=args.gt, max_uncertainty_mean=args.max_uncertainty_mean)
+    print(f"wrote {sheet} and {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="depthray",
@@ -124,6 +196,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set inference.ensemble_size=3 (repeatable)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("run", help="run (or resume) a depth job on local Ray or a cluster",
+                       description="Run the job a YAML config describes. Shards whose manifest "
+                       "says complete are skipped, so re-running resumes.")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="the whole job on built-in sample images (offline, ~1 min)",
+                       description="Make sample images, build the tiny random-weight model, run the "
+                       "full pipeline on a local Ray and print where the outputs are.")
+    p.add_argument("--workdir", default="demo_output", help="where inputs and outputs go")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster (ray job submit)",
+                       description="Validate the config locally, then submit it through the Ray Job "
+                       "API with the local depthray code in the runtime env; streams logs until done.")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.add_argument("--no-ship-code", action="store_true", help="use the depthray installed on the cluster")
+    p.add_argument("--timeout", type=float, help="stop the job after this many seconds")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser(
+        "eval",
+        help="score depth outputs against ground truth (AbsRel, delta1, ... after scale+shift)",
+        description="Compare predictions (Parquet/WebDataset output or a folder of 16-bit PNGs) "
+        "with ground truth (16-bit PNG, .npy, .pfm; optional {key}.mask.png), matched by key. "
+        "Each prediction gets a least-squares scale and shift (Marigold protocol). Any fsspec URL.",
+    )
+    p.add_argument("pred", metavar="PRED", help="depth output: folder, .parquet/.tar file, glob or URL")
+    p.add_argument("gt", metavar="GT", help="ground-truth folder or URL")
+    p.add_argument("--space", choices=("depth", "disparity"), default="depth",
+                   help="what the prediction is affine-invariant in (default depth)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last line")
+    p.add_argument("--mask", help="folder of valid masks ({key}.png, non-zero = valid)")
+    p.add_argument("--gt-png-scale", type=float, default=1000.0,
+                   help="16-bit GT PNG value per depth unit (1000 = millimetres; KITTI: 256)")
+    p.add_argument("--gt-disparity", action="store_true", help="GT files hold disparity, not depth")
+    p.add_argument("--min-depth", type=float, help="ignore GT closer than this")
+    p.add_argument("--max-depth", type=float, help="ignore GT farther than this")
+    p.add_argument("--no-rows", action="store_true", help="summary only, no per-image rows")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "preview",
+        help="contact sheet PNG + one-file HTML page of depth outputs",
+        description="Write preview.png (contact sheet) and preview.html (self-contained, sortable "
+        "by uncertainty) for the first N images of an output (Parquet, WebDataset or folder).",
+    )
+    p.add_argument("output", metavar="OUTPUT", help="depth output: folder, file, glob or URL")
+    p.add_argument("--n", type=int, default=32, help="images to show (default 32)")
+    p.add_argument("--out", required=True, help="folder for preview.png and preview.html")
+    p.add_argument("--inputs", help="folder of input images ({key}.jpg ...) when the output has none")
+    p.add_argument("--gt", help="ground-truth folder: adds AbsRel / delta1 per image")
+    p.add_argument("--max-uncertainty-mean", type=float,
+                   help="flag images above this uncertainty (as quality.max_uncertainty_mean)")
+    p.set_defaults(func=_cmd_preview)
 
     return parser
 

@@ -220,3 +220,33 @@ def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
         log.warning("%d shard(s) unfinished; re-run the same command to retry them: %s",
                     len(summary["shards_unfinished"]), summary["shards_unfinished"])
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Job entry point: `python -m depthray.pipeline CONFIG [--set k=v ...]`.
+
+    This is what `ray job submit` runs (see depthray/submit.py and pipelines/); inside a
+    Ray job, `ray.init()` joins the job's cluster. Exit status 1 when shards are unfinished.
+    """
+    import argparse
+    import json
+
+    from depthray.config import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m depthray.pipeline", description=main.__doc__)
+    ap.add_argument("config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--address", help="Ray address (default: compute.address, else local/job cluster)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.set)
+    init_ray(args.address or cfg.compute.address)
+    summary = run_job(cfg)
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    return 1 if summary["shards_unfinished"] else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

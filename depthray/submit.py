@@ -1,0 +1,93 @@
+"""`depthray submit`: run a job on a Ray cluster through its Job API (`ray job submit`).
+
+The config is validated here, before anything is uploaded, then shipped in a small working
+directory with `python -m depthray.pipeline job.yaml` as the entry point. By default the
+local depthray package travels too (runtime_env py_modules), so the cluster runs exactly
+the code you have; `ship_code=False` uses the version installed on the cluster instead.
+Credentials are never put in the runtime env (it is visible in the dashboard): clusters
+should use instance roles; only the non-secret endpoint/region variables are forwarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from depthray.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "DEPTHRAY_CACHE")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def _absolute_local(url: str) -> str:
+    """Relative local paths would resolve inside the job's upload dir: make them absolute."""
+    if "://" in url or url.startswith("/"):
+        return url
+    return os.path.abspath(url)
+
+
+def job_config(cfg: Config) -> dict:
+    data = cfg.to_dict()
+    data["input"]["url"] = _absolute_local(cfg.input.url)
+    data["output"]["url"] = _absolute_local(cfg.output.url)
+    data["compute"]["address"] = None  # the job joins the cluster it was submitted to
+    return data
+
+
+def submit(config_path: str, overrides: list[str] | None = None, address: str | None = None,
+           wait: bool = True, ship_code: bool = True, timeout_s: float | None = None,
+           echo=print) -> tuple[str, str]:
+    """Submit a job; with `wait`, stream its logs until it ends. Returns (job id, status)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    cfg = load_config(config_path, overrides)  # fail here, not on the cluster
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    workdir = Path(tempfile.mkdtemp(prefix="depthray-job-"))
+    try:
+        (workdir / "job.yaml").write_text(yaml.safe_dump(job_config(cfg), sort_keys=False))
+        runtime_env: dict = {
+            "working_dir": str(workdir),
+            "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)},
+        }
+        if ship_code:
+            import depthray
+
+            runtime_env["py_modules"] = [str(Path(depthray.__file__).parent)]
+        client = JobSubmissionClient(address)
+        job_id = client.submit_job(
+            entrypoint="python -m depthray.pipeline job.yaml",
+            runtime_env=runtime_env,
+            metadata={"depthray_config": Path(config_path).name, "config_hash": cfg.hash()},
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # uploaded by submit_job already
+    echo(f"submitted job {job_id} to {address}")
+    if not wait:
+        return job_id, "SUBMITTED"
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    seen = 0
+    start = time.time()
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > seen:
+            echo(logs[seen:].rstrip("\n"))
+            seen = len(logs)
+        if status in terminal:
+            break
+        if timeout_s is not None and time.time() - start > timeout_s:
+            echo(f"job {job_id} still {status} after {timeout_s:.0f}s; stopping it")
+            client.stop_job(job_id)
+            status = JobStatus.STOPPED
+            break
+        time.sleep(1.0)
+    echo(f"job {job_id}: {status}")
+    return job_id, str(status.value if hasattr(status, "value") else status)
