@@ -1,0 +1,262 @@
+"""Read depthray outputs back: Parquet parts, WebDataset tars or a folder of depth files.
+
+Only stock tools (fsspec, pyarrow, tarfile, PIL) and the documented encodings are used, so
+this is also what any consumer of the outputs would write:
+
+- depth: 16-bit PNG of depth * 65535 (0 = near), `{key}.depth.png` / Parquet column `depth`;
+- uncertainty: 16-bit PNG of uncertainty / scale * 65535; scale in the PNG text chunk
+  `depthray_uncertainty_scale`, the Parquet column / JSON field `uncertainty_scale`;
+- WebDataset samples group `{key}.depth.png`, `{key}.uncertainty.png`, `{key}.json` and the
+  optional input `{key}.jpg`; the JSON's `key` is the original key (file names are sanitised).
+
+Folders, files, globs and any fsspec URL (s3://...) work. Paths with a component starting
+with `_` (`_errors/`, `_manifest/`) or `.` are not outputs and are skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+SCALE_KEY = "depthray_uncertainty_scale"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Folder files named {key}.{role}.{ext}; roles that are not the depth map itself.
+_SIDE_ROLES = ("uncertainty", "preview", "mask", "valid", "image")
+
+
+@dataclass
+class OutputRecord:
+    key: str
+    depth: np.ndarray  # float32 [H,W] in [0,1], 0 = near
+    uncertainty: np.ndarray | None = None  # float32 [H,W] >= 0 (when stored and asked for)
+    uncertainty_mean: float | None = None
+    image: np.ndarray | None = None  # uint8 [H,W,3] input passed through (when stored)
+    meta: dict = field(default_factory=dict)
+
+
+def url_to_fs(url: str):
+    """fsspec filesystem + path for a URL (s3fs honours AWS_ENDPOINT_URL and friends)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    rel = posixpath.relpath(path, root) if path.startswith(root) else path
+    return any(p.startswith(("_", ".")) for p in rel.split("/") if p)
+
+
+def list_files(url: str) -> tuple[object, list[str]]:
+    """A file, a glob or a folder (recursive) -> (fs, sorted file paths), hidden paths skipped."""
+    fs, path = url_to_fs(url)
+    if any(c in path for c in "*?["):
+        files = [p for p in fs.glob(path) if fs.isfile(p)]
+        root = path.split("*")[0].rsplit("/", 1)[0]
+    elif fs.isfile(path):
+        return fs, [path]
+    elif fs.isdir(path):
+        files, root = fs.find(path), path.rstrip("/")
+    else:
+        raise FileNotFoundError(f"{url}: no such file or folder")
+    return fs, sorted(p for p in files if not _is_hidden(p, root))
+
+
+def detect_format(files: list[str]) -> str:
+    """parquet | webdataset | folder, from the files present."""
+    if any(f.endswith(".parquet") for f in files):
+        return "parquet"
+    if any(f.endswith(".tar") for f in files):
+        return "webdataset"
+    return "folder"
+
+
+def decode_depth(data: bytes) -> np.ndarray:
+    """16-bit depth PNG bytes (or .npy) -> float32 [H,W] in [0,1]."""
+    if data[:6] == b"\x93NUMPY":
+        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+    img = Image.open(io.BytesIO(data))
+    arr = np.asarray(img)
+    full = 255.0 if arr.dtype == np.uint8 else 65535.0
+    return arr.astype(np.float32) / full
+
+
+def decode_uncertainty(data: bytes, scale: float | None = None) -> np.ndarray:
+    """16-bit uncertainty PNG -> float32 [H,W]; scale from the argument or the PNG's text."""
+    img = Image.open(io.BytesIO(data))
+    if scale is None:
+        scale = float(getattr(img, "text", {}).get(SCALE_KEY, "1.0"))
+    return np.asarray(img, dtype=np.float32) / 65535.0 * float(scale)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image -> uint8 [H,W,3]."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_outputs(
+    url: str,
+    with_uncertainty: bool = True,
+    with_image: bool = True,
+    limit: int | None = None,
+) -> Iterator[OutputRecord]:
+    """Yield the records of a depthray output (Parquet, WebDataset or folder), in file order."""
+    fs, files = list_files(url)
+    fmt = detect_format(files)
+    log.info("reading %s output: %d files under %s", fmt, len(files), url)
+    reader = {"parquet": _read_parquet, "webdataset": _read_webdataset, "folder": _read_folder}[fmt]
+    n = 0
+    for rec in reader(fs, files, with_uncertainty, with_image):
+        yield rec
+        n += 1
+        if limit is not None and n >= limit:
+            return
+
+
+def _read_parquet(fs, files, with_uncertainty, with_image) -> Iterator[OutputRecord]:
+    import pyarrow.parquet as pq
+
+    wanted = ["key", "depth", "uncertainty", "uncertainty_scale", "uncertainty_mean", "meta", "image"]
+    for path in (f for f in files if f.endswith(".parquet")):
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            names = set(pf.schema_arrow.names)
+            cols = [c for c in wanted if c in names]
+            if not with_uncertainty and "uncertainty" in cols:
+                cols.remove("uncertainty")
+            if not with_image and "image" in cols:
+                cols.remove("image")
+            if "key" not in cols or "depth" not in cols:
+                raise ValueError(f"{path}: not a depth output (needs columns key and depth)")
+            # Small batches: a row holds whole PNGs, so memory stays bounded by the batch.
+            for batch in pf.iter_batches(batch_size=16, columns=cols):
+                for row in batch.to_pylist():
+                    yield _record(row["key"], row, with_uncertainty)
+
+
+def _record(key: str, row: dict, with_uncertainty: bool) -> OutputRecord:
+    """Build a record from decoded fields: depth/uncertainty/image bytes + metadata."""
+    meta = row.get("meta") or {}
+    if isinstance(meta, (str, bytes)):
+        meta = json.loads(meta or "{}")
+    unc = None
+    mean = row.get("uncertainty_mean")
+    # Folders store no mean: decode the map for it even when the map itself is not wanted.
+    if row.get("uncertainty") and (with_uncertainty or mean is None):
+        unc = decode_uncertainty(row["uncertainty"], row.get("uncertainty_scale"))
+        mean = float(unc.mean()) if mean is None else mean
+        unc = unc if with_uncertainty else None
+    image = decode_image(row["image"]) if row.get("image") else None
+    return OutputRecord(
+        key=key,
+        depth=decode_depth(row["depth"]),
+        uncertainty=unc,
+        uncertainty_mean=None if mean is None else float(mean),
+        image=image,
+        meta=meta,
+    )
+
+
+def _split_wds_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name."""
+    d, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(d, stem) if d else stem, ext.lower()
+
+
+def _read_webdataset(fs, files, with_uncertainty, with_image) -> Iterator[OutputRecord]:
+    for path in (f for f in files if f.endswith(".tar")):
+        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            key, fields = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_wds_name(member.name)
+                if k != key and fields:
+                    rec = _wds_record(key, fields, with_uncertainty, with_image, path)
+                    if rec is not None:
+                        yield rec
+                    fields = {}
+                key = k
+                fields[ext] = tar.extractfile(member).read()
+            if fields:
+                rec = _wds_record(key, fields, with_uncertainty, with_image, path)
+                if rec is not None:
+                    yield rec
+
+
+def _wds_record(key, fields, with_uncertainty, with_image, path) -> OutputRecord | None:
+    if "depth.png" not in fields:
+        log.warning("%s: sample %s has no depth.png, skipped", path, key)
+        return None
+    meta = json.loads(fields["json"]) if "json" in fields else {}
+    row = {
+        "depth": fields["depth.png"],
+        "uncertainty": fields.get("uncertainty.png"),
+        "uncertainty_scale": meta.get("uncertainty_scale"),
+        "uncertainty_mean": meta.get("uncertainty_mean"),
+        "meta": meta,
+    }
+    if with_image:
+        row["image"] = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+    return _record(str(meta.get("key") or key), row, with_uncertainty)
+
+
+def folder_key(path: str) -> tuple[str, str] | None:
+    """File name -> (key, role): role is 'depth', a side role, or 'image'; None if unknown.
+
+    `{key}.depth.png|npy` and `{key}.png|npy` are depth; `{key}.{role}.png` are side files;
+    `{key}.jpg|jpeg|webp` are input images.
+    """
+    base = posixpath.basename(path)
+    stem, dot, ext = base.rpartition(".")
+    if not dot:
+        return None
+    ext = ext.lower()
+    if ext in ("jpg", "jpeg", "webp"):
+        return stem, "image"
+    if ext not in ("png", "npy"):
+        return None
+    key, dot, role = stem.rpartition(".")
+    if dot and role == "depth":
+        return key, "depth"
+    if dot and role in _SIDE_ROLES:
+        return key, role
+    return stem, "depth"
+
+
+def index_folder(files: list[str]) -> dict[str, dict[str, str]]:
+    """key -> {role: path} for a folder listing."""
+    index: dict[str, dict[str, str]] = {}
+    for path in files:
+        kr = folder_key(path)
+        if kr is None:
+            continue
+        key, role = kr
+        roles = index.setdefault(key, {})
+        # `{key}.depth.png` wins over a plain `{key}.png`
+        if role not in roles or path.endswith(".depth.png"):
+            roles[role] = path
+    return index
+
+
+def _read_folder(fs, files, with_uncertainty, with_image) -> Iterator[OutputRecord]:
+    for key, roles in sorted(index_folder(files).items()):
+        if "depth" not in roles:
+            continue
+        row = {"depth": fs.cat_file(roles["depth"])}
+        if "uncertainty" in roles:
+            row["uncertainty"] = fs.cat_file(roles["uncertainty"])
+        if with_image and "image" in roles:
+            row["image"] = fs.cat_file(roles["image"])
+        yield _record(key, row, with_uncertainty)
