@@ -62,3 +62,46 @@ def tiny_model_dir(tmp_path_factory):
     from depthray.models.tiny import build_tiny_marigold
 
     return build_tiny_marigold(tmp_path_factory.mktemp("models") / "tiny-marigold")
+
+
+# ---- shared by the io and pipeline tests (depthray.io, depthray.pipeline) ----------------
+
+
+def _encode_image(arr, fmt: str = "JPEG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """make_image(h, w, seed=0, fmt="JPEG") -> encoded bytes of a random RGB image."""
+    import numpy as np
+
+    def make(h: int, w: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
+        arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        return _encode_image(arr, fmt)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_tar():
+    """make_tar([(member_name, bytes), ...]) -> bytes of an uncompressed tar (WebDataset shard)."""
+    import io
+    import tarfile
+
+    def make(members) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    return make

@@ -1,0 +1,147 @@
+"""Codecs, part writers, manifests and resume planning; outputs read back with plain tools."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from depthray.config import OutputConfig, StorageConfig
+from depthray.io import records
+from depthray.io.codecs import (
+    decode_depth_png16,
+    decode_uncertainty_png16,
+    encode_batch,
+    encode_depth_png16,
+    encode_uncertainty_png16,
+)
+from depthray.io.fs import write_atomic
+from depthray.io.manifest import ManifestStore, plan_shards
+from depthray.io.sinks import safe_key, write_batch
+from depthray.io.sources import Shard
+
+STORAGE = StorageConfig()
+
+
+def test_png16_roundtrip_with_plain_pil():
+    depth = np.linspace(0, 1, 12 * 7, dtype=np.float32).reshape(12, 7)
+    data = encode_depth_png16(depth)
+    raw = np.asarray(Image.open(io.BytesIO(data)))
+    assert raw.dtype == np.uint16 and raw.shape == (12, 7) and raw.max() == 65535
+    np.testing.assert_allclose(decode_depth_png16(data), depth, atol=1 / 65535)
+
+
+def test_uncertainty_png_carries_its_scale():
+    unc = np.linspace(0, 0.03, 20, dtype=np.float32).reshape(4, 5)
+    data, scale = encode_uncertainty_png16(unc)
+    assert scale == pytest.approx(0.03)
+    assert float(Image.open(io.BytesIO(data)).text["depthray_uncertainty_scale"]) == pytest.approx(scale)
+    np.testing.assert_allclose(decode_uncertainty_png16(data), unc, atol=scale / 65535)
+    zeros, zscale = encode_uncertainty_png16(np.zeros((2, 2), np.float32))
+    assert zscale == 1.0 and decode_uncertainty_png16(zeros).max() == 0
+
+
+def test_safe_key_never_escapes_and_never_collides():
+    assert safe_key("img_001") == "img_001"
+    for bad in ["../../etc/x", "/abs/path", "a.b", "a b"]:
+        s = safe_key(bad)
+        assert "/" not in s and "." not in s and s != bad
+    assert safe_key("a.b") != safe_key("a_b")
+
+
+def predicted_rows(source: str, keys: list[str], h=6, w=9):
+    rows = []
+    for k in keys:
+        rows.append({"source": source, "key": k, "height": h, "width": w, "meta": json.dumps({"mode": "RGB"}),
+                     "depth_f32": np.full((h, w), 0.5, np.float32).tobytes(),
+                     "uncertainty_f32": np.full((h, w), 0.01, np.float32).tobytes(),
+                     "num_views": 1, "ensemble_size": 2, "infer_s": 0.1, "data": b"JPEGBYTES", "ext": "jpeg"})
+    return rows
+
+
+def encoded_batch(rows):
+    return encode_batch(records.to_table(rows, records.PREDICTED), max_uncertainty_mean=0.001)
+
+
+def test_parquet_part_schema_and_errors(tmp_path):
+    rows = predicted_rows("s1", ["a", "b"]) + [
+        {"source": "s1", "key": "bad", "stage": "decode", "error": "not_an_image", "message": "x"},
+        {"source": "s1", "key": None, "shard_total": 3},
+    ]
+    cfg = OutputConfig(url=str(tmp_path), format="parquet")
+    acks = write_batch(encoded_batch(rows), cfg, STORAGE, "m", "h").to_pylist()
+    assert len(acks) == 1
+    ack = acks[0]
+    assert (ack["rows"], ack["outputs"], ack["errors"], ack["shard_total"]) == (4, 2, 1, 3)
+    assert json.loads(ack["error_reasons"]) == {"decode:not_an_image": 1}
+    table = pq.read_table(tmp_path)  # plain pyarrow; _errors/ and _manifest/ are ignored
+    assert sorted(table.column("key").to_pylist()) == ["a", "b"]
+    assert {"key", "source", "width", "height", "depth", "uncertainty", "uncertainty_mean", "model",
+            "config_hash", "ensemble_size", "num_views"} <= set(table.column_names)
+    row = table.to_pylist()[0]
+    assert np.asarray(Image.open(io.BytesIO(row["depth"]))).shape == (6, 9)
+    assert row["model"] == "m" and row["config_hash"] == "h"
+    assert json.loads(row["meta"])["low_confidence"] is True
+    errs = pq.read_table(tmp_path / "_errors")
+    assert errs.column_names == ["key", "source", "stage", "error", "message"]
+    assert errs.column("key").to_pylist() == ["bad"]
+    # A retried task writes the same part names: no duplicates.
+    write_batch(encoded_batch(rows), cfg, STORAGE, "m", "h")
+    assert pq.read_table(tmp_path).num_rows == 2
+
+
+def test_webdataset_part_readable_with_webdataset(tmp_path):
+    import webdataset as wds
+
+    cfg = OutputConfig(url=str(tmp_path), format="webdataset", include_image=True)
+    ack = write_batch(encoded_batch(predicted_rows("s2", ["k1", "x/../k.2"])), cfg, STORAGE, "m", "h").to_pylist()[0]
+    part = tmp_path / ack["parts"][0]
+    with tarfile.open(part) as tar:
+        names = tar.getnames()
+    assert all("/" not in n for n in names)
+    samples = list(wds.WebDataset(str(part), shardshuffle=False))
+    assert len(samples) == 2
+    by_key = {json.loads(s["json"])["key"]: s for s in samples}
+    assert set(by_key) == {"k1", "x/../k.2"}
+    s = by_key["k1"]
+    assert np.asarray(Image.open(io.BytesIO(s["depth.png"]))).shape == (6, 9)
+    assert s["jpg"] == b"JPEGBYTES"  # input passed through, .jpeg normalised to .jpg
+
+
+def test_write_atomic_local_leaves_no_temp(tmp_path):
+    fs = fsspec.filesystem("file")
+    write_atomic(fs, str(tmp_path / "d" / "f.bin"), b"abc")
+    assert (tmp_path / "d" / "f.bin").read_bytes() == b"abc"
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["f.bin"]
+
+
+def test_plan_skips_complete_and_clears_leftovers(tmp_path):
+    out = tmp_path / "out"
+    cfg = OutputConfig(url=str(out))
+    shards = [Shard("a", "file:///a.tar", "webdataset"), Shard("b", "file:///b.tar", "webdataset")]
+    for name in ["a.part-0123456789abcdef.parquet", "b.part-0123456789abcdef.parquet",
+                 "_errors/b.part-fedcba9876543210.parquet", ".tmp-x-b.part-1.parquet"]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    ManifestStore(str(out), STORAGE).write("a", {"status": "complete"})
+    plan = plan_shards(shards, cfg, STORAGE)
+    assert [s.name for s in plan.todo] == ["b"] and plan.skipped == ["a"]
+    assert plan.deleted_parts == 3
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.json", "a.part-0123456789abcdef.parquet"]
+    # overwrite: everything is redone, manifests go too
+    plan = plan_shards(shards, OutputConfig(url=str(out), overwrite=True), STORAGE)
+    assert [s.name for s in plan.todo] == ["a", "b"] and not list(out.rglob("*.json"))
+
+
+def test_manifest_store_on_s3(s3_bucket):
+    store = ManifestStore(f"s3://{s3_bucket}/out", STORAGE)
+    assert store.completed() == set()
+    store.write("x/000", {"status": "complete", "inputs": 3})
+    assert store.completed() == {"x/000"}
+    assert store.read("x/000")["inputs"] == 3
