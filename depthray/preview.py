@@ -1,0 +1,303 @@
+"""`depthray preview`: a contact sheet (PNG) and a one-file HTML page of depth outputs.
+
+Each image shows input | colourised depth (Spectral, red = near) | uncertainty (grey, one
+scale shared by the page so brightness compares across images), with its key and scores:
+mean uncertainty, the quality verdict when a threshold is given, AbsRel / delta1 when GT is
+given. The HTML embeds every image as base64 and sorts by uncertainty in the browser; a
+URL fragment such as `#sort=uncertainty-desc` applies a sort on load (shareable links).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from depthray.outputs import OutputRecord, index_folder, list_files, read_outputs
+from depthray.visualize import colorize, side_by_side
+
+log = logging.getLogger(__name__)
+
+THUMB_LONG_SIDE = 256  # HTML thumbnails
+SHEET_LONG_SIDE = 160  # contact sheet panels
+SHEET_COLUMNS = 4  # items per contact sheet row
+
+
+@dataclass
+class PreviewItem:
+    key: str
+    depth: np.ndarray  # float32 [H,W] in [0,1]
+    image: np.ndarray | None = None  # uint8 [H,W,3]
+    uncertainty: np.ndarray | None = None  # float32 [H,W]
+    uncertainty_mean: float | None = None
+    scores: dict = field(default_factory=dict)  # name -> float, shown under the key
+    flagged: bool = False  # low confidence
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def collect_items(
+    output_url: str,
+    n: int = 32,
+    inputs_url: str | None = None,
+    gt_url: str | None = None,
+    max_uncertainty_mean: float | None = None,
+    gt_png_scale: float | None = None,
+) -> list[PreviewItem]:
+    """The first `n` records of an output (file order), sorted by key, with inputs, GT scores
+    and flags attached."""
+    inputs = _input_index(inputs_url) if inputs_url else None
+    gt = None
+    if gt_url:
+        from depthray.evaluate import index_gt
+
+        gt = index_gt(gt_url)
+    items = []
+    for rec in read_outputs(output_url, with_uncertainty=True, with_image=True, limit=n):
+        item = PreviewItem(rec.key, rec.depth, rec.image, rec.uncertainty, rec.uncertainty_mean)
+        if item.image is None and inputs is not None and rec.key in inputs[1]:
+            fs, paths = inputs
+            with Image.open(io.BytesIO(fs.cat_file(paths[rec.key]))) as im:
+                item.image = np.asarray(im.convert("RGB"))
+        if gt is not None:
+            item.scores.update(_gt_scores(rec, gt, gt_png_scale))
+        item.flagged, verdict = _verdict(rec, max_uncertainty_mean)
+        if verdict:
+            item.scores["valid_fraction"] = verdict.valid_fraction
+        items.append(item)
+    log.info("collected %d preview items from %s", len(items), output_url)
+    return sorted(items, key=lambda it: it.key)  # parts finish in any order; keys do not
+
+
+def _input_index(url: str):
+    fs, files = list_files(url)
+    return fs, {k: r["image"] for k, r in index_folder(files).items() if "image" in r}
+
+
+def _gt_scores(rec: OutputRecord, gt, gt_png_scale) -> dict:
+    from depthray.evaluate import DEFAULT_GT_PNG_SCALE, decode_gt, resize_to
+    from depthray.metrics import compute_metrics
+
+    fs, files, masks = gt
+    if rec.key not in files:
+        return {}
+    try:
+        g = decode_gt(fs.cat_file(files[rec.key]), files[rec.key], gt_png_scale or DEFAULT_GT_PNG_SCALE)
+        m = compute_metrics(resize_to(rec.depth, g.shape), g)
+    except ValueError as e:
+        log.warning("%s: no GT scores: %s", rec.key, e)
+        return {}
+    return {"abs_rel": m.abs_rel, "delta1": m.delta1}
+
+
+def _verdict(rec: OutputRecord, max_uncertainty_mean: float | None):
+    """(flagged, QualityVerdict or None): the job's own flag, or the threshold given here."""
+    flagged = bool(rec.meta.get("low_confidence", False))
+    if max_uncertainty_mean is None or rec.uncertainty is None:
+        if max_uncertainty_mean is not None and rec.uncertainty_mean is not None:
+            flagged |= rec.uncertainty_mean > max_uncertainty_mean
+        return flagged, None
+    from depthray.config import QualityConfig
+    from depthray.quality import assess
+
+    verdict = assess(rec.depth, rec.uncertainty, QualityConfig(max_uncertainty_mean=max_uncertainty_mean))
+    return flagged or not verdict.passed, verdict
+
+
+# ----------------------------------------------------------------------------- panels
+
+
+def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float [H,W] -> float [h,w] (size = (h, w)), box-filtered when shrinking."""
+    img = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32))
+    return np.asarray(img.resize((size[1], size[0]), Image.BOX), dtype=np.float32)
+
+
+def _thumb_size(h: int, w: int, long_side: int) -> tuple[int, int]:
+    s = min(1.0, long_side / max(h, w))
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def uncertainty_scale(items: list[PreviewItem]) -> float:
+    """One grey scale for the whole page: the 99th percentile over all shown uncertainty."""
+    vals = [np.percentile(it.uncertainty, 99) for it in items if it.uncertainty is not None and it.uncertainty.size]
+    hi = max(vals) if vals else 0.0
+    return float(hi) if hi > 0 else 1.0
+
+
+def panels(item: PreviewItem, long_side: int, unc_hi: float) -> list[np.ndarray]:
+    """[input, depth, uncertainty] as uint8 [h,w,3] thumbnails of one size."""
+    size = _thumb_size(*item.depth.shape, long_side)
+    if item.image is not None:
+        image = np.asarray(Image.fromarray(item.image).resize((size[1], size[0]), Image.BILINEAR))
+    else:  # no input stored: a neutral grey tile keeps the grid aligned
+        image = np.full(size + (3,), 200, np.uint8)
+    depth = colorize(_resize_float(item.depth, size), lo=0.0, hi=1.0)
+    if item.uncertainty is not None:
+        u = np.clip(_resize_float(item.uncertainty, size) / unc_hi, 0.0, 1.0)
+        unc = np.repeat(np.round(u * 255).astype(np.uint8)[..., None], 3, axis=2)
+    else:
+        unc = np.full(size + (3,), 128, np.uint8)
+    return [image, depth, unc]
+
+
+def caption(item: PreviewItem) -> str:
+    parts = [f"unc {item.uncertainty_mean:.4f}" if item.uncertainty_mean is not None else "unc -"]
+    parts += [f"{k} {v:.3f}" for k, v in item.scores.items() if v is not None and math.isfinite(v)]
+    if item.flagged:
+        parts.append("LOW CONFIDENCE")
+    return "  ".join(parts)
+
+
+# ----------------------------------------------------------------------------- contact sheet
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        return ImageFont.load_default()
+
+
+def contact_sheet(items: list[PreviewItem], cols: int = SHEET_COLUMNS, long_side: int = SHEET_LONG_SIDE) -> np.ndarray:
+    """A grid of (input | depth | uncertainty) cells with key and scores: uint8 [H,W,3]."""
+    if not items:
+        raise ValueError("nothing to preview: the output has no records")
+    unc_hi = uncertainty_scale(items)
+    cells = [side_by_side(*panels(it, long_side, unc_hi)) for it in items]
+    text_h, pad = 34, 8
+    cell_w = max(c.shape[1] for c in cells)
+    cell_h = max(c.shape[0] for c in cells) + text_h
+    cols = max(1, min(cols, len(cells)))
+    rows = math.ceil(len(cells) / cols)
+    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font(12)
+    for i, (item, cell) in enumerate(zip(items, cells)):
+        x = pad + (i % cols) * (cell_w + pad)
+        y = pad + (i // cols) * (cell_h + pad)
+        sheet.paste(Image.fromarray(cell), (x, y))
+        ty = y + cell.shape[0] + 3
+        draw.text((x, ty), item.key[:60], fill=(0, 0, 0), font=font)
+        draw.text((x, ty + 15), caption(item), fill=(190, 0, 0) if item.flagged else (60, 60, 60), font=font)
+    return np.asarray(sheet)
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _data_url(arr: np.ndarray, fmt: str) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 88} if fmt == "JPEG" else {}))
+    mime = "jpeg" if fmt == "JPEG" else "png"
+    return f"data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:16px;background:#f4f4f4;color:#222}
+h1{font-size:20px;margin:0 0 4px} .meta{color:#555;font-size:13px;margin-bottom:8px}
+.controls button{margin-right:6px;padding:4px 10px;border:1px solid #888;background:#fff;cursor:pointer}
+.controls button.active{background:#333;color:#fff}
+#grid{display:flex;flex-wrap:wrap;gap:12px;margin-top:12px}
+.card{background:#fff;padding:6px;margin:0;border:2px solid #ddd;border-radius:4px}
+.card.flagged{border-color:#c00}
+.card img{display:inline-block;margin-right:3px;vertical-align:top}
+.card figcaption{font-size:12px;margin-top:4px} .card .key{font-weight:600;word-break:break-all}
+.card .flag{color:#c00;font-weight:600}
+.legend{font-size:12px;color:#555;margin-bottom:8px}
+"""
+
+# Sorting reorders the cards in the DOM. The fragment handler clicks the matching button,
+# so a link like preview.html#sort=uncertainty-desc opens sorted, through the same code.
+_SCRIPT = """
+function sortCards(field, dir) {
+  const grid = document.getElementById('grid');
+  const cards = Array.from(grid.children);
+  const val = c => field === 'key' ? c.dataset.key : parseFloat(c.dataset[field]);
+  cards.sort((a, b) => {
+    const x = val(a), y = val(b);
+    if (field !== 'key') {
+      const xn = isNaN(x), yn = isNaN(y);
+      if (xn || yn) return xn - yn;  // unknown scores last, whatever the direction
+    }
+    const c = x < y ? -1 : x > y ? 1 : 0;
+    return dir === 'desc' ? -c : c;
+  });
+  cards.forEach(c => grid.appendChild(c));
+  document.body.dataset.sort = field + '-' + dir;
+  document.querySelectorAll('.controls button').forEach(
+    b => b.classList.toggle('active', b.dataset.sort === field + '-' + dir));
+}
+document.querySelectorAll('.controls button').forEach(b => b.addEventListener('click', () => {
+  const [field, dir] = b.dataset.sort.split('-');
+  sortCards(field, dir);
+}));
+const m = location.hash.match(/sort=([a-z]+-(?:asc|desc))/);
+if (m) { const b = document.querySelector('button[data-sort="' + m[1] + '"]'); if (b) b.click(); }
+"""
+
+
+def render_html(items: list[PreviewItem], title: str = "depthray preview", source: str = "") -> str:
+    """One self-contained HTML page (images inline as base64) of the items, in their order."""
+    unc_hi = uncertainty_scale(items)
+    cards = []
+    for item in items:
+        image, depth, unc = panels(item, THUMB_LONG_SIDE, unc_hi)
+        unc_attr = "" if item.uncertainty_mean is None else repr(float(item.uncertainty_mean))
+        abs_rel = item.scores.get("abs_rel")
+        flag = ' <span class="flag">low confidence</span>' if item.flagged else ""
+        cards.append(
+            f'<figure class="card{" flagged" if item.flagged else ""}" data-key="{html.escape(item.key)}" '
+            f'data-uncertainty="{unc_attr}" data-absrel="{"" if abs_rel is None else repr(float(abs_rel))}">'
+            f'<div><img alt="input" src="{_data_url(image, "JPEG")}">'
+            f'<img alt="depth" src="{_data_url(depth, "PNG")}">'
+            f'<img alt="uncertainty" src="{_data_url(unc, "PNG")}"></div>'
+            f'<figcaption><div class="key">{html.escape(item.key)}</div>'
+            f"<div>{html.escape(caption(item))}{flag}</div></figcaption></figure>"
+        )
+    buttons = [("uncertainty-desc", "most uncertain first"), ("uncertainty-asc", "least uncertain first"),
+               ("key-asc", "by key")]
+    if any(it.scores.get("abs_rel") is not None for it in items):
+        buttons.append(("absrel-desc", "worst AbsRel first"))
+    controls = "".join(f'<button data-sort="{s}" id="sort-{s}">{html.escape(t)}</button>' for s, t in buttons)
+    n_flagged = sum(it.flagged for it in items)
+    return (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>"
+        f"<h1>{html.escape(title)}</h1>"
+        f'<div class="meta">{len(items)} images from {html.escape(source)}; '
+        f"{n_flagged} flagged low confidence</div>"
+        '<div class="legend">input | depth (Spectral: red = near, violet = far) | '
+        f"uncertainty (black = 0, white &ge; {unc_hi:.4g})</div>"
+        f'<div class="controls">Sort: {controls}</div>\n'
+        f'<main id="grid">\n' + "\n".join(cards) + "\n</main>\n"
+        f"<script>{_SCRIPT}</script>\n"
+        "</body></html>\n"
+    )
+
+
+def write_preview(
+    output_url: str,
+    out_dir: str | Path,
+    n: int = 32,
+    inputs_url: str | None = None,
+    gt_url: str | None = None,
+    max_uncertainty_mean: float | None = None,
+) -> tuple[Path, Path]:
+    """Write `preview.png` and `preview.html` into out_dir (a local folder); returns both paths."""
+    items = collect_items(output_url, n, inputs_url, gt_url, max_uncertainty_mean)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sheet_path, html_path = out / "preview.png", out / "preview.html"
+    Image.fromarray(contact_sheet(items)).save(sheet_path)
+    html_path.write_text(render_html(items, source=output_url), encoding="utf-8")
+    log.info("wrote %s and %s (%d images)", sheet_path, html_path, len(items))
+    return sheet_path, html_path
