@@ -31,8 +31,8 @@ class TilingConfig:
     max_tiles: int = 64  # cap per image; working resolution shrinks to respect it
     # auto tiles only when the long side exceeds this multiple of the processing resolution
     auto_threshold: float = 1.5
-    # how tiles are fused: align | lowfreq | pyramid | pyramid-lowfreq (docs/tiling.md)
-    fusion: str = "lowfreq"
+    # how tiles are fused: pyramid | align | lowfreq | pyramid-lowfreq (docs/tiling.md)
+    fusion: str = "pyramid"
 
 
 @dataclass

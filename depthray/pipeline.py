@@ -54,7 +54,7 @@ class DepthPredictor:
     def _predict(self, rows: list[dict]) -> list:
         from depthray.predict import predict_images
 
-        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3) for r in rows]
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3).copy() for r in rows]
         return predict_images(images, self.model, self.inference)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -2,16 +2,19 @@
 
 The steps for a batch of images:
  1. convert each image to float RGB [3,H,W] in [0,1];
- 2. plan its views (the global view, plus tiles when tiling is on);
- 3. run every (view, member) pair through the model, batched across images;
- 4. ensemble the members of each view (align, fuse, uncertainty);
- 5. bring each view back to the image and fuse views into one depth map.
+ 2. plan its views: the global view, plus levels of overlapping tiles when tiling applies
+    (depthray.tiling.plan_tiles);
+ 3. level by level, run every (view, member) pair through the model, batched across images;
+    a view's members are ensembled (align, fuse, uncertainty) as soon as they are all in,
+    then dropped, so memory holds a few views' members, never all of them;
+ 4. tiles are aligned to the level below and blended into the level's running sums;
+ 5. the finest level is brought back to the image size and normalised to [0,1].
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +23,17 @@ import torch.nn.functional as F
 from depthray.config import InferenceConfig, inference_config
 from depthray.ensemble import ensemble_depth
 from depthray.models.base import DepthModel
+from depthray.tiling import (
+    Tile,
+    TileBlender,
+    TilePlan,
+    align_tile,
+    fit_long_side,
+    plan_tiles,
+    replace_low_frequencies,
+    tile_weights,
+    uses_lowfreq,
+)
 
 
 @dataclass
@@ -46,26 +60,33 @@ def image_to_tensor(image: Any) -> torch.Tensor:
     arr = arr[:, :, :3]
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"image is empty: shape {arr.shape}")
+    # Convert straight into one [3,H,W] float32 buffer: a 12 MP photo is 144 MB as float32,
+    # and numpy's astype / divide / transpose would each allocate another copy.
     if arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
+        divisor = 255.0
     elif arr.dtype == np.uint16:
-        out = arr.astype(np.float32) / 65535.0
+        divisor = 65535.0
+        arr = arr.astype(np.int32)  # torch's uint16 support is partial; int32 copies cleanly
     elif np.issubdtype(arr.dtype, np.floating):
-        out = arr.astype(np.float32)
-        lo, hi = float(np.nanmin(out)), float(np.nanmax(out))
-        if not np.isfinite(out).all():
+        divisor = None
+        if not np.isfinite(arr).all():
             raise ValueError("float image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
         if lo < -1e-3 or hi > 1.0 + 1e-3:
             raise ValueError(
                 f"float images must be in [0,1], got values in [{lo:.3g}, {hi:.3g}] "
                 "(divide 8-bit data by 255)"
             )
-        out = np.clip(out, 0.0, 1.0)
     elif arr.dtype == np.bool_:
-        out = arr.astype(np.float32)
+        divisor = 1.0
+        arr = arr.astype(np.uint8)
     else:
         raise ValueError(f"unsupported image dtype {arr.dtype}: use uint8, uint16 or float in [0,1]")
-    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).contiguous()
+    out = torch.empty((3, arr.shape[0], arr.shape[1]), dtype=torch.float32)  # [3,H,W]
+    out.copy_(torch.from_numpy(arr).permute(2, 0, 1))
+    if divisor is None:
+        return out.clamp_(0.0, 1.0)
+    return out.div_(divisor)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
@@ -77,12 +98,6 @@ def resize(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Ten
     return out if x.ndim == 4 else out[0]
 
 
-def fit_long_side(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """Size with the long side at most `long_side`, aspect kept (never upscales)."""
-    scale = min(1.0, long_side / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def member_seed(base: int, view_index: int, member: int) -> int:
     """Seed of one ensemble member of one view: distinct per member and per view."""
     return (base * 1_000_003 + view_index * 7_919 + member) % (2**63)
@@ -91,36 +106,129 @@ def member_seed(base: int, view_index: int, member: int) -> int:
 @dataclass
 class _View:
     image_index: int
-    view_index: int
-    pixels: torch.Tensor  # [3,h,w] what the model sees
+    view_index: int  # 0 = the global view, 1.. = tiles in plan order (picks the seeds)
+    tile: Tile | None  # None for the global view
+    size: tuple[int, int]  # what the model sees
 
 
-def _run_members(
-    model: DepthModel, views: Sequence[_View], cfg: InferenceConfig
-) -> list[torch.Tensor]:
-    """All members of all views through the model, batch_size at a time -> [E,h,w] per view."""
+class _ImageJob:
+    """One image on its way through the levels: pixels, plan, reference and running sums."""
+
+    def __init__(self, index: int, image: torch.Tensor, plan: TilePlan):
+        self.index = index
+        self.image = image  # [3,H,W]
+        self.plan = plan
+        self.global_pixels = resize(image, plan.global_size, antialias=True)  # [3,h,w]
+        self.reference: torch.Tensor | None = None  # [h,w] fused depth of the last finished level
+        self.uncertainty: torch.Tensor | None = None  # [h,w]
+        self.level = -1  # -1 = global view, k = plan.levels[k]
+        self.level_pixels: torch.Tensor | None = None  # [3,Hk,Wk] image at the level's size
+        self.blender: TileBlender | None = None
+        self._first_tile_index = 1
+
+    def global_view(self) -> _View:
+        return _View(self.index, 0, None, self.plan.global_size)
+
+    def start_level(self, k: int) -> list[_View]:
+        """Resize the image for level k and return the level's tile views."""
+        level = self.plan.levels[k]
+        self.level = k
+        # Antialiased resize: a tile must not see aliasing the full image would not show.
+        self.level_pixels = resize(self.image, level.size, antialias=True)  # [3,Hk,Wk]
+        self.blender = TileBlender(level.size)
+        first = self._first_tile_index
+        self._first_tile_index += len(level.tiles)
+        return [_View(self.index, first + i, t, (t.height, t.width)) for i, t in enumerate(level.tiles)]
+
+    def pixels(self, view: _View) -> torch.Tensor:
+        if view.tile is None:
+            return self.global_pixels  # [3,h,w]
+        assert self.level_pixels is not None
+        return self.level_pixels[(slice(None),) + view.tile.box]  # [3,th,tw], a view, no copy
+
+    def add(self, view: _View, depth: torch.Tensor, uncertainty: torch.Tensor) -> None:
+        """Fold one ensembled view in: the global view becomes the reference, a tile is
+        aligned to the reference and blended."""
+        if view.tile is None:
+            self.reference, self.uncertainty = depth, uncertainty
+            return
+        assert self.blender is not None and self.reference is not None
+        level = self.plan.levels[self.level]
+        scale, shift = align_tile(depth, view.tile, level.size, self.reference)
+        self.blender.add(view.tile, depth * scale + shift, uncertainty * scale, tile_weights(view.tile, level))
+
+    def finish_level(self) -> None:
+        assert self.blender is not None and self.reference is not None
+        fused, uncertainty = self.blender.result()  # [Hk,Wk] x2
+        if uses_lowfreq(self.plan.fusion):
+            fused = replace_low_frequencies(fused, self.reference)
+        self.reference, self.uncertainty = fused, uncertainty
+        self.level_pixels = self.blender = None
+
+    def result(self, cfg: InferenceConfig) -> DepthResult:
+        assert self.reference is not None and self.uncertainty is not None
+        full = tuple(self.image.shape[1:])
+        shrink = self.reference.shape[0] > full[0]
+        depth = resize(self.reference[None], full, antialias=shrink)[0]  # [H,W]
+        unc = resize(self.uncertainty[None], full, antialias=shrink)[0]  # [H,W]
+        self.reference = self.uncertainty = None  # in-place below may reuse their memory
+        if self.plan.tiled:
+            # Aligned tiles may step slightly outside the global view's [0,1] (a thin pole the
+            # global view missed): renormalise rather than clip the detail away.
+            lo, hi = depth.min(), depth.max()
+            rng = (hi - lo).clamp_min(1e-6)
+            depth = depth.sub_(lo).div_(rng)
+            unc = unc.div_(rng)
+        return DepthResult(
+            depth=depth.clamp_(0.0, 1.0).numpy(),
+            uncertainty=unc.clamp_min_(0.0).numpy(),
+            num_views=self.plan.num_views,
+            ensemble_size=cfg.ensemble_size,
+            model_evaluations=self.plan.num_views * cfg.ensemble_size,
+        )
+
+
+def _stream_members(
+    model: DepthModel,
+    views: Sequence[_View],
+    pixels: Callable[[_View], torch.Tensor],
+    cfg: InferenceConfig,
+) -> Iterator[tuple[_View, torch.Tensor]]:
+    """Every member of every view through the model, batch_size requests per call.
+
+    Yields (view, members [E,h,w]) as soon as a view's members are all in, so only the
+    views of the current batch are ever held.
+    """
     e = cfg.ensemble_size
     # Same-sized views next to each other so model batches are homogeneous; a view's
-    # members stay adjacent so the model can encode the view once.
-    order = sorted(range(len(views)), key=lambda i: tuple(views[i].pixels.shape[-2:]))
+    # members stay adjacent so the model can encode the view once and finish it early.
+    order = sorted(range(len(views)), key=lambda i: views[i].size)
     requests = [(i, m) for i in order for m in range(e)]
-    members: list[list[torch.Tensor | None]] = [[None] * e for _ in views]
+    pending: dict[int, list[torch.Tensor | None]] = {}
     for start in range(0, len(requests), cfg.batch_size):
         chunk = requests[start : start + cfg.batch_size]
-        for shape_group in _group_by_shape(chunk, views):
-            batch = torch.stack([views[i].pixels for i, _ in shape_group])  # [B,3,h,w]
-            seeds = [member_seed(cfg.seed, views[i].view_index, m) for i, m in shape_group]
+        for group in _group_by_shape(chunk, views):
+            batch = torch.stack([pixels(views[i]) for i, _ in group])  # [B,3,h,w]
+            seeds = [member_seed(cfg.seed, views[i].view_index, m) for i, m in group]
             out = model(batch, seeds)  # [B,h,w]
-            for (i, m), depth in zip(shape_group, out):
-                members[i][m] = depth.float().cpu()
-    return [torch.stack(ms) for ms in members]  # type: ignore[arg-type]
+            for (i, m), depth in zip(group, out):
+                pending.setdefault(i, [None] * e)[m] = depth.float().cpu()
+        for i in [i for i, ms in pending.items() if all(m is not None for m in ms)]:
+            yield views[i], torch.stack(pending.pop(i))  # type: ignore[arg-type]  # [E,h,w]
 
 
 def _group_by_shape(chunk: list[tuple[int, int]], views: Sequence[_View]):
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for i, m in chunk:
-        groups.setdefault(tuple(views[i].pixels.shape[-2:]), []).append((i, m))
+        groups.setdefault(views[i].size, []).append((i, m))
     return groups.values()
+
+
+def _run_level(model: DepthModel, jobs: Sequence[_ImageJob], views: list[_View], cfg: InferenceConfig) -> None:
+    """One level's views of several images through the model; each finished view is folded in."""
+    for view, members in _stream_members(model, views, lambda v: jobs[v.image_index].pixels(v), cfg):
+        fused = ensemble_depth(members.unsqueeze(0), cfg.ensemble_reduction)  # [1,h,w]
+        jobs[view.image_index].add(view, fused.depth[0], fused.uncertainty[0])
 
 
 def predict_images(
@@ -132,32 +240,23 @@ def predict_images(
     cfg = inference_config(config)
     res = int(model.processing_resolution)
 
-    # 1. Images -> float RGB tensors.
-    tensors = [image_to_tensor(img) for img in images]
-    # 2. Views: the global view at the model's resolution.
-    views = []
-    for idx, t in enumerate(tensors):
-        size = fit_long_side(t.shape[1], t.shape[2], res)
-        views.append(_View(idx, 0, resize(t, size, antialias=True)))  # [3,h,w]
-    # 3. Every member of every view through the model.
-    member_maps = _run_members(model, views, cfg)  # V x [E,h,w]
-    # 4. + 5. Ensemble per view, back to the image size.
-    results = []
-    for view, members in zip(views, member_maps):
-        fused = ensemble_depth(members.unsqueeze(0), cfg.ensemble_reduction)
-        full = tensors[view.image_index].shape[1:]
-        depth = resize(fused.depth, tuple(full), antialias=False).clamp(0.0, 1.0)  # [1,H,W]
-        unc = resize(fused.uncertainty, tuple(full), antialias=False).clamp_min(0.0)
-        results.append(
-            DepthResult(
-                depth=depth[0].numpy().astype(np.float32),
-                uncertainty=unc[0].numpy().astype(np.float32),
-                num_views=1,
-                ensemble_size=cfg.ensemble_size,
-                model_evaluations=cfg.ensemble_size,
-            )
-        )
-    return results
+    # 1. + 2. Images -> float RGB tensors, each with its plan of views.
+    jobs = []
+    for idx, img in enumerate(images):
+        t = image_to_tensor(img)  # [3,H,W]
+        jobs.append(_ImageJob(idx, t, plan_tiles(t.shape[1], t.shape[2], res, cfg.tiling)))
+    # 3. Level 0: the global views of every image.
+    _run_level(model, jobs, [job.global_view() for job in jobs], cfg)
+    # 3. + 4. Tile levels, coarse to fine, each aligned to the level below.
+    depth_levels = max((len(job.plan.levels) for job in jobs), default=0)
+    for k in range(depth_levels):
+        active = [job for job in jobs if k < len(job.plan.levels)]
+        views = [v for job in active for v in job.start_level(k)]
+        _run_level(model, jobs, views, cfg)
+        for job in active:
+            job.finish_level()
+    # 5. Back to the image size.
+    return [job.result(cfg) for job in jobs]
 
 
 def predict_image(

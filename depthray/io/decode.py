@@ -93,6 +93,8 @@ def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Tabl
             out.append(records.error_row(row, "decode", e.reason, str(e)))
             continue
         row.update(pixels=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], meta=json.dumps(meta))
+        if not row.get("ext") and meta.get("format"):  # Parquet inputs carry no file name
+            row["ext"] = {"JPEG": "jpg", "TIFF": "tif"}.get(meta["format"], meta["format"].lower())
         if not keep_input:
             row["data"] = None
         out.append(row)
