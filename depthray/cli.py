@@ -158,6 +158,34 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import glob
+    from collections import Counter
+
+    from depthray.config import load_config
+    from depthray.plan import format_plans, image_sizes, plan_image
+
+    cfg = load_config(args.config, args.set, require_io=False)
+    sizes: list[tuple[int, int]] = []
+    for text in args.size or []:
+        try:
+            w, h = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            print(f"depthray plan: --size {text!r}: expected WIDTHxHEIGHT, e.g. 4000x3000", file=sys.stderr)
+            return 2
+        sizes.extend([(h, w)] * args.count)
+    for pattern in args.images or []:
+        sizes.extend(image_sizes(sorted(glob.glob(pattern)) or [pattern]))
+    if not sizes:
+        print("depthray plan: give --size WxH and/or --images GLOB", file=sys.stderr)
+        return 2
+    plans = [(plan_image(h, w, cfg, processing_resolution=args.processing_resolution, steps=args.steps,
+                         seconds_per_evaluation=args.seconds_per_evaluation), n)
+             for (h, w), n in sorted(Counter(sizes).items())]
+    print(format_plans(plans, args.seconds_per_evaluation))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="depthray",
@@ -259,6 +287,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-uncertainty-mean", type=float,
                    help="flag images above this uncertainty (as quality.max_uncertainty_mean)")
     p.set_defaults(func=_cmd_preview)
+
+    p = sub.add_parser(
+        "plan",
+        help="views, model evaluations and GPU time per image, before a job runs",
+        description="Plan the views (global + tiles) of images of given sizes, or of local image "
+        "files, with the tiling and ensemble settings of a config, and print views, model "
+        "evaluations (views x members x steps) and an estimated GPU time.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    p.add_argument("--size", action="append", metavar="WxH", help="an image size, e.g. 4000x3000 (repeatable)")
+    p.add_argument("--count", type=int, default=1, help="images of each --size (default 1)")
+    p.add_argument("--images", action="append", metavar="GLOB", help="local image files to read sizes from")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--processing-resolution", type=int,
+                   help="model resolution (default: model.processing_resolution, checkpoint, 768)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: inference.num_inference_steps, "
+                   "checkpoint, 1)")
+    p.add_argument("--seconds-per-evaluation", type=float,
+                   help="measured seconds for one UNet step on one view (enables the GPU-time estimate)")
+    p.set_defaults(func=_cmd_plan)
 
     return parser
 

@@ -1,0 +1,145 @@
+"""Cost of a job before it runs: views, model evaluations and GPU time per image.
+
+`depthray plan` and `plan_image` use the same tile planner as inference
+(depthray.tiling.plan_tiles), so the view counts here are the ones a job will run.
+
+Counting:
+  views              = 1 global view + the tiles of every tile level
+  member predictions = views x ensemble_size          (= DepthResult.model_evaluations)
+  model evaluations  = member predictions x denoising steps   (UNet calls, one view each)
+  GPU time           = model evaluations x seconds per evaluation (measured or configured;
+                       VAE encode/decode and data loading come on top)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from depthray.config import Config
+from depthray.tiling import plan_tiles
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROCESSING_RESOLUTION = 768  # Marigold checkpoints' default
+DEFAULT_STEPS = 1  # marigold-depth-v1-1's default (trailing DDIM); LCM checkpoints use more
+
+
+@dataclass
+class ImagePlan:
+    height: int
+    width: int
+    processing_resolution: int
+    levels: list[tuple[int, int, int]]  # per tile level: (height, width, tiles); [] = global only
+    views: int
+    ensemble_size: int
+    steps: int
+    member_predictions: int  # views x members
+    model_evaluations: int  # views x members x steps
+    gpu_seconds: float | None  # model_evaluations x seconds_per_evaluation, if known
+
+
+def checkpoint_defaults(cfg: Config) -> tuple[int, int, str]:
+    """(processing resolution, steps, where they came from) without loading the model.
+
+    Config values win; then a local checkpoint's model_index.json; then Marigold defaults.
+    """
+    res, steps = cfg.model.processing_resolution, cfg.inference.num_inference_steps
+    source = "config"
+    if res is None or steps is None:
+        index_file = Path(cfg.model.path) / "model_index.json" if "://" not in cfg.model.path else None
+        index = {}
+        if index_file is not None and index_file.is_file():
+            index = json.loads(index_file.read_text())
+            source = f"config + {index_file}"
+        else:
+            source = "config + Marigold defaults"
+        res = res or index.get("default_processing_resolution") or DEFAULT_PROCESSING_RESOLUTION
+        steps = steps or index.get("default_denoising_steps") or DEFAULT_STEPS
+    return int(res), int(steps), source
+
+
+def plan_image(
+    height: int,
+    width: int,
+    cfg: Config,
+    *,
+    processing_resolution: int | None = None,
+    steps: int | None = None,
+    seconds_per_evaluation: float | None = None,
+) -> ImagePlan:
+    """Views, evaluations and GPU time for one image of the given size."""
+    default_res, default_steps, _ = checkpoint_defaults(cfg)
+    res = processing_resolution or default_res
+    steps = steps or default_steps
+    plan = plan_tiles(height, width, res, cfg.inference.tiling)
+    e = cfg.inference.ensemble_size
+    members = plan.num_views * e
+    evaluations = members * steps
+    return ImagePlan(
+        height=height,
+        width=width,
+        processing_resolution=res,
+        levels=[(lv.size[0], lv.size[1], len(lv.tiles)) for lv in plan.levels],
+        views=plan.num_views,
+        ensemble_size=e,
+        steps=steps,
+        member_predictions=members,
+        model_evaluations=evaluations,
+        gpu_seconds=None if seconds_per_evaluation is None else evaluations * seconds_per_evaluation,
+    )
+
+
+def image_sizes(paths: Iterable[str | Path]) -> list[tuple[int, int]]:
+    """(height, width) of image files, read from their headers (no decoding)."""
+    from PIL import Image
+
+    sizes = []
+    for path in paths:
+        with Image.open(path) as im:
+            w, h = im.size
+            if _rotated(im):  # decoding turns EXIF-rotated photos upright: plan that size
+                w, h = h, w
+        sizes.append((h, w))
+    return sizes
+
+
+def _rotated(im) -> bool:
+    try:
+        return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap the sides
+    except Exception:  # noqa: BLE001 - a broken EXIF block means no rotation, as in decoding
+        return False
+
+
+def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: float | None) -> str:
+    """A table: one row per distinct image size (with its image count), then totals."""
+    lines = [
+        f"{'image (WxH)':>13} {'count':>6} {'tile levels (WxH:tiles)':>28} {'views':>6} "
+        f"{'members':>8} {'evals':>7} {'GPU s/img':>9}",
+    ]
+    tot_images = tot_views = tot_evals = 0
+    tot_seconds = 0.0
+    for p, count in plans:
+        levels = " ".join(f"{w}x{h}:{n}" for h, w, n in p.levels) or "- (global only)"
+        secs = f"{p.gpu_seconds:9.2f}" if p.gpu_seconds is not None else f"{'-':>9}"
+        lines.append(f"{p.width:>6}x{p.height:<6} {count:>6} {levels:>28} {p.views:>6} "
+                     f"{p.member_predictions:>8} {p.model_evaluations:>7} {secs}")
+        tot_images += count
+        tot_views += count * p.views
+        tot_evals += count * p.model_evaluations
+        tot_seconds += count * (p.gpu_seconds or 0.0)
+    if plans:
+        p0 = plans[0][0]
+        lines.append("")
+        lines.append(f"processing resolution {p0.processing_resolution}, ensemble {p0.ensemble_size}, "
+                     f"{p0.steps} denoising step(s); evals = views x members x steps")
+        lines.append(f"total: {tot_images} image(s), {tot_views} views, {tot_evals} model evaluations")
+        if seconds_per_evaluation is not None:
+            lines.append(f"estimated GPU time: {tot_seconds:.1f} s = {tot_seconds / 3600:.2f} GPU-hours "
+                         f"at {seconds_per_evaluation:g} s/evaluation (UNet only; VAE and I/O extra)")
+        else:
+            lines.append("pass --seconds-per-evaluation (measured on your GPU) for a GPU-time estimate")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""`depthray plan` and plan_image: the counts a job will run, from the planner inference uses."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from depthray.cli import main
+from depthray.config import config_from_dict
+from depthray.plan import checkpoint_defaults, plan_image
+from depthray.predict import predict_image
+
+
+class _CountingDouble:
+    """Model test double: the view's first channel, min-max normalised; counts views seen."""
+
+    def __init__(self, processing_resolution: int):
+        self.processing_resolution = processing_resolution
+        self.seen = 0
+
+    def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        self.seen += views.shape[0]
+        d = views[:, 0]  # [N,h,w]
+        lo, hi = d.flatten(1).amin(1)[:, None, None], d.flatten(1).amax(1)[:, None, None]
+        return (d - lo) / (hi - lo).clamp_min(1e-6)
+
+
+@pytest.mark.parametrize("h,w,fusion", [(300, 500, "pyramid"), (300, 500, "align"), (90, 120, "pyramid"),
+                                        (700, 260, "pyramid-lowfreq")])
+def test_plan_matches_what_inference_runs(h, w, fusion):
+    cfg = config_from_dict({"model": {"processing_resolution": 64},
+                            "inference": {"ensemble_size": 2, "num_inference_steps": 3,
+                                          "tiling": {"mode": "auto", "fusion": fusion, "max_tiles": 30}}})
+    plan = plan_image(h, w, cfg, seconds_per_evaluation=0.5)
+    model = _CountingDouble(64)
+    image = np.random.default_rng(0).random((h, w, 3), dtype=np.float32)
+    res = predict_image(image, model, cfg.inference)
+    assert plan.views == res.num_views
+    assert plan.member_predictions == res.model_evaluations == model.seen == plan.views * 2
+    assert plan.model_evaluations == plan.views * 2 * 3
+    assert plan.gpu_seconds == pytest.approx(plan.model_evaluations * 0.5)
+    assert (plan.views > 1) == (max(h, w) > 1.5 * 64)
+    assert plan.views == 1 + sum(n for _, _, n in plan.levels)
+
+
+def test_checkpoint_defaults_from_config_then_model_index_then_marigold(tmp_path):
+    cfg = config_from_dict({"model": {"path": str(tmp_path), "processing_resolution": 512},
+                            "inference": {"num_inference_steps": 2}})
+    assert checkpoint_defaults(cfg)[:2] == (512, 2)
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"default_processing_resolution": 640, "default_denoising_steps": 4}))
+    assert checkpoint_defaults(config_from_dict({"model": {"path": str(tmp_path)}}))[:2] == (640, 4)
+    hub = config_from_dict({"model": {"path": "prs-eth/marigold-depth-v1-1"}})
+    assert checkpoint_defaults(hub)[:2] == (768, 1)
+
+
+def test_plan_cli(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("model: {processing_resolution: 768}\ninference: {ensemble_size: 4}\n")
+    rc = main(["plan", str(config), "--size", "4000x3000", "--size", "640x480", "--count", "10",
+               "--set", "inference.tiling.fusion=align", "--steps", "2", "--seconds-per-evaluation", "0.1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    cfg = config_from_dict({"model": {"processing_resolution": 768},
+                            "inference": {"ensemble_size": 4, "tiling": {"fusion": "align"}}})
+    big = plan_image(3000, 4000, cfg, steps=2, seconds_per_evaluation=0.1)
+    assert big.views == 36  # 1 global + 7 x 5 tiles of 768 px at 25 % overlap
+    row = next(line for line in out.splitlines() if line.strip().startswith("4000x3000"))
+    numbers = row.split()
+    assert numbers[1] == "10" and int(numbers[-4]) == big.views
+    assert int(numbers[-2]) == big.views * 4 * 2
+    assert float(numbers[-1]) == pytest.approx(big.gpu_seconds, abs=0.01)
+    small_row = next(line for line in out.splitlines() if line.strip().startswith("640x480"))
+    assert "global only" in small_row and small_row.split()[-4] == "1"
+    total = int(re.search(r"(\d+) model evaluations", out).group(1))
+    assert total == 10 * big.model_evaluations + 10 * 1 * 4 * 2
+    assert "GPU-hours" in out
+
+
+def test_plan_cli_reads_image_sizes(tmp_path, capsys):
+    from depthray.samples import write_sample_images
+
+    write_sample_images(tmp_path / "images", n=2, size=(60, 90))
+    rc = main(["plan", "--images", str(tmp_path / "images" / "*.jpg"),
+               "--set", "model.processing_resolution=32"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    row = next(line for line in out.splitlines() if line.strip().startswith("90x60"))
+    assert row.split()[1] == "2" and int(row.split()[-4]) > 1  # 90 px > 1.5 x 32: tiled
+    assert "--seconds-per-evaluation" in out  # no estimate without a measured speed
+
+
+def test_plan_cli_rejects_bad_input(capsys):
+    assert main(["plan", "--size", "4000by3000"]) == 2
+    assert main(["plan"]) == 2
+    assert main(["plan", "--size", "100x100", "--set", "inference.tiling.fusion=magic"]) == 2
+    assert "fusion" in capsys.readouterr().err
