@@ -340,21 +340,39 @@ _MEMORY_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_tiling import AffineDouble
+    import depthray
     from depthray.predict import predict_image
     from depthray.tiling import plan_tiles
     from depthray.config import InferenceConfig, TilingConfig
     h, w = 3000, 4000
+    if {model_dir!r}:
+        model = depthray.load_model({{"kind": "marigold", "path": {model_dir!r}, "processing_resolution": 64}})
+    else:
+        model = AffineDouble(256)
     image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     cfg = InferenceConfig(ensemble_size=2, batch_size=32,
-                          tiling=TilingConfig(mode="on", max_tiles=400, fusion="align"))
+                          tiling=TilingConfig(mode="on", max_tiles={max_tiles}, fusion="{fusion}"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res = predict_image(image, AffineDouble(256), cfg)
+    res = predict_image(image, model, cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    plan = plan_tiles(h, w, 256, cfg.tiling)
+    plan = plan_tiles(h, w, model.processing_resolution, cfg.tiling)
     print(json.dumps({{"growth": peak - before, "views": res.num_views, "shape": list(res.depth.shape),
-                      "finest": list(plan.levels[-1].size), "finite": bool(np.isfinite(res.depth).all())}}))
+                      "finest": list(plan.levels[-1].size), "finite": bool(np.isfinite(res.depth).all()),
+                      "range": [float(res.depth.min()), float(res.depth.max())]}}))
     """
 )
+
+
+def _run_memory_script(tmp_path, **kw) -> dict:
+    import os
+
+    script = tmp_path / "mem.py"
+    script.write_text(_MEMORY_SCRIPT.format(tests=os.path.dirname(__file__), **kw))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["shape"] == [3000, 4000] and info["finite"] and info["range"] == [0.0, 1.0]
+    return info
 
 
 def test_4000x3000_image_tiled_in_bounded_memory(tmp_path):
@@ -366,14 +384,15 @@ def test_4000x3000_image_tiled_in_bounded_memory(tmp_path):
     first version of this code (0.62 GB, from numpy copies in image_to_tensor and
     out-of-place fusion temporaries).
     """
-    import os
-
-    script = tmp_path / "mem.py"
-    script.write_text(_MEMORY_SCRIPT.format(tests=os.path.dirname(__file__)))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    info = json.loads(out.stdout.strip().splitlines()[-1])
-    assert info["shape"] == [3000, 4000] and info["finite"]
+    info = _run_memory_script(tmp_path, model_dir="", max_tiles=400, fusion="align")
     assert info["finest"] == [3000, 4000] and info["views"] > 250  # tiled at native size
+    mb = info["growth"] / 2**20
+    assert mb < 600, f"peak memory grew by {mb:.0f} MB"
+
+
+def test_4000x3000_image_with_the_tiny_marigold(tmp_path, tiny_model_dir):
+    """The real engine on a 12 MP photo: tiles at 64 px, working size shrunk to max_tiles."""
+    info = _run_memory_script(tmp_path, model_dir=str(tiny_model_dir), max_tiles=64, fusion="pyramid")
+    assert 20 < info["views"] <= 65
     mb = info["growth"] / 2**20
     assert mb < 600, f"peak memory grew by {mb:.0f} MB"
