@@ -50,6 +50,14 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor
     return out
 
 
+def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host -> device copy; to CUDA through pinned memory without blocking the host, so the
+    copy overlaps the GPU work already queued (CUDA streams keep the order)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return x.to(device, dtype) if dtype is not None else x.to(device)
+
+
 def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Move to device; cast only when needed (from_pretrained already loads in `dtype`)."""
     if next(module.parameters()).dtype != dtype:
@@ -120,11 +128,18 @@ class MarigoldDepthModel:
         self.name = name
         self.max_batch_size = max_batch_size
         self._cache = _LatentCache()
-        if self.device.type == "cuda":
-            # channels_last helps cuDNN convolutions on tensor cores; SDPA attention is the
-            # default attention processor in diffusers on torch >= 2.
-            self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
+        # channels_last helps cuDNN convolutions on tensor cores; SDPA attention is the
+        # default attention processor in diffusers on torch >= 2.
+        self.channels_last = False
+        self.set_channels_last(self.device.type == "cuda")
+
+    def set_channels_last(self, on: bool) -> None:
+        """Switch the UNet and VAE weights (and UNet inputs) to channels_last or back."""
+        fmt = torch.channels_last if on else torch.contiguous_format
+        for module in (self.unet, self.vae, self.vae_decoder):
+            if module is not None:
+                module.to(memory_format=fmt)
+        self.channels_last = on
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -217,10 +232,17 @@ class MarigoldDepthModel:
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # [N,3,PPH,PPW]
         return x, (ph, pw)
 
+    def padding(self, h: int, w: int) -> tuple[int, int]:
+        """Padding preprocess() adds to an [h,w] view (computed without resizing anything)."""
+        res = self.processing_resolution
+        if res > 0:
+            h, w = h * res // max(h, w), w * res // max(h, w)
+        return -h % self.vae_scale_factor, -w % self.vae_scale_factor
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,PPH,PPW] in [-1,1] -> image latents [B,4,h,w] (distribution mode, scaled)."""
-        out = self.vae.encode(images.to(self.device, self.dtype))
+        out = self.vae.encode(to_device(images, self.device, self.dtype))
         latent = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
         return latent * self.scaling_factor
 
@@ -231,11 +253,11 @@ class MarigoldDepthModel:
         text = self.empty_text_embedding.expand(b, -1, -1)  # [B,2,D]
         # Per-member generators keep stochastic schedulers (multi-step LCM) independent of batching.
         gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
-        latent = noise.to(self.device, self.dtype)
+        latent = to_device(noise, self.device, self.dtype)
         self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
         for t in self.scheduler.timesteps:
             x = torch.cat([image_latent, latent], dim=1)  # [B,8,h,w]
-            if self.device.type == "cuda":
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             pred = self.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]  # [B,4,h,w]
             latent = self.scheduler.step(pred, t, latent, generator=gens).prev_sample
@@ -279,9 +301,10 @@ class MarigoldDepthModel:
             else:
                 to_encode.append(i)
             distinct[i] = i
-        # 2. Preprocess + VAE-encode the new ones.  [U,3,PPH,PPW] -> [U,4,h/8,w/8]
-        images, padding = self.preprocess(views[to_encode] if to_encode else views[:1])
+        # 2. Preprocess (on the device) + VAE-encode the new ones.  [U,3,PPH,PPW] -> [U,4,h/8,w/8]
+        padding = self.padding(h, w)
         if to_encode:
+            images, _ = self.preprocess(to_device(views[to_encode], self.device))
             enc = self.encode(images)
             for row, i in enumerate(to_encode):
                 latents[i] = enc[row : row + 1]
