@@ -34,6 +34,16 @@ def _absolute_local(url: str) -> str:
     return os.path.abspath(url)
 
 
+def _auth_headers() -> dict[str, str]:
+    """Ray's token auth: the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+    (where `ray start` keeps it), sent only to authenticate, never logged."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def job_config(cfg: Config) -> dict:
     data = cfg.to_dict()
     data["input"]["url"] = _absolute_local(cfg.input.url)
@@ -61,7 +71,7 @@ def submit(config_path: str, overrides: list[str] | None = None, address: str | 
             import depthray
 
             runtime_env["py_modules"] = [str(Path(depthray.__file__).parent)]
-        client = JobSubmissionClient(address)
+        client = JobSubmissionClient(address, headers=_auth_headers())
         job_id = client.submit_job(
             entrypoint="python -m depthray.pipeline job.yaml",
             runtime_env=runtime_env,

@@ -1,0 +1,91 @@
+"""`depthray submit` for real: a local Ray head (`ray start --head`), the demo config, the
+Ray Job API, and the outputs the job wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from depthray.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(400)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head on 127.0.0.1 in its own process group, stopped (only it) afterwards.
+
+    `ray start --block` keeps the head's processes under one parent, so stopping it does
+    not touch other Ray instances on this machine (`ray stop` would stop them all).
+    """
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0")
+    temp_dir = tempfile.mkdtemp(prefix="drhead")  # short: Ray's socket paths have a length limit
+    dash = _free_port()
+    cmd = [os.path.join(bindir, "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+           f"--ray-client-server-port={_free_port()}", "--include-dashboard=true"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # up, and asking for Ray's auth token
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"Ray head did not come up (exit code {proc.poll()})")
+                time.sleep(1)
+        yield address
+    finally:
+        proc.terminate()  # `ray start --block` shuts its head down in order on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        try:  # anything of this head's process group that outlived it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_submit_demo_config_to_a_ray_head(ray_head, tmp_path, monkeypatch, capsys):
+    from depthray.demo import IMAGES_PER_SHARD, NUM_SHARDS, make_inputs
+
+    make_inputs(tmp_path / "demo_output" / "inputs")
+    monkeypatch.chdir(tmp_path)  # the demo config's paths are relative to where you run
+    rc = cli_main(["submit", str(ROOT / "configs" / "demo.yaml"), "--address", ray_head, "--timeout", "300"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "SUCCEEDED" in out
+    depth = tmp_path / "demo_output" / "depth"
+    table = pq.read_table(depth)
+    assert table.num_rows == NUM_SHARDS * IMAGES_PER_SHARD
+    assert len(set(table.column("key").to_pylist())) == table.num_rows
+    assert set(table.column("height").to_pylist()) == {96} and set(table.column("width").to_pylist()) == {128}
+    manifests = sorted((depth / "_manifest").glob("*.json"))
+    assert [m.stem for m in manifests] == [f"{i:05d}" for i in range(NUM_SHARDS)]
+    assert all(json.loads(m.read_text())["status"] == "complete" for m in manifests)
