@@ -28,7 +28,6 @@ from depthray.tiling import (
     TileBlender,
     TilePlan,
     align_tile,
-    fit_long_side,
     plan_tiles,
     replace_low_frequencies,
     tile_weights,

@@ -98,7 +98,8 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
-def _level(size: tuple[int, int], tile: int, overlap: float) -> Level:
+def cut_level(size: tuple[int, int], tile: int, overlap: float) -> Level:
+    """Overlapping tiles of at most tile x tile covering an image of `size`."""
     h, w = size
     th, tw = min(tile, h), min(tile, w)
     rows, cols = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
@@ -146,7 +147,7 @@ def plan_tiles(height: int, width: int, processing_resolution: int, tiling: Tili
     # 3. Levels; shrink the working size until the tile budget holds.
     while True:
         sides = _level_long_sides(target, res, fusion)
-        levels = [_level(fit_long_side(height, width, s, upscale=True), res, tiling.overlap) for s in sides]
+        levels = [cut_level(fit_long_side(height, width, s, upscale=True), res, tiling.overlap) for s in sides]
         if sum(len(lv.tiles) for lv in levels) <= tiling.max_tiles or target <= res:
             break
         target = max(res, int(target * 0.9))

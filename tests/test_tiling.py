@@ -17,10 +17,9 @@ from depthray.config import InferenceConfig, TilingConfig
 from depthray.predict import predict_image, predict_images
 from depthray.tiling import (
     FUSIONS,
-    Level,
-    Tile,
     TileBlender,
     align_tile,
+    cut_level,
     feather_1d,
     fit_scale_shift,
     plan_tiles,
@@ -141,9 +140,7 @@ def test_feather_is_zero_at_inner_borders_and_positive_at_image_borders():
 
 @pytest.mark.parametrize("size,overlap", [((300, 500), 0.25), ((257, 129), 0.5), ((1000, 1000), 0.1)])
 def test_weights_sum_to_one(size, overlap):
-    from depthray.tiling import _level
-
-    level = _level(size, 128, overlap)
+    level = cut_level(size, 128, overlap)
     total = torch.zeros(size)
     for t in level.tiles:
         total[t.box] += tile_weights(t, level)
@@ -188,10 +185,8 @@ def _smooth_field(size, seed=0):
 
 
 def test_known_affine_offset_per_tile_is_removed_exactly():
-    from depthray.tiling import _level
-
     size = (300, 420)
-    level = _level(size, 128, 0.25)
+    level = cut_level(size, 128, 0.25)
     truth = _smooth_field(size)  # [H,W] the reference, at the level's own resolution
     blender = TileBlender(size)
     for i, t in enumerate(level.tiles):
@@ -207,10 +202,8 @@ def test_known_affine_offset_per_tile_is_removed_exactly():
 
 def test_alignment_to_a_coarse_reference():
     """The usual case: the reference is the global view, 4x coarser than the tiles."""
-    from depthray.tiling import _level
-
     size = (400, 640)
-    level = _level(size, 128, 0.25)
+    level = cut_level(size, 128, 0.25)
     truth = _smooth_field(size, seed=1)
     coarse = F.interpolate(truth[None, None], (100, 160), mode="area")[0, 0]
     for i, t in enumerate(level.tiles):
@@ -220,10 +213,8 @@ def test_alignment_to_a_coarse_reference():
 
 
 def test_constant_depth_stays_constant_through_fusion():
-    from depthray.tiling import _level
-
     size = (250, 330)
-    level = _level(size, 96, 0.3)
+    level = cut_level(size, 96, 0.3)
     reference = torch.full((60, 80), 0.42)
     blender = TileBlender(size)
     for t in level.tiles:
