@@ -227,6 +227,24 @@ def test_constant_depth_stays_constant_through_fusion():
     assert torch.allclose(replace_low_frequencies(depth, reference), torch.full(size, 0.42), atol=1e-6)
 
 
+def test_uncertainty_is_fused_through_tiles():
+    """Where tiles agree, their own uncertainty passes through; where they disagree, the
+    disagreement adds to it (in quadrature)."""
+    size = (100, 224)
+    level = cut_level(size, 128, 0.25)
+    assert len(level.tiles) == 2  # two tiles side by side, overlapping by 32 px
+    left, right = level.tiles
+    blender = TileBlender(size)
+    blender.add(left, torch.full((100, 128), 0.2), torch.full((100, 128), 0.03), tile_weights(left, level))
+    blender.add(right, torch.full((100, 128), 0.6), torch.full((100, 128), 0.03), tile_weights(right, level))
+    depth, unc = blender.result()
+    assert torch.allclose(unc[:, :96], torch.full((100, 96), 0.03), atol=1e-6)  # left only
+    assert torch.allclose(unc[:, 128:], torch.full((100, 96), 0.03), atol=1e-6)  # right only
+    mid = (96 + 128) // 2  # centre of the overlap: equal weights, depths 0.2 and 0.6
+    assert float(depth[0, mid - 1 : mid + 1].mean()) == pytest.approx(0.4, abs=0.02)
+    assert float(unc[0, mid]) == pytest.approx((0.03**2 + 0.2**2) ** 0.5, abs=0.01)
+
+
 def test_replace_low_frequencies_keeps_detail_and_takes_layout():
     size = (256, 256)
     layout = _smooth_field(size, seed=2)
