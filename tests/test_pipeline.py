@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 
 import fsspec
@@ -46,23 +45,6 @@ def job_config(tiny_model_dir, input_url, output_url, **sections):
     return config_from_dict(data, require_io=True)
 
 
-def image(h, w, seed, fmt="JPEG"):
-    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def tar_bytes(members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def errors_of(fs, out):
     fs.invalidate_cache()
     if not fs.exists(f"{out}/_errors"):
@@ -79,7 +61,8 @@ def assert_exactly_once(expected: dict[str, set[str]], output_keys, error_keys):
     assert set(seen) == want
 
 
-def test_webdataset_from_s3_to_parquet_with_errors_and_resume(ray_session, s3_bucket, tiny_model_dir):
+def test_webdataset_from_s3_to_parquet_with_errors_and_resume(ray_session, s3_bucket, tiny_model_dir,
+                                                             make_image, make_tar):
     fs = fsspec.filesystem("s3")
     sizes = [(48, 64), (64, 48), (40, 72), (56, 56)]
     expected: dict[str, set[str]] = {}
@@ -88,12 +71,12 @@ def test_webdataset_from_s3_to_parquet_with_errors_and_resume(ray_session, s3_bu
         members = []
         for i, (h, w) in enumerate(sizes):
             key = f"s{s}_{i}"
-            members.append((f"{key}.jpg", image(h, w, seed=10 * s + i)))
+            members.append((f"{key}.jpg", make_image(h, w, seed=10 * s + i)))
             shapes[key] = (h, w)
         if s == 1:
             members.append(("s1_bad.jpg", b"\xff\xd8 not really a jpeg"))
             members.append(("s1_noimg.txt", b"caption only"))
-        fs.pipe_file(f"{s3_bucket}/in/{s:05d}.tar", tar_bytes(members))
+        fs.pipe_file(f"{s3_bucket}/in/{s:05d}.tar", make_tar(members))
         expected[f"{s:05d}"] = {name.split(".")[0] for name, _ in members}
     out = f"s3://{s3_bucket}/out"
     cfg = job_config(tiny_model_dir, f"s3://{s3_bucket}/in/{{00000..00002}}.tar", out,
@@ -144,14 +127,15 @@ def test_webdataset_from_s3_to_parquet_with_errors_and_resume(ray_session, s3_bu
     assert (third["shards_skipped"], third["images"], third["actors"]) == (3, 0, 0)
 
 
-def test_parquet_from_s3_to_webdataset_with_passthrough(ray_session, s3_bucket, tiny_model_dir, tmp_path):
+def test_parquet_from_s3_to_webdataset_with_passthrough(ray_session, s3_bucket, tiny_model_dir, tmp_path,
+                                                       make_image):
     import webdataset as wds
 
     fs = fsspec.filesystem("s3")
     expected, inputs = {}, {}
     for s in range(2):
         ids = [f"p{s}/{i}.x" for i in range(3)]  # keys are data: slashes and dots allowed
-        imgs = [image(40 + 8 * i, 64, seed=100 + 10 * s + i, fmt="PNG") for i in range(3)]
+        imgs = [make_image(40 + 8 * i, 64, seed=100 + 10 * s + i, fmt="PNG") for i in range(3)]
         buf = pa.BufferOutputStream()
         pq.write_table(pa.table({"id": ids, "image": imgs}), buf)
         fs.pipe_file(f"{s3_bucket}/pq/part-{s}.parquet", buf.getvalue().to_pybytes())
