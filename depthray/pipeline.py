@@ -153,12 +153,18 @@ def build_dataset(cfg: Config, shards: list, res: Resources):
     return ds
 
 
-def _check_paths(cfg: Config) -> None:
-    inp = cfg.input.url.split("{")[0].split("*")[0].rstrip("/")
+def _check_paths(cfg: Config, shards: list) -> None:
+    """Outputs must never become inputs: not inside an input folder, not matched by the input."""
     out = cfg.output.url.rstrip("/")
-    if out == inp or out.startswith(inp + "/"):
-        raise ConfigError(f"output.url {cfg.output.url!r} is inside input.url {cfg.input.url!r}; "
-                          "outputs would be read as inputs on the next run")
+    out_path = out.split("://", 1)[-1]
+    inp = cfg.input.url.rstrip("/")
+    is_pattern = any(c in inp for c in "*?[{") or inp.lower().endswith((".txt", ".lst", ".list"))
+    inside_folder = not is_pattern and (out == inp or out.startswith(inp + "/"))
+    clash = next((s.url for s in shards if s.url.split("://", 1)[-1].startswith(out_path + "/")), None)
+    if inside_folder or clash:
+        raise ConfigError(f"output.url {cfg.output.url!r} overlaps input.url {cfg.input.url!r}"
+                          + (f" (input shard {clash} is under the output)" if clash else "")
+                          + "; outputs would be read back as inputs")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -180,9 +186,9 @@ def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
     before any worker starts.
     """
     run_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
-    _check_paths(cfg)
     # 1. Plan: list shards, skip committed ones, clear leftovers of the rest.
     shards = list_shards(cfg.input, cfg.storage)
+    _check_paths(cfg, shards)
     plan = plan_shards(shards, cfg.output, cfg.storage)
     log.info("%d shards: %d to do, %d already complete", len(shards), len(plan.todo), len(plan.skipped))
     store = ManifestStore(cfg.output.url, cfg.storage)

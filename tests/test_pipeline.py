@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from depthray.config import config_from_dict
+from depthray.config import ConfigError, config_from_dict
 from depthray.pipeline import run_job
 
 pytestmark = pytest.mark.timeout(300)
@@ -181,3 +181,17 @@ def test_image_folders_local_with_odd_images(ray_session, tmp_path, tiny_model_d
     assert np.asarray(Image.open(io.BytesIO(rows["gray"]["depth"]))).shape == (40, 60)
     errors = pq.read_table(out / "_errors").to_pylist()
     assert [(e["source"], e["key"], e["error"]) for e in errors] == [("b", "empty", "empty")]
+
+
+def test_output_inside_input_is_refused_before_any_work(tmp_path, tiny_model_dir, make_image):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(make_image(16, 16))
+    with pytest.raises(ConfigError, match="overlaps input.url"):
+        run_job(job_config(tiny_model_dir, str(tmp_path / "imgs"), str(tmp_path / "imgs" / "depth")))
+    # A glob over shard files may share a parent folder with the outputs.
+    from depthray.io.sources import list_shards
+    from depthray.pipeline import _check_paths
+
+    (tmp_path / "imgs" / "000.tar").write_bytes(b"")
+    cfg = job_config(tiny_model_dir, str(tmp_path / "imgs" / "*.tar"), str(tmp_path / "imgs" / "depth"))
+    _check_paths(cfg, list_shards(cfg.input, cfg.storage))
