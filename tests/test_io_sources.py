@@ -34,6 +34,8 @@ def test_list_glob_brace_listfile_and_folder_local(tmp_path, make_tar, make_imag
     assert _names(glob) == ["000", "001"] and {s.format for s in glob} == {"webdataset"}
     assert glob[0].url.startswith("file://")
     assert _names(list_shards(InputConfig(url=f"{d}/{{000..001}}.tar"), STORAGE)) == ["000", "001"]
+    # Names are relative to the pattern's fixed folder, not to what matched: stable across runs.
+    assert _names(list_shards(InputConfig(url=f"{d}/*/*.tar"), STORAGE)) == ["sub/002"]
     folder = list_shards(InputConfig(url=str(d)), STORAGE)
     assert _names(folder) == ["000", "001", "sub/002"]
     listfile = tmp_path / "shards.txt"

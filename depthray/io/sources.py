@@ -133,7 +133,15 @@ def list_shards(cfg: InputConfig, storage: StorageConfig) -> list[Shard]:
         patterns = [url]
     urls: list[str] = []
     formats: list[str] = []
+    # Names are relative to the fixed part of input.url (the folder before any wildcard or
+    # brace), not to whatever happened to match, so they stay the same from run to run
+    # (resume depends on it). A list file's entries are named relative to their common folder.
     base = None
+    if len(patterns) == 1:
+        fixed = re.split(r"[*?\[{]", patterns[0], maxsplit=1)[0]
+        if fixed != patterns[0]:
+            # (+ "x": resolves a relative local path while keeping a trailing "/" meaningful)
+            base = posixpath.dirname(filesystem(fixed + "x", storage)[1])
     for pattern in patterns:
         for item in expand_braces(pattern):
             fs, path = filesystem(item, storage)
