@@ -141,6 +141,10 @@ class MarigoldDepthModel:
                 module.to(memory_format=fmt)
         self.channels_last = on
 
+    def clear_cache(self) -> None:
+        """Forget the encoded views (benchmarks use it so repeated runs pay every encode)."""
+        self._cache = _LatentCache(self._cache.capacity)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(

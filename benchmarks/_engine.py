@@ -1,0 +1,281 @@
+"""Engine benchmarks: depthray's engine against diffusers' MarigoldDepthPipeline, and the
+measured effect of each engine feature (batching, encode-once, closed-form ensembling,
+bf16, channels_last, torch.compile, tiny VAE decoder), plus UNet achieved TFLOP/s.
+
+Every comparison runs both contenders in this process, interleaved, on the same inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks._common import interleave, median, sync
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched on torch.cuda.get_device_name().
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+)
+
+
+@dataclass
+class EngineSettings:
+    device: str
+    dtype: str  # float32 | bfloat16 | float16
+    resolution: int  # processing resolution (long side)
+    ensemble_size: int
+    steps: int
+    batch_size: int  # views per model call (both engines)
+    rounds: int
+
+    def inference(self) -> dict:
+        return {"ensemble_size": self.ensemble_size, "batch_size": self.batch_size, "seed": 0,
+                "num_inference_steps": self.steps, "tiling": {"mode": "off"}}
+
+
+# ------------------------------------------------------------------------- loading
+def load_engine(folder, s: EngineSettings, **kw):
+    from depthray.models.marigold import MarigoldDepthModel
+
+    model = MarigoldDepthModel.from_pretrained(folder, dtype=s.dtype, device=s.device,
+                                               processing_resolution=s.resolution,
+                                               num_inference_steps=s.steps, **kw)
+    return model
+
+
+def load_diffusers(folder, s: EngineSettings):
+    from diffusers import MarigoldDepthPipeline
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[s.dtype]
+    pipe = MarigoldDepthPipeline.from_pretrained(folder, torch_dtype=dtype).to(s.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _views(images: list[np.ndarray], model, device: str = "cpu") -> torch.Tensor:
+    """The first image as a model view at processing resolution: [1,3,h,w] in [0,1]."""
+    from depthray.predict import image_to_tensor
+    from depthray.tiling import fit_long_side
+
+    t = image_to_tensor(images[0])  # [3,H,W]
+    size = fit_long_side(t.shape[1], t.shape[2], model.processing_resolution)
+    return F.interpolate(t[None], size=size, mode="bilinear", antialias=True)  # [1,3,h,w]
+
+
+# ------------------------------------------------------------------------- 1. vs diffusers
+def engine_vs_diffusers(model, pipe, images, s: EngineSettings) -> dict:
+    """Images/s of predict_images vs the diffusers pipeline, one call per image (its API
+    takes one image, or a batch of equal-sized ones), same members, steps, batch size."""
+    from PIL import Image
+
+    from depthray.predict import predict_images
+
+    pil = [Image.fromarray(im) for im in images]
+    gen_device = s.device if s.device.startswith("cuda") else "cpu"
+
+    def diffusers_run():
+        for i, im in enumerate(pil):
+            pipe(im, ensemble_size=s.ensemble_size, processing_resolution=s.resolution,
+                 num_inference_steps=s.steps, batch_size=s.batch_size, output_uncertainty=True,
+                 generator=torch.Generator(device=gen_device).manual_seed(i))
+
+    def depthray_run():
+        model.clear_cache()  # diffusers re-encodes every call; so must we
+        predict_images(images, model, s.inference())
+
+    t = interleave({"depthray": depthray_run, "diffusers": diffusers_run}, s.rounds, s.device)
+    ours, theirs = len(images) / median(t["depthray"]), len(images) / median(t["diffusers"])
+    return {"depthray_images_per_s": ours, "diffusers_images_per_s": theirs,
+            "ratio": ours / theirs, "times_s": t}
+
+
+# ------------------------------------------------------------------------- 2. ablations
+def batching_effect(model, images, s: EngineSettings) -> dict:
+    """All images in one predict_images call (members of several images share a model
+    batch) vs one call per image (a batch never holds more than one image's members)."""
+    from depthray.predict import predict_images
+
+    cfg = s.inference()
+
+    def across():
+        model.clear_cache()
+        predict_images(images, model, cfg)
+
+    def per_image():
+        model.clear_cache()
+        for im in images:
+            predict_images([im], model, cfg)
+
+    t = interleave({"across_images": across, "per_image": per_image}, s.rounds, s.device)
+    return {"speedup": median(t["per_image"]) / median(t["across_images"]), "times_s": t}
+
+
+def encode_once_effect(model, images, s: EngineSettings) -> dict:
+    """E members of one view: encoded once (members repeat the view) vs encoded E times
+    (each member's copy differs in one pixel value, so each is a distinct view)."""
+    e = s.ensemble_size
+    view = _views(images, model)  # [1,3,h,w]
+    seeds = list(range(e))
+    counter = itertools.count(1)
+
+    def batch(distinct: bool) -> torch.Tensor:
+        # A fresh pixel value per call keeps the latent cache from helping either contender.
+        k = next(counter)
+        v = view.repeat(e, 1, 1, 1)  # [E,3,h,w]
+        for m in range(e):
+            v[m, 0, 0, 0] = ((k * e + (m if distinct else 0)) * 0.6180339887) % 1.0
+        return v
+
+    t = interleave({"encode_once": lambda: model(batch(False), seeds),
+                    "encode_each": lambda: model(batch(True), seeds)}, s.rounds, s.device)
+    return {"speedup": median(t["encode_each"]) / median(t["encode_once"]), "times_s": t}
+
+
+def ensembling_effect(model, pipe, images, s: EngineSettings) -> dict:
+    """Closed-form alignment (depthray.ensemble) vs diffusers' scipy BFGS ensembling, on
+    the same E members at processing resolution; plus how far apart their results are."""
+    from depthray.ensemble import ensemble_depth
+
+    e = s.ensemble_size
+    view = _views(images, model)
+    members = model(view.repeat(e, 1, 1, 1), list(range(e))).to(s.device)  # [E,h,w]
+
+    def ours():
+        return ensemble_depth(members[None], "median")
+
+    def theirs():
+        return pipe.ensemble_depth(members[:, None], True, True, output_uncertainty=True, reduction="median")
+
+    t = interleave({"closed_form": ours, "scipy_bfgs": theirs}, s.rounds, s.device)
+    a = ours().depth[0].float()
+    b = theirs()[0][0, 0].float()
+    return {"speedup": median(t["scipy_bfgs"]) / median(t["closed_form"]),
+            "mean_abs_diff": float((a - b).abs().mean()), "times_s": t,
+            "pixels": int(members.shape[-1] * members.shape[-2])}
+
+
+def tiny_decoder_effect(model, decoder_dir, images, s: EngineSettings) -> dict:
+    """Full VAE decoder vs AutoencoderTiny on the same depth latents: time and mean |diff|."""
+    from diffusers import AutoencoderTiny
+
+    taesd = AutoencoderTiny.from_pretrained(decoder_dir, torch_dtype=model.dtype).to(model.device).eval()
+    view = _views(images, model)
+    x, _ = model.preprocess(view.to(model.device))
+    lat = model.encode(x).repeat(s.batch_size, 1, 1, 1)  # [B,4,h,w]
+    noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(0))
+    depth_lat = model.denoise(lat, noise, list(range(s.batch_size)))
+
+    def decode(dec):
+        model.vae_decoder = dec
+        try:
+            return model.decode(depth_lat)
+        finally:
+            model.vae_decoder = None
+
+    t = interleave({"full_vae": lambda: decode(None), "tiny_vae": lambda: decode(taesd)}, s.rounds, s.device)
+    diff = (decode(taesd).float() - decode(None).float()).abs().mean()
+    return {"speedup": median(t["full_vae"]) / median(t["tiny_vae"]), "mean_abs_diff": float(diff),
+            "times_s": t}
+
+
+# ------------------------------------------------------------------------- 3. UNet FLOPs
+def peak_bf16_tflops(device: str) -> tuple[str, float | None]:
+    if not device.startswith("cuda"):
+        return "cpu", None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peak in BF16_PEAK_TFLOPS:
+        if key in name:
+            return name, peak
+    return name, None
+
+
+def unet_throughput(model, s: EngineSettings, rounds: int) -> dict:
+    """FLOPs of one UNet call on a full batch (FlopCounterMode), its median time, TFLOP/s."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h = w = s.resolution // model.vae_scale_factor
+    b = s.batch_size
+    x = torch.randn(b, 8, h, w, device=model.device, dtype=model.dtype)  # [B,8,h,w]
+    if getattr(model, "channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
+    text = model.empty_text_embedding.expand(b, -1, -1)  # [B,2,D]
+    model.scheduler.set_timesteps(model.num_inference_steps, device=model.device)
+    t = model.scheduler.timesteps[0]
+
+    @torch.no_grad()
+    def call():
+        return model.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    flops = counter.get_total_flops()
+    times = interleave({"unet": call}, rounds, s.device)["unet"]
+    tflops = flops / median(times) / 1e12
+    name, peak = peak_bf16_tflops(s.device)
+    return {"flops_per_call": flops, "batch": b, "latent": [h, w], "seconds_per_call": median(times),
+            "achieved_tflops": tflops, "device_name": name, "bf16_peak_tflops": peak,
+            "fraction_of_bf16_peak": (tflops / peak) if peak else None}
+
+
+# ------------------------------------------------------------------------- 4. CUDA-only
+def _model_batch(model, images, s: EngineSettings):
+    view = _views(images, model)
+    v = view.repeat(s.batch_size, 1, 1, 1)
+    seeds = list(range(s.batch_size))
+    return lambda: model(v, seeds)
+
+
+def dtype_effect(folder, bf16_model, images, s: EngineSettings) -> dict:
+    """bf16 vs float32 weights/compute for one full batch of members; mean |diff| of depth."""
+    fp32 = load_engine(folder, EngineSettings(**{**s.__dict__, "dtype": "float32"}))
+    a, b = _model_batch(bf16_model, images, s), _model_batch(fp32, images, s)
+    t = interleave({"bfloat16": a, "float32": b}, s.rounds, s.device)
+    diff = float((a() - b()).abs().mean())
+    del fp32
+    torch.cuda.empty_cache()
+    return {"speedup": median(t["float32"]) / median(t["bfloat16"]), "mean_abs_diff": diff, "times_s": t}
+
+
+def channels_last_effect(model, images, s: EngineSettings) -> dict:
+    """The same model with channels_last on and off (toggled in place)."""
+    run = _model_batch(model, images, s)
+
+    def with_layout(on: bool):
+        def fn():
+            model.set_channels_last(on)
+            try:
+                return run()
+            finally:
+                model.set_channels_last(True)
+        return fn
+
+    t = interleave({"channels_last": with_layout(True), "contiguous": with_layout(False)}, s.rounds, s.device)
+    return {"speedup": median(t["contiguous"]) / median(t["channels_last"]), "times_s": t}
+
+
+def compile_effect(folder, model, images, s: EngineSettings) -> dict:
+    """torch.compile'd UNet vs eager; compile time (first call) reported separately."""
+    compiled = load_engine(folder, s, compile=True)
+    run_c, run_e = _model_batch(compiled, images, s), _model_batch(model, images, s)
+    t0 = time.perf_counter()
+    run_c()
+    sync(s.device)
+    compile_s = time.perf_counter() - t0
+    t = interleave({"compiled": run_c, "eager": run_e}, s.rounds, s.device)
+    del compiled
+    torch.cuda.empty_cache()
+    return {"speedup": median(t["eager"]) / median(t["compiled"]), "compile_s": compile_s, "times_s": t}
