@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from depthray.config import InferenceConfig, inference_config
 from depthray.ensemble import ensemble_depth
-from depthray.models.base import DepthModel
+from depthray.models.base import DepthModel, denoising_steps
 from depthray.tiling import (
     Tile,
     TileBlender,
@@ -237,6 +237,11 @@ def predict_images(
 ) -> list[DepthResult]:
     """Predict depth for several images, sharing model batches across them."""
     cfg = inference_config(config)
+    with denoising_steps(model, cfg.num_inference_steps):
+        return _predict_images(images, model, cfg)
+
+
+def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConfig) -> list[DepthResult]:
     res = int(model.processing_resolution)
 
     # 1. + 2. Images -> float RGB tensors, each with its plan of views.

@@ -95,3 +95,24 @@ def test_config_dict_is_validated(model):
 def test_bad_images_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         image_to_tensor(bad)
+
+
+def test_num_inference_steps_from_config_reaches_the_model(model):
+    img = _rgb(40, 50, seed=9)
+    one = depthray.predict_image(img, model, {**CFG, "ensemble_size": 1, "num_inference_steps": 1})
+    default = depthray.predict_image(img, model, {**CFG, "ensemble_size": 1})
+    assert model.num_inference_steps == model.default_num_inference_steps  # restored afterwards
+    model.num_inference_steps = 1
+    try:
+        direct = depthray.predict_image(img, model, {**CFG, "ensemble_size": 1})
+    finally:
+        model.num_inference_steps = model.default_num_inference_steps
+    np.testing.assert_array_equal(one.depth, direct.depth)
+    assert np.abs(one.depth - default.depth).max() > 1e-4
+
+
+def test_steps_on_a_model_without_steps_is_a_clear_error():
+    from tests.test_engine import ConstantModel
+
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        depthray.predict_image(_rgb(16, 16), ConstantModel(), {"num_inference_steps": 2})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -30,3 +31,26 @@ def check_views(views: torch.Tensor, seeds: list[int]) -> None:
         raise ValueError(f"views must be a float tensor [N,3,h,w], got {shape}")
     if len(seeds) != views.shape[0]:
         raise ValueError(f"need one seed per view: {views.shape[0]} views, {len(seeds)} seeds")
+
+
+@contextlib.contextmanager
+def denoising_steps(model: DepthModel, steps: int | None):
+    """Temporarily run `model` with `steps` denoising steps (None = the model's default).
+
+    Steps are an inference setting, not part of the call interface; models that have no
+    `num_inference_steps` attribute (plug-ins, test doubles) cannot honour it and say so.
+    """
+    if steps is None:
+        yield model
+        return
+    if not hasattr(model, "num_inference_steps"):
+        raise ValueError(
+            f"inference.num_inference_steps={steps} but {type(model).__name__} has no "
+            "num_inference_steps attribute; leave it null for this model"
+        )
+    before = model.num_inference_steps
+    model.num_inference_steps = steps
+    try:
+        yield model
+    finally:
+        model.num_inference_steps = before
