@@ -208,21 +208,27 @@ def main(argv: list[str] | None = None) -> int:
                     "tiled_cost_per_megapixel": None}
     missing: list[str] = []
 
+    sections: dict[str, float] = {}
     if "engine" not in args.skip:
         result.update(engine_sections(args, folder, p, table))
+        sections["engine"] = time.time() - t0
     if "job" not in args.skip:
+        t1 = time.time()
         try:
             job = job_section(args, folder, p, table)
             result.update(pipeline_vs_engine=job["pipeline_vs_engine"], rss_growth=job["rss_growth"], job=job)
         except ImportError as e:
             missing.append(f"pipeline_vs_engine, rss_growth: the Ray job is not importable ({e})")
+        sections["job"] = time.time() - t1
     if "tiling" not in args.skip:
+        t1 = time.time()
         try:
             tiles = tiling_section(args, folder, p, table)
             result.update(tiled_cost_per_megapixel={k: v["seconds_per_megapixel"] for k, v in tiles.items()},
                           tiling=tiles)
         except ImportError as e:
             missing.append(f"tiled_cost_per_megapixel: tiling is not importable ({e})")
+        sections["tiling"] = time.time() - t1
     if missing:
         result["missing"] = missing
     result.update(mode=mode, device=args.device, model=args.model, dtype=dtype,
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                             "image_size": p["image_size"], "job": p["job"].__dict__, "tiles": p["tiles"].__dict__},
                   torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                   load_average={"start": load0, "end": _common.load_average()},
-                  elapsed_s=time.time() - t0)
+                  section_seconds=sections, elapsed_s=time.time() - t0)
     s = p["engine"]
     print_table(table, f"depthray benchmarks ({mode}; {args.device} {dtype}; model {args.model}; "
                        f"engine: {s.resolution} px, {s.ensemble_size} members, {s.steps} steps, batch {s.batch_size}; "

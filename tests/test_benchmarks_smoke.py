@@ -1,0 +1,59 @@
+"""The throughput benchmark runs end to end at toy sizes, so it cannot rot.
+
+Numbers at these sizes mean nothing; only the structure is checked. The Ray half of the
+job benchmark is left to tests/test_pipeline.py (it is `run_job` itself); its plain-loop
+contender, which calls the job's stage functions directly, runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_smoke_prints_table_and_json(tmp_path, tiny_model_dir):
+    from depthray.models.tiny import build_tiny_vae_decoder
+
+    taesd = build_tiny_vae_decoder(tmp_path / "taesd")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--device", "cpu",
+           "--model", str(tiny_model_dir), "--vae-decoder", str(taesd), "--skip", "job"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert lines[0].startswith("depthray benchmarks (smoke")
+    assert result["engine_vs_diffusers"] > 0
+    assert result["pipeline_vs_engine"] is None and result["rss_growth"] is None  # skipped
+    assert set(result["tiled_cost_per_megapixel"]) == {"96x128", "192x256"}
+    assert result["unet"]["flops_per_call"] > 0 and result["unet"]["achieved_tflops"] > 0
+    abl = result["ablations"]
+    for name in ("batching_across_images", "encode_once", "closed_form_ensembling", "tiny_vae_decoder"):
+        assert abl[name]["speedup"] > 0, name
+    assert abl["torch_compile"] is None  # CUDA only
+    assert 0 <= abl["closed_form_ensembling"]["mean_abs_diff"] < 0.2
+
+
+@pytest.mark.timeout(120)
+def test_job_benchmark_loop_contender(tmp_path, tiny_model_dir):
+    """The loop contender (same stage functions as the Ray job, no Ray) runs and counts."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._job import JobSettings, job_config, run_child, write_inputs
+
+    s = JobSettings(shards=1, images_per_shard=2, image_size=(24, 32), resolution=16, ensemble_size=1,
+                    images_per_batch=2, device="cpu")
+    small = write_inputs(tmp_path / "in-1x", 1, s)
+    big = write_inputs(tmp_path / "in-10x", 2, s)
+    cfg = tmp_path / "loop.json"
+    cfg.write_text(json.dumps(job_config(tiny_model_dir, small, str(tmp_path / "out"), s)))
+    out, peak = run_child(["loop", str(cfg), big], {**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out["small"]["images"] == 2 and out["big"]["images"] == 4
+    assert out["big"]["seconds"] > 0 and peak > 0
+    assert list((tmp_path / "out-10x").rglob("*.parquet"))
