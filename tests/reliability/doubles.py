@@ -1,0 +1,63 @@
+"""Test-double depth models for fault scenarios (loaded through `model.factory`).
+
+They follow the model interface (depthray.models.base.DepthModel) and are cheap, so the
+scenarios spend their time on the faults, not on inference.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class FaultyModel:
+    """Depth = mean colour of each view; optional faults:
+
+    - `sleep_s`: seconds per call (lets a test kill a job mid-way);
+    - `die_once_marker` + `die_on_call`: the N-th call of the first process to get there
+      kills its process (os._exit, like a segfault or the OOM killer) and leaves the marker,
+      so the restarted actor's retry of the batch succeeds;
+    - `oom_above`: calls with more views than this raise torch.OutOfMemoryError.
+    """
+
+    def __init__(self, processing_resolution: int = 32, sleep_s: float = 0.0,
+                 die_once_marker: str | None = None, die_on_call: int = 1,
+                 oom_above: int | None = None, calls_log: str | None = None):
+        torch.set_num_threads(1)
+        self.processing_resolution = processing_resolution
+        self.sleep_s = sleep_s
+        self.die_once_marker = die_once_marker
+        self.die_on_call = die_on_call
+        self.oom_above = oom_above
+        self.calls_log = calls_log
+        self.calls = 0
+
+    def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        self.calls += 1
+        if self.calls_log:
+            with open(self.calls_log, "a") as f:
+                f.write(f"{os.getpid()} {views.shape[0]}\n")
+        if self.die_once_marker and self.calls >= self.die_on_call:
+            marker = Path(self.die_once_marker)
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(1)
+        if self.oom_above is not None and views.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (test double: {views.shape[0]} views > {self.oom_above})")
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        depth = views.mean(dim=1)  # [N,h,w]
+        return (depth - depth.amin(dim=(1, 2), keepdim=True)).clamp(0, 1)
+
+
+def make(**options) -> FaultyModel:
+    return FaultyModel(**options)
