@@ -116,7 +116,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.workdir, num_cpus=args.num_cpus)
     _print_summary(summary)
     if summary.get("preview"):
-        print(f"preview (input | depth): {summary['preview']}")
+        print(f"preview (input | depth | uncertainty): {summary['preview']}")
+        print(f"sortable HTML page: {summary['preview_html']}")
+    if summary.get("eval"):
+        e = summary["eval"]
+        print(f"eval vs the scenes' ground truth: abs_rel {e['abs_rel']:.3f}, delta1 {e['delta1']:.3f} "
+              f"over {e['n_images']} images (random weights: expect poor numbers)")
     print("read it back: pyarrow.parquet.read_table(%r)  # depth: 16-bit PNG, depth*65535, 0 = near"
           % summary["output"])
     print("note: the demo model has random weights; its depth shows the plumbing, not quality")

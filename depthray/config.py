@@ -101,6 +101,8 @@ class StorageConfig:
 class QualityConfig:
     max_uncertainty_mean: float | None = None  # images above are marked low confidence
     min_valid_fraction: float | None = None
+    # a pixel counts as valid when its uncertainty is at most this (depth units, [0,1] range)
+    max_pixel_uncertainty: float | None = None
 
 
 @dataclass
@@ -133,6 +135,10 @@ _CHOICES = {
     "input.format": ("auto", "webdataset", "parquet", "images"),
     "output.format": ("parquet", "webdataset"),
 }
+
+
+# YAML 1.1 reads bare on/off as booleans; `tiling: {mode: off}` means the word.
+_BOOL_WORDS = {"inference.tiling.mode": {True: "on", False: "off"}}
 
 
 def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
@@ -190,7 +196,10 @@ def _build(cls: type, data: Mapping[str, Any] | None, prefix: str, errors: list[
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, data[f.name], where + ".", errors)
         else:
-            kwargs[f.name] = _check_value(data[f.name], tp, where, errors)
+            value = data[f.name]
+            if isinstance(value, bool) and where in _BOOL_WORDS:
+                value = _BOOL_WORDS[where][value]
+            kwargs[f.name] = _check_value(value, tp, where, errors)
     return cls(**kwargs)
 
 

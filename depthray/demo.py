@@ -71,33 +71,11 @@ def make_inputs(folder: Path, seed: int = 0) -> list[Path]:
     return shards
 
 
-def write_preview(output_dir: Path, out_png: Path, n: int = 3) -> Path | None:
-    """Input | depth side by side for a few outputs, read back with plain pyarrow."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from depthray.io.codecs import decode_depth_png16
-    from depthray.visualize import colorize, side_by_side
-
-    table = pq.read_table(output_dir, columns=["key", "depth"])
-    if table.num_rows == 0:
-        return None
-    rows = sorted(table.to_pylist(), key=lambda r: r["key"])[:n]
-    strips = []
-    for r in rows:
-        depth = decode_depth_png16(r["depth"])
-        rgb = np.asarray(Image.open(output_dir.parent / "inputs" / "images" / f"{r['key']}.jpg").convert("RGB"))
-        strips.append(side_by_side(rgb, colorize(depth)))
-    width = max(s.shape[1] for s in strips)
-    strips = [np.pad(s, ((0, 4), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
-    Image.fromarray(np.concatenate(strips, axis=0)).save(out_png)
-    return out_png
-
-
 def run_demo(workdir: str | Path = "demo_output", num_cpus: int | None = None) -> dict[str, Any]:
     """Make inputs (once), run the demo job from scratch, write a preview; returns the summary."""
     from depthray.config import config_from_dict
+    from depthray.evaluate import evaluate
+    from depthray.preview import write_preview
     from depthray.models.tiny import ensure_tiny_model
     from depthray.pipeline import init_ray, run_job
 
@@ -112,5 +90,11 @@ def run_demo(workdir: str | Path = "demo_output", num_cpus: int | None = None) -
     ensure_tiny_model()  # build once here, not in every actor at once
     init_ray(cfg.compute.address, num_cpus=num_cpus)
     summary = run_job(cfg, log_every_s=5.0)
-    summary["preview"] = str(write_preview(root / "depth", root / "preview.png") or "")
+    # The demo ends where a user would: look at the labels, and score them against the
+    # scenes' ground truth (meaningless numbers for random weights, but the real tools).
+    inputs = root / "inputs"
+    sheet, page = write_preview(str(root / "depth"), root / "preview", n=32,
+                                inputs_url=str(inputs / "images"), gt_url=str(inputs / "gt"))
+    summary["preview"], summary["preview_html"] = str(sheet), str(page)
+    summary["eval"] = evaluate(str(root / "depth"), str(inputs / "gt")).summary
     return summary

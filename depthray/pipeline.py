@@ -142,7 +142,7 @@ def build_dataset(cfg: Config, shards: list, res: Resources):
                                "storage": cfg.storage},
     )
     ds = ds.map_batches(encode_batch, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"max_uncertainty_mean": cfg.quality.max_uncertainty_mean})
+                        fn_kwargs={"quality": cfg.quality})
     ds = ds.map_batches(
         write_batch,
         batch_size=cfg.output.rows_per_part,

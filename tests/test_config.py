@@ -51,3 +51,12 @@ def test_int_accepted_for_float_and_hash_tracks_inference():
     b = config_from_dict({"inference": {"seed": 1}})
     assert a.hash() != b.hash()
     assert config_from_dict({}).hash() == config_from_dict({"output": {"url": "/elsewhere"}}).hash()
+
+
+def test_yaml_on_off_words_for_tiling_mode(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("inference: {tiling: {mode: off}}\n")
+    assert load_config(p, require_io=False).inference.tiling.mode == "off"
+    assert load_config(None, ["inference.tiling.mode=on"], require_io=False).inference.tiling.mode == "on"
+    with pytest.raises(ConfigError, match="expected bool"):
+        config_from_dict({"output": {"overwrite": "yes"}})

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from depthray.config import OutputConfig, StorageConfig
+from depthray.config import OutputConfig, QualityConfig, StorageConfig
 from depthray.io import records
 from depthray.io.codecs import (
     decode_depth_png16,
@@ -66,7 +66,7 @@ def predicted_rows(source: str, keys: list[str], h=6, w=9):
 
 
 def encoded_batch(rows):
-    return encode_batch(records.to_table(rows, records.PREDICTED), max_uncertainty_mean=0.001)
+    return encode_batch(records.to_table(rows, records.PREDICTED), QualityConfig(max_uncertainty_mean=0.001))
 
 
 def test_parquet_part_schema_and_errors(tmp_path):
@@ -87,7 +87,11 @@ def test_parquet_part_schema_and_errors(tmp_path):
     row = table.to_pylist()[0]
     assert np.asarray(Image.open(io.BytesIO(row["depth"]))).shape == (6, 9)
     assert row["model"] == "m" and row["config_hash"] == "h"
-    assert json.loads(row["meta"])["low_confidence"] is True
+    meta = json.loads(row["meta"])
+    assert meta["low_confidence"] is True
+    assert meta["quality"]["max_uncertainty_mean"] == 0.001
+    assert meta["quality"]["uncertainty_mean"] == pytest.approx(0.01)
+    assert "uncertainty_mean" in meta["quality"]["reasons"][0]
     errs = pq.read_table(tmp_path / "_errors")
     assert errs.column_names == ["key", "source", "stage", "error", "message"]
     assert errs.column("key").to_pylist() == ["bad"]

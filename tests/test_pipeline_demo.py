@@ -37,7 +37,9 @@ def test_depthray_demo_runs_offline(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "12 written, 0 errors" in proc.stdout
-    assert "preview (input | depth)" in proc.stdout
+    assert "preview (input | depth | uncertainty)" in proc.stdout
     table = pq.read_table(tmp_path / "demo" / "depth")
     assert table.num_rows == 12 and len(set(table.column("key").to_pylist())) == 12
-    assert (tmp_path / "demo" / "preview.png").stat().st_size > 0
+    assert (tmp_path / "demo" / "preview" / "preview.png").stat().st_size > 0
+    assert "<html" in (tmp_path / "demo" / "preview" / "preview.html").read_text().lower()
+    assert "eval vs the scenes' ground truth: abs_rel" in proc.stdout

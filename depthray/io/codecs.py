@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, PngImagePlugin
 
 from depthray.io import records
+from depthray.quality import assess
 
 SCALE_KEY = "depthray_uncertainty_scale"
 _PNG_LEVEL = 3  # zlib level: most of the size win of 6-9 at a fraction of the time
@@ -53,8 +55,12 @@ def decode_uncertainty_png16(data: bytes) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 65535.0 * scale
 
 
-def encode_batch(batch: pa.Table, max_uncertainty_mean: float | None = None) -> pa.Table:
-    """Ray Data UDF: PREDICTED rows -> ENCODED rows (errors and trailers pass through)."""
+def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:
+    """Ray Data UDF: PREDICTED rows -> ENCODED rows (errors and trailers pass through).
+
+    With `quality` (a QualityConfig) each row's metadata gets the confidence verdict:
+    scores, thresholds, pass/fail, reasons and `low_confidence`.
+    """
     out = []
     for row in batch.to_pylist():
         if records.is_trailer(row) or records.is_error(row):
@@ -70,9 +76,9 @@ def encode_batch(batch: pa.Table, max_uncertainty_mean: float | None = None) -> 
             out.append(records.error_row(row, "encode", "encode", f"{type(e).__name__}: {e}"))
             continue
         row["uncertainty_mean"] = float(unc.mean())
-        if max_uncertainty_mean is not None:
+        if quality is not None:
             meta = json.loads(row.get("meta") or "{}")
-            meta["low_confidence"] = row["uncertainty_mean"] > max_uncertainty_mean
+            meta.update(assess(depth, unc, quality).to_meta())
             row["meta"] = json.dumps(meta)
         out.append(row)
     return records.to_table(out, records.ENCODED)

@@ -88,6 +88,19 @@ def _tiny_clip_vocab() -> tuple[dict[str, int], str]:
     return {t: i for i, t in enumerate(tokens)}, "#version: 0.2\n"
 
 
+def _calibrate_latent_scale(vae, size: int = 64) -> None:
+    """Set the VAE's scaling_factor so image latents have unit variance, as SD's 0.18215 does.
+
+    A random VAE's latents are tiny; scaled by SD's factor they would vanish next to the
+    unit-variance depth noise and the UNet's output would barely depend on the image.
+    """
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 3, size, size, generator=gen) * 2 - 1
+    with torch.no_grad():
+        std = float(vae.encode(images).latent_dist.mode().std())
+    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+
+
 def build_components(preset: str = "tiny", scheduler: str = "ddim", seed: int = 0) -> dict:
     """Instantiate random-weight Marigold components (not saved)."""
     from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
@@ -114,6 +127,7 @@ def build_components(preset: str = "tiny", scheduler: str = "ddim", seed: int = 
         scaling_factor=0.18215,
         **p["vae"],
     )
+    _calibrate_latent_scale(vae)
     vocab, merges = _tiny_clip_vocab()
     text_cfg = CLIPTextConfig(
         vocab_size=len(vocab),
