@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -37,6 +38,24 @@ def model_label(cfg: Config) -> str:
     return cfg.model.factory or cfg.model.path
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the RuntimeError older torch / other backends raise."""
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def _release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class DepthPredictor:
     """Ray Data actor: loads the model once, predicts depth for batches of decoded rows.
 
@@ -52,10 +71,23 @@ class DepthPredictor:
         self.inference = inference
 
     def _predict(self, rows: list[dict]) -> list:
+        """Depth for `rows`; on GPU out-of-memory, retry with half the views per model call
+        (down to 1) instead of failing the batch."""
         from depthray.predict import predict_images
 
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3).copy() for r in rows]
-        return predict_images(images, self.model, self.inference)
+        inference = self.inference
+        while True:
+            try:
+                return predict_images(images, self.model, inference)
+            except Exception as e:
+                if not is_out_of_memory(e) or inference.batch_size <= 1:
+                    raise
+                _release_gpu_memory()
+                smaller = max(1, inference.batch_size // 2)
+                log.warning("out of memory with %d views per call on %d image(s); retrying with %d",
+                            inference.batch_size, len(images), smaller)
+                inference = dataclasses.replace(inference, batch_size=smaller)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -167,6 +199,56 @@ def _check_paths(cfg: Config, shards: list) -> None:
                           + "; outputs would be read back as inputs")
 
 
+_RAY_WRAPPERS = {"RayTaskError", "UserCodeException", "RayActorError"}
+
+
+def _short(e: BaseException, limit: int = 500) -> str:
+    """One line for an exception: Ray wraps task errors in tracebacks; name the root cause."""
+    top, seen = e, set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None) or e.__cause__  # RayTaskError keeps it in .cause
+        if not isinstance(cause, BaseException):
+            break
+        e = cause
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if type(e).__module__.startswith("ray"):  # the cause lives only in the traceback text
+        for ln in str(top).splitlines():
+            m = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", ln.strip())
+            if m and not m.group(1).startswith("ray.") and m.group(1) not in _RAY_WRAPPERS:
+                text = f"{m.group(1)}: {m.group(2)}"
+                break
+    return text[:limit]
+
+
+def _check_storage(cfg: Config, shards: list, run_id: str) -> None:
+    """Fail fast, naming the URL, when the output cannot be written or the input's folder
+    or bucket does not exist / is forbidden. A single missing shard is not fatal: its reader
+    reports it and the next run retries it."""
+    from depthray.io.fs import filesystem, join, write_atomic
+
+    fs, root = filesystem(cfg.output.url, cfg.storage)
+    probe = join(root, "_jobs", f".probe-{run_id}")
+    try:
+        write_atomic(fs, probe, b"")
+        fs.rm_file(probe)
+    except Exception as e:
+        raise ConfigError(f"output.url {cfg.output.url!r}: not writable ({_short(e)})") from e
+    first = shards[0].url
+    fs, path = filesystem(first, cfg.storage)
+    try:
+        if fs.exists(path):
+            return
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        if parent == path.rstrip("/") or not fs.exists(parent):
+            raise ConfigError(f"input.url {cfg.input.url!r}: {first} and its folder/bucket do not exist")
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"input.url {cfg.input.url!r}: cannot read {first} ({_short(e)})") from e
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join `address` (a cluster, "auto") or start a local Ray; no-op if already connected."""
     import ray
@@ -186,10 +268,22 @@ def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
     before any worker starts.
     """
     run_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
-    # 1. Plan: list shards, skip committed ones, clear leftovers of the rest.
-    shards = list_shards(cfg.input, cfg.storage)
+    # 1. Plan: list shards, skip committed ones, clear leftovers of the rest. Storage that
+    #    cannot be reached or written (403, missing bucket) stops the job here, by URL.
+    # (Storage clients raise more than OSError: botocore's NoCredentialsError,
+    # EndpointConnectionError, ... all mean the URL cannot be used.)
+    try:
+        shards = list_shards(cfg.input, cfg.storage)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"input.url {cfg.input.url!r}: cannot list it ({_short(e)})") from e
     _check_paths(cfg, shards)
-    plan = plan_shards(shards, cfg.output, cfg.storage)
+    _check_storage(cfg, shards, run_id)
+    try:
+        plan = plan_shards(shards, cfg.output, cfg.storage)
+    except Exception as e:
+        raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({_short(e)})") from e
     log.info("%d shards: %d to do, %d already complete", len(shards), len(plan.todo), len(plan.skipped))
     store = ManifestStore(cfg.output.url, cfg.storage)
     static = {"config_hash": cfg.hash(), "model": model_label(cfg), "run_id": run_id,
@@ -197,17 +291,22 @@ def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
     tracker = ShardTracker({s.name: s.url for s in plan.todo}, store.write, static, log_every_s)
     stages: list[str] = []
     res = None
+    job_error = None
     # 2. Stream the graph; the driver only sees acknowledgements.
     if plan.todo:
         res = resolve_resources(cfg)
         ds = build_dataset(cfg, plan.todo, res)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for ack in batch.to_pylist():
-                tracker.update(ack)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for ack in batch.to_pylist():
+                    tracker.update(ack)
+        except Exception as e:  # a stage failed past Ray's retries: report, don't lose the summary
+            job_error = _short(e)
+            log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
         tracker.maybe_log(force=True)
         stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
     # 3. Summary.
-    totals = tracker.summary()
+    totals = tracker.summary(job_error)
     summary = {
         "run_id": run_id,
         "input": cfg.input.url,
@@ -219,6 +318,7 @@ def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
         "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
         "actors": res.num_actors if res else 0,
         "stages": stages,
+        "job_error": job_error,
         **static,
     }
     summary["summary_path"] = store.write_job_summary(run_id, summary)

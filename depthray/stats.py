@@ -107,8 +107,11 @@ class ShardTracker:
             log.info("progress: %d/%d shards, %d images (%.2f images/s), %d errors",
                      self.completed, len(self.states), self.images, self.rate(), self.errors)
 
-    def summary(self) -> dict[str, Any]:
-        unfinished = {n: (s.failed or "incomplete") for n, s in self.states.items() if not s.done}
+    def summary(self, job_error: str | None = None) -> dict[str, Any]:
+        """Totals; `job_error` (the job stopped early) is given as the reason of every
+        shard that was still incomplete."""
+        unfinished = {n: (s.failed or (f"incomplete: {job_error}" if job_error else "incomplete"))
+                      for n, s in self.states.items() if not s.done}
         infer_s = sum(s.infer_s for s in self.states.values())
         return {
             "shards": len(self.states),

@@ -1,0 +1,161 @@
+"""Crashes: the driver SIGKILLed mid-job and re-run, an inference actor process dying
+mid-batch, GPU out-of-memory. Each ends with every key exactly once and no partial file
+under a final name."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import yaml
+
+from depthray.pipeline import run_job
+from tests.reliability.conftest import (
+    REPO,
+    assert_exactly_once,
+    assert_no_partial_files,
+    double_model,
+    job_config,
+    read_outputs,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def write_shards(folder: Path, make_image, shards: int, per: int) -> dict[str, set[str]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for s in range(shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(per):
+                data = make_image(12, 16, seed=s * 100 + i)
+                info = tarfile.TarInfo(f"s{s}k{i}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (folder / f"{s:05d}.tar").write_bytes(buf.getvalue())
+        expected[f"{s:05d}"] = {f"s{s}k{i}" for i in range(per)}
+    return expected
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_cli(config: Path, log: Path) -> subprocess.Popen:
+    """`depthray run` in its own process group (its local Ray included), so the test can
+    kill exactly what it started."""
+    cmd = [sys.executable, "-m", "depthray.cli", "run", str(config), "--address", "local"]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_kill_driver_mid_job_then_resume(tmp_path, make_image):
+    expected = write_shards(tmp_path / "in", make_image, shards=12, per=4)
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"url": str(tmp_path / "in" / "*.tar")},
+        "output": {"url": str(out), "rows_per_part": 2},
+        "model": double_model(sleep_s=0.25),
+        "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+        "compute": {"images_per_batch": 2, "num_cpus_per_actor": 0.5},
+    }))
+    first = run_cli(config, tmp_path / "first.log")
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and first.poll() is None:
+            manifests = list((out / "_manifest").glob("*.json")) if (out / "_manifest").exists() else []
+            if len(manifests) >= 3:
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, "job finished before it could be killed:\n" + (tmp_path / "first.log").read_text()
+        os.kill(first.pid, signal.SIGKILL)  # the driver only, mid-job
+        first.wait(30)
+        time.sleep(1.0)
+    finally:
+        try:  # then whatever of its local Ray is left (same process group, started by us)
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    committed = {p.stem for p in (out / "_manifest").glob("*.json")}
+    assert 3 <= len(committed) < 12, committed
+    # Outputs visible after the crash never contradict the invariant for committed shards.
+    fs = fsspec.filesystem("file")
+    second = run_cli(config, tmp_path / "second.log")
+    try:
+        rc = second.wait(200)
+    finally:
+        try:
+            os.killpg(second.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = (tmp_path / "second.log").read_text()
+    assert rc == 0, text
+    assert f"{len(committed)} already complete" in text, text
+    summaries = [json.loads(p.read_text()) for p in sorted((out / "_jobs").glob("*.json"))]
+    resumed = summaries[-1]
+    assert resumed["shards_skipped"] == len(committed) and resumed["shards_complete"] == 12 - len(committed)
+    outs, errors = read_outputs(fs, str(out))
+    assert_exactly_once(expected, outs, errors)
+    assert_no_partial_files(fs, str(out))
+    # Committed shards were not redone: their manifests still name the first run.
+    for name in committed:
+        m = json.loads((out / "_manifest" / f"{name}.json").read_text())
+        assert m["run_id"] != resumed["run_id"]
+
+
+def test_actor_process_dies_mid_batch_and_is_restarted(ray_session, tmp_path, make_image):
+    expected = write_shards(tmp_path / "in", make_image, shards=3, per=4)
+    marker = tmp_path / "actor-died"
+    calls = tmp_path / "calls.log"
+    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"),
+                     double_model(die_once_marker=str(marker), die_on_call=3, calls_log=str(calls)),
+                     compute={"images_per_batch": 2}, output={"rows_per_part": 2})
+    summary = run_job(cfg)
+    assert marker.exists(), "the actor never died: the scenario did not happen"
+    pids = {ln.split()[0] for ln in calls.read_text().splitlines()}
+    assert len(pids) >= 2, "no restarted actor process ran the retried batch"
+    assert (summary["shards_complete"], summary["shards_unfinished"], summary["errors"]) == (3, {}, 0)
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
+    assert_exactly_once(expected, outs, errors)
+    assert_no_partial_files(fsspec.filesystem("file"), str(tmp_path / "out"))
+
+
+def test_gpu_out_of_memory_falls_back_to_smaller_batches(ray_session, tmp_path, make_image):
+    expected = write_shards(tmp_path / "in", make_image, shards=2, per=3)
+    calls = tmp_path / "calls.log"
+    # 4 members per view, 8 views per call asked; the "GPU" holds only 1 view at a time.
+    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"),
+                     double_model(oom_above=1, calls_log=str(calls)),
+                     inference={"ensemble_size": 4, "batch_size": 8})
+    summary = run_job(cfg)
+    assert (summary["shards_complete"], summary["images"], summary["errors"]) == (2, 6, 0), summary
+    sizes = [int(ln.split()[1]) for ln in calls.read_text().splitlines()]
+    assert max(sizes) > 1 and sizes.count(1) >= 6 * 4  # tried big, finished with 1 view per call
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
+    assert_exactly_once(expected, outs, errors)
+    assert all(r["meta"] is not None for r in outs)
+    assert np.isfinite([r["width"] for r in outs]).all()
+
+    # Out of memory even at 1 view per call: each image becomes an error that says so.
+    cfg = job_config(str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out0"), double_model(oom_above=0))
+    summary = run_job(cfg)
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out0"))
+    assert summary["shards_complete"] == 1 and not outs
+    assert {(e["stage"], e["error"]) for e in errors} == {("infer", "infer")}
+    assert all("OutOfMemoryError" in e["message"] for e in errors)
+    assert_exactly_once({"00000": expected["00000"]}, outs, errors)
