@@ -46,14 +46,15 @@ def presets(mode: str, device: str, dtype: str) -> dict:
     if mode == "quick":
         eng = EngineSettings(device, dtype, resolution=384, ensemble_size=4, steps=4, batch_size=8, rounds=3)
         return dict(images=2, image_size=(480, 640), engine=eng, ablation_rounds=3,
-                    job=JobSettings(2, 3, (240, 320), 256, 2, 4, device),
+                    job=JobSettings(1, 10, (240, 320), 256, 2, 4, device),
                     tiles=TileSettings(((384, 512), (768, 1024)), 256, 2, 8, 1, device))
     eng = EngineSettings(device, dtype, resolution=768, ensemble_size=4, steps=4,
-                         batch_size=16 if cuda else 8, rounds=5)
-    return dict(images=8 if cuda else 4, image_size=(480, 640), engine=eng, ablation_rounds=5,
-                job=JobSettings(4, 8, (480, 640), 768 if cuda else 384, 4, 8 if cuda else 4, device),
-                tiles=TileSettings(((1536, 2048), (3072, 4096)) if cuda else ((768, 1024), (1536, 2048)),
-                                   768 if cuda else 384, 4, 16 if cuda else 8, 3 if cuda else 1, device))
+                         batch_size=16 if cuda else 8, rounds=5 if cuda else 3)
+    job = JobSettings(4, 8, (480, 640), 768, 4, 8, device) if cuda else JobSettings(1, 10, (480, 640), 384, 4, 4, device)
+    tiles = TileSettings(((1536, 2048), (3072, 4096)), 768, 4, 16, 3, device) if cuda else \
+        TileSettings(((768, 1024), (1536, 2048)), 384, 4, 8, 1, device)
+    return dict(images=8 if cuda else 2, image_size=(480, 640), engine=eng, ablation_rounds=eng.rounds,
+                job=job, tiles=tiles)
 
 
 # ------------------------------------------------------------------------- sections
@@ -81,7 +82,7 @@ def engine_sections(args, folder: Path, p: dict, table: list) -> dict:
     abl["tiny_vae_decoder"] = _engine.tiny_decoder_effect(model, args.vae_decoder or _common.tiny_decoder_dir(args.model), images, ab)
     if args.device.startswith("cuda"):
         abl["bf16_vs_fp32"] = _engine.dtype_effect(folder, model, images, ab) if s.dtype != "float32" else None
-        abl["channels_last"] = _engine.channels_last_effect(model, images, ab)
+        abl["channels_last"] = _engine.channels_last_effect(folder, model, images, ab)
         abl["torch_compile"] = _engine.compile_effect(folder, model, images, ab)
     else:
         abl.update(bf16_vs_fp32=None, channels_last=None, torch_compile=None)
