@@ -93,8 +93,12 @@ def test_kill_driver_mid_job_then_resume(tmp_path, make_image):
             pass
     committed = {p.stem for p in (out / "_manifest").glob("*.json")}
     assert 3 <= len(committed) < 12, committed
-    # Outputs visible after the crash never contradict the invariant for committed shards.
+    # After the crash, every file under a final name is complete (temporaries are hidden
+    # '.tmp-*' names), and committed shards already hold exactly their keys.
     fs = fsspec.filesystem("file")
+    outs, errors = read_outputs(fs, str(out))  # parses every visible part: none is truncated
+    assert_exactly_once({k: v for k, v in expected.items() if k in committed},
+                        [r for r in outs if r["source"] in committed], [e for e in errors if e["source"] in committed])
     second = run_cli(config, tmp_path / "second.log")
     try:
         rc = second.wait(200)
