@@ -184,3 +184,23 @@ def test_tiny_vae_decoder_option(tiny_model_dir, tmp_path):
     assert a.shape == b.shape == (2, 50, 70)
     assert float(a.min()) >= 0 and float(a.max()) <= 1
     assert float((a - b).abs().max()) > 1e-3  # another decoder really ran
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="hub download failed"):
+        depthray.load_model({"kind": "marigold", "path": "prs-eth/marigold-depth-v1-1"})
+
+
+def test_lcm_checkpoint_runs_one_step_by_default(tmp_path):
+    from depthray.models.tiny import build_tiny_marigold
+
+    ckpt = build_tiny_marigold(tmp_path / "lcm", scheduler="lcm")
+    m = depthray.load_model({"kind": "marigold", "path": str(ckpt), "processing_resolution": RES})
+    assert type(m.scheduler).__name__ == "LCMScheduler" and m.num_inference_steps == 1
+    v = _views(2)
+    torch.testing.assert_close(m(v, [1, 2]), m(v, [1, 2]), atol=0, rtol=0)
+    m.num_inference_steps = 2  # multi-step LCM injects noise: still deterministic per seed
+    a = m(v, [1, 2])
+    torch.testing.assert_close(m(v[1:], [2])[0], a[1], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,60 @@
+"""The CLI as a user runs it: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _depthray(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "depthray.cli", *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=300)
+
+
+def test_help_lists_every_verb():
+    out = _depthray("--help")
+    assert out.returncode == 0
+    for verb in ("run", "submit", "demo", "plan", "predict", "eval", "preview", "make-tiny-model"):
+        assert verb in out.stdout, verb
+    sub = _depthray("predict", "--help")
+    assert "16-bit" in sub.stdout and "--tiny" in sub.stdout
+
+
+def test_predict_writes_png16_and_preview(tiny_model_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    Image.fromarray((rng.integers(0, 65535, (30, 20), dtype=np.uint16))).save(tmp_path / "b.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    out = _depthray("predict", str(tmp_path / "a.jpg"), str(tmp_path / "b.png"), str(tmp_path / "broken.jpg"),
+                    "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                    "--set", "model.processing_resolution=64", "--set", "inference.ensemble_size=2")
+    assert out.returncode == 1, "one unreadable file must be reported in the exit status"
+    assert "skipped" in out.stdout + out.stderr and "broken.jpg" in out.stdout + out.stderr
+    depth = np.asarray(Image.open(tmp_path / "out" / "a.depth.png"))
+    assert depth.dtype == np.uint16 and depth.shape == (45, 70)
+    assert int(depth.max()) - int(depth.min()) > 10000  # a real depth map, not a constant
+    assert np.asarray(Image.open(tmp_path / "out" / "b.depth.png")).shape == (30, 20)
+    preview = np.asarray(Image.open(tmp_path / "out" / "a.preview.png"))
+    assert preview.shape[0] == 45 and preview.shape[1] > 2 * 70
+
+
+def test_config_errors_exit_2_with_one_message(tmp_path):
+    out = _depthray("predict", "x.jpg", "--out", str(tmp_path), "--set", "inference.ensemble_sise=2",
+                    "--set", "inference.batch_size=zero")
+    assert out.returncode == 2
+    assert "ensemble_sise: unknown key" in out.stderr and "batch_size: expected int" in out.stderr
+
+
+def test_make_tiny_model(tmp_path):
+    out = _depthray("make-tiny-model", str(tmp_path / "m"), "--scheduler", "lcm")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "model_index.json").exists()
+    assert "LCMScheduler" in (tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text()
+    again = _depthray("make-tiny-model", str(tmp_path / "m"))
+    assert again.returncode != 0 and "already holds a checkpoint" in again.stderr
