@@ -12,7 +12,9 @@ rows have landed (see depthray/stats.py and depthray/io/manifest.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -56,19 +58,78 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class WorkerCrashed(Exception):
+    """An image whose prediction killed the worker process on every attempt."""
+
+
+class InFlight:
+    """Node-local note of the batch an actor is working on, so the restarted actor that Ray
+    hands the same batch again can tell the last attempt killed its process (segfault,
+    host OOM killer) and find the image that did it.
+
+    attempt 1: whole batch; dies -> attempt 2: one image at a time, the current key noted
+    before each; dies -> attempt 3: the noted key is an error ("crashed"), the rest run.
+    Without this an image that always kills the process would be retried forever.
+    """
+
+    def __init__(self, run_id: str, rows: list[dict]):
+        import hashlib
+        import tempfile
+
+        ids = "\n".join(sorted(f"{r['source']}\t{r['key']}" for r in rows))
+        digest = hashlib.sha1(f"{run_id}\n{ids}".encode()).hexdigest()[:20]
+        self.path = os.path.join(tempfile.gettempdir(), "depthray-inflight", f"{digest}.json")
+        try:
+            with open(self.path) as f:
+                self.state = json.load(f)
+        except (OSError, ValueError):
+            self.state = {"attempt": 0, "current": None, "crashed": []}
+        self.state["attempt"] += 1
+        if self.state["current"] is not None:  # the last attempt died on this image
+            self.state["crashed"].append(self.state["current"])
+            self.state["current"] = None
+        self.save()
+
+    @property
+    def retried(self) -> bool:
+        return self.state["attempt"] > 1
+
+    def crashed(self, row: dict) -> bool:
+        return row["key"] in self.state["crashed"]
+
+    def working_on(self, row: dict | None) -> None:
+        self.state["current"] = row["key"] if row else None
+        self.save()
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.state, f)
+        os.replace(tmp, self.path)
+
+    def done(self) -> None:
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+
+
 class DepthPredictor:
     """Ray Data actor: loads the model once, predicts depth for batches of decoded rows.
 
     A batch that fails is retried one image at a time, so one bad image becomes one error
-    record instead of failing its neighbours (or the job).
+    record instead of failing its neighbours (or the job). A batch whose previous attempt
+    killed the actor's process is also run one image at a time (see InFlight).
     """
 
-    def __init__(self, model_spec: dict, inference: Any, storage: Any):
+    def __init__(self, model_spec: dict, inference: Any, storage: Any, run_id: str = ""):
         from depthray.io.fs import storage_options
         from depthray.models.loading import load_model
 
         self.model = load_model(model_spec, storage_options(model_spec["path"], storage))
         self.inference = inference
+        self.run_id = run_id
 
     def _predict(self, rows: list[dict]) -> list:
         """Depth for `rows`; on GPU out-of-memory, retry with half the views per model call
@@ -93,21 +154,34 @@ class DepthPredictor:
         rows = batch.to_pylist()
         todo = [r for r in rows if not records.is_trailer(r) and r.get("error") is None]
         t0 = time.perf_counter()
+        inflight = InFlight(self.run_id, todo) if todo else None
         try:
+            if inflight is not None and inflight.retried:
+                raise ProcessLookupError(f"attempt {inflight.state['attempt']}: a previous attempt "
+                                         "of this batch killed its worker process")
             results = list(zip(todo, self._predict(todo))) if todo else []
         except Exception as e:
             log.warning("batch of %d failed (%s); retrying one image at a time", len(todo), e)
             results = []
             for r in todo:
+                if inflight is not None and inflight.crashed(r):
+                    results.append((r, WorkerCrashed("the worker process died while predicting this "
+                                                     "image, twice; skipped")))
+                    continue
+                if inflight is not None and inflight.retried:
+                    inflight.working_on(r)
                 try:
                     results.append((r, self._predict([r])[0]))
                 except Exception as e1:
                     results.append((r, e1))
+        if inflight is not None:
+            inflight.done()
         share = (time.perf_counter() - t0) / max(len(todo), 1)
         out = [r for r in rows if records.is_trailer(r) or r.get("error") is not None]
         for r, res in results:
             if isinstance(res, Exception):
-                out.append(records.error_row(r, "infer", "infer", f"{type(res).__name__}: {res}"))
+                reason = "crashed" if isinstance(res, WorkerCrashed) else "infer"
+                out.append(records.error_row(r, "infer", reason, f"{type(res).__name__}: {res}"))
                 continue
             r.update(depth_f32=res.depth.astype(np.float32).tobytes(),
                      uncertainty_f32=res.uncertainty.astype(np.float32).tobytes(),
@@ -141,7 +215,7 @@ def resolve_resources(cfg: Config) -> Resources:
     return Resources(num_actors=n, gpus_per_actor=per, cpus_per_actor=cfg.compute.num_cpus_per_actor)
 
 
-def build_dataset(cfg: Config, shards: list, res: Resources):
+def build_dataset(cfg: Config, shards: list, res: Resources, run_id: str = ""):
     """The Ray Data graph for `shards` (lazy; runs when the driver iterates it)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -171,7 +245,7 @@ def build_dataset(cfg: Config, shards: list, res: Resources):
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         fn_constructor_kwargs={"model_spec": dataclasses.asdict(cfg.model), "inference": cfg.inference,
-                               "storage": cfg.storage},
+                               "storage": cfg.storage, "run_id": run_id},
     )
     ds = ds.map_batches(encode_batch, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"quality": cfg.quality})
@@ -295,7 +369,7 @@ def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
     # 2. Stream the graph; the driver only sees acknowledgements.
     if plan.todo:
         res = resolve_resources(cfg)
-        ds = build_dataset(cfg, plan.todo, res)
+        ds = build_dataset(cfg, plan.todo, res, run_id)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for ack in batch.to_pylist():

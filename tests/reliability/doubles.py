@@ -20,12 +20,13 @@ class FaultyModel:
     - `die_once_marker` + `die_on_call`: the N-th call of the first process to get there
       kills its process (os._exit, like a segfault or the OOM killer) and leaves the marker,
       so the restarted actor's retry of the batch succeeds;
-    - `oom_above`: calls with more views than this raise torch.OutOfMemoryError.
+    - `oom_above`: calls with more views than this raise torch.OutOfMemoryError;
+    - `die_if_white`: any all-white view kills the process, every time (a poison image).
     """
 
     def __init__(self, processing_resolution: int = 32, sleep_s: float = 0.0,
                  die_once_marker: str | None = None, die_on_call: int = 1,
-                 oom_above: int | None = None, calls_log: str | None = None):
+                 oom_above: int | None = None, calls_log: str | None = None, die_if_white: bool = False):
         torch.set_num_threads(1)
         self.processing_resolution = processing_resolution
         self.sleep_s = sleep_s
@@ -33,6 +34,7 @@ class FaultyModel:
         self.die_on_call = die_on_call
         self.oom_above = oom_above
         self.calls_log = calls_log
+        self.die_if_white = die_if_white
         self.calls = 0
 
     def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -50,6 +52,8 @@ class FaultyModel:
                 os.write(fd, str(os.getpid()).encode())
                 os.close(fd)
                 os._exit(1)
+        if self.die_if_white and bool((views.flatten(1).amin(dim=1) > 0.99).any()):
+            os._exit(1)
         if self.oom_above is not None and views.shape[0] > self.oom_above:
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory (test double: {views.shape[0]} views > {self.oom_above})")

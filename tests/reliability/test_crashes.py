@@ -18,6 +18,7 @@ import fsspec
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from depthray.pipeline import run_job
 from tests.reliability.conftest import (
@@ -137,6 +138,31 @@ def test_actor_process_dies_mid_batch_and_is_restarted(ray_session, tmp_path, ma
     outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
     assert_exactly_once(expected, outs, errors)
     assert_no_partial_files(fsspec.filesystem("file"), str(tmp_path / "out"))
+
+
+def test_image_that_always_kills_its_process_becomes_an_error(ray_session, tmp_path, make_image):
+    """Ray restarts the actor and retries the batch forever by default; the actor notices a
+    batch whose last attempt died, runs it image by image, and reports the culprit."""
+    expected = write_shards(tmp_path / "in", make_image, shards=2, per=3)
+    white = io.BytesIO()
+    Image.new("RGB", (16, 12), (255, 255, 255)).save(white, format="PNG")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("ok0.jpg", make_image(12, 16, seed=7)), ("poison.png", white.getvalue()),
+                           ("ok1.jpg", make_image(12, 16, seed=8))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "in" / "00002.tar").write_bytes(buf.getvalue())
+    expected["00002"] = {"ok0", "poison", "ok1"}
+    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), double_model(die_if_white=True),
+                     compute={"images_per_batch": 3})
+    summary = run_job(cfg)
+    assert (summary["shards_complete"], summary["shards_unfinished"]) == (3, {}), summary
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
+    assert [(e["source"], e["key"], e["stage"], e["error"]) for e in errors] == [("00002", "poison", "infer", "crashed")]
+    assert "died" in errors[0]["message"]
+    assert_exactly_once(expected, outs, errors)
 
 
 def test_gpu_out_of_memory_falls_back_to_smaller_batches(ray_session, tmp_path, make_image):
