@@ -95,6 +95,7 @@ class StorageConfig:
     region: str | None = None
     anon: bool = False
     retries: int = 5
+    timeout_s: float | None = None  # S3 connect/read timeout per request (None = botocore's 60 s)
 
 
 @dataclass

@@ -36,6 +36,8 @@ def storage_options(url: str, storage: StorageConfig) -> dict[str, Any]:
         # Adaptive mode retries 5xx, throttling and timeouts with backoff.
         "config_kwargs": {"retries": {"max_attempts": max(1, storage.retries), "mode": "adaptive"}},
     }
+    if storage.timeout_s is not None:  # a stalled request times out and is retried
+        opts["config_kwargs"].update(connect_timeout=storage.timeout_s, read_timeout=storage.timeout_s)
     if endpoint:
         opts["endpoint_url"] = endpoint
     if storage.region:

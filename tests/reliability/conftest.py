@@ -13,6 +13,7 @@ import os
 import random
 import tarfile
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -134,6 +135,7 @@ class FaultProxy:
         self.rule: Callable[[str, str], Any] = lambda m, p: None
         self.injected: Counter = Counter()
         self.requests = 0
+        self.slow_s = 4.0  # how late a "slow" answer comes
         self.lock = threading.Lock()
         proxy = self
 
@@ -164,6 +166,14 @@ class FaultProxy:
                     action = proxy.rule(self.command, self.path)
                     if action is not None:
                         proxy.injected[action] += 1
+                if action == "slow":  # answer late: the client times out, retries
+                    time.sleep(proxy.slow_s)
+                    action = None
+                    try:
+                        self._forward(body)
+                    except OSError:  # the client gave up and closed the connection
+                        self.close_connection = True
+                    return
                 if action == "drop":
                     self.close_connection = True
                     self.connection.shutdown(2)
@@ -179,6 +189,9 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
                     return
+                self._forward(body)
+
+            def _forward(self, body: bytes):
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 if body or "content-length" in {k.lower() for k in headers}:

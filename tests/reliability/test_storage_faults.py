@@ -63,15 +63,17 @@ def test_transient_faults_are_retried_exactly_once(secret_ray, s3_bucket, fault_
                                                    caplog):
     fs = fsspec.filesystem("s3")
     expected = make_input(fs, s3_bucket, make_image, make_tar)
-    # 30% of requests fail (503 SlowDown, 500, dropped connection) until 25 faults were served.
-    fault_proxy.flaky(fraction=0.3, budget=25, actions=(503, 500, "drop"), seed=1)
+    # 30% of requests fail (503 SlowDown, 500, dropped connection, an answer 4 s late with a
+    # 2 s client timeout) until 24 faults were served.
+    fault_proxy.flaky(fraction=0.3, budget=24, actions=(503, 500, "drop", "slow"), seed=1)
     out = f"s3://{s3_bucket}/out"
     cfg = job_config(f"s3://{s3_bucket}/in/{{00000..00003}}.tar", out, double_model(),
-                     storage={"endpoint_url": fault_proxy.url, "retries": 8},
+                     storage={"endpoint_url": fault_proxy.url, "retries": 8, "timeout_s": 2.0},
                      output={"rows_per_part": 3})
     with caplog.at_level(logging.INFO):
         summary = run_job(cfg)
-    assert sum(fault_proxy.injected.values()) >= 10, fault_proxy.injected  # faults really happened
+    assert sum(fault_proxy.injected.values()) >= 12, fault_proxy.injected  # faults really happened
+    assert fault_proxy.injected["slow"] >= 1, fault_proxy.injected
     assert (summary["shards_complete"], summary["shards_unfinished"]) == (4, {}), summary
     assert (summary["images"], summary["errors"]) == (16, 0)
     fault_proxy.clear()
