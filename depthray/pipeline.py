@@ -157,8 +157,8 @@ class DepthPredictor:
         inflight = InFlight(self.run_id, todo) if todo else None
         try:
             if inflight is not None and inflight.retried:
-                raise ProcessLookupError(f"attempt {inflight.state['attempt']}: a previous attempt "
-                                         "of this batch killed its worker process")
+                raise WorkerCrashed(f"attempt {inflight.state['attempt']}: a previous attempt "
+                                    "of this batch killed its worker process")
             results = list(zip(todo, self._predict(todo))) if todo else []
         except Exception as e:
             log.warning("batch of %d failed (%s); retrying one image at a time", len(todo), e)
