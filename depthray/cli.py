@@ -101,11 +101,10 @@ def _print_summary(summary: dict) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from depthray.config import load_config
-    from depthray.pipeline import init_ray, run_job
+    from depthray.pipeline import run_job
 
     cfg = load_config(args.config, args.set)
-    init_ray(args.address or cfg.compute.address, num_cpus=args.num_cpus)
-    summary = run_job(cfg)
+    summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
     _print_summary(summary)
     return 1 if summary["shards_unfinished"] else 0
 

@@ -335,11 +335,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(**kwargs)
 
 
-def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
-    """Run (or resume) the job described by `cfg` on the connected Ray; returns the summary.
+def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
+            num_cpus: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the job described by `cfg`; returns the summary.
 
-    Call `init_ray` first (or `ray.init` yourself). Configuration problems raise ConfigError
-    before any worker starts.
+    Uses the connected Ray, or joins `address` / starts a local Ray (`num_cpus`) only once
+    there is work: configuration and storage problems raise ConfigError before Ray starts,
+    and a re-run with every shard complete never starts it.
     """
     run_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
     # 1. Plan: list shards, skip committed ones, clear leftovers of the rest. Storage that
@@ -368,6 +370,7 @@ def run_job(cfg: Config, log_every_s: float = 10.0) -> dict[str, Any]:
     job_error = None
     # 2. Stream the graph; the driver only sees acknowledgements.
     if plan.todo:
+        init_ray(address or cfg.compute.address, num_cpus=num_cpus)
         res = resolve_resources(cfg)
         ds = build_dataset(cfg, plan.todo, res, run_id)
         try:
@@ -420,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.set)
-    init_ray(args.address or cfg.compute.address)
-    summary = run_job(cfg)
+    summary = run_job(cfg, address=args.address)
     print(json.dumps(summary, indent=1, sort_keys=True))
     return 1 if summary["shards_unfinished"] else 0
 
