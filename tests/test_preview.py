@@ -28,7 +28,12 @@ def chromium():
     exe = shutil.which("chromium")
     if exe is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get") \
             and not os.environ.get("DEPTHRAY_NO_APT"):
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=900)
+        for cmd in (["apt-get", "install", "-y", "chromium"], ["apt-get", "update", "-qq"],
+                    ["apt-get", "install", "-y", "chromium"]):  # a fresh machine has no package lists yet
+            done = subprocess.run(cmd, capture_output=True, timeout=900,
+                                  env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            if cmd[1] == "install" and done.returncode == 0:
+                break
         exe = shutil.which("chromium")
     if exe is None:
         pytest.skip("chromium is not on PATH and could not be installed (as root: apt-get install -y "
