@@ -190,6 +190,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set inference.ensemble_size=3 (repeatable; "
+                   "values are YAML: null, true, 0.5, [1, 2])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="depthray",
@@ -225,15 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint: local folder, hub id or s3:// URL (sets model.path)")
     p.add_argument("--tiny", action="store_true",
                    help="use the built-in random-weight tiny model (offline; meaningless depth)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set inference.ensemble_size=3 (repeatable)")
+    _add_set_option(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("run", help="run (or resume) a depth job on local Ray or a cluster",
                        description="Run the job a YAML config describes. Shards whose manifest "
                        "says complete are skipped, so re-running resumes.")
     p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    _add_set_option(p)
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_cmd_run)
@@ -249,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate the config locally, then submit it through the Ray Job "
                        "API with the local depthray code in the runtime env; streams logs until done.")
     p.add_argument("config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    _add_set_option(p)
     p.add_argument("--address", help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p.add_argument("--no-ship-code", action="store_true", help="use the depthray installed on the cluster")
@@ -303,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", action="append", metavar="WxH", help="an image size, e.g. 4000x3000 (repeatable)")
     p.add_argument("--count", type=int, default=1, help="images of each --size (default 1)")
     p.add_argument("--images", action="append", metavar="GLOB", help="local image files to read sizes from")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    _add_set_option(p)
     p.add_argument("--processing-resolution", type=int,
                    help="model resolution (default: model.processing_resolution, checkpoint, 768)")
     p.add_argument("--steps", type=int, help="denoising steps (default: inference.num_inference_steps, "

@@ -67,18 +67,6 @@ def odd_images() -> dict[str, tuple[bytes, str, tuple]]:
     }
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def parquet_bytes(table: pa.Table) -> bytes:
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
@@ -89,7 +77,7 @@ PATH_KEYS = ["../../etc/x", "/abs/path", "a/b", "a_b", "ünïcødé/ключ 图
 
 
 @pytest.fixture(scope="module")
-def odd_job(ray_session, tmp_path_factory, tiny_model_dir):
+def odd_job(ray_session, tmp_path_factory, tiny_model_dir, make_tar):
     root = tmp_path_factory.mktemp("odd")
     inp, out = root / "in", root / "out"
     inp.mkdir()
@@ -101,9 +89,9 @@ def odd_job(ray_session, tmp_path_factory, tiny_model_dir):
                 ("dup.jpg", enc(rgb(16, 16), "JPEG")),
                 ("split.jpg", enc(rgb(16, 20), "JPEG")), ("other.jpg", enc(rgb(16, 16), "JPEG")),
                 ("split.json", b"{}")]
-    (inp / "odd.tar").write_bytes(tar_bytes(members))
+    (inp / "odd.tar").write_bytes(make_tar(members))
     first = enc(rgb(16, 16), "JPEG")
-    good = tar_bytes([("t0.jpg", first)] + [(f"t{i}.jpg", enc(rgb(16, 16), "JPEG")) for i in (1, 2)])
+    good = make_tar([("t0.jpg", first)] + [(f"t{i}.jpg", enc(rgb(16, 16), "JPEG")) for i in (1, 2)])
     cut = 512 + -(-len(first) // 512) * 512 + 512 + 100  # t0 whole, t1's header, part of t1
     (inp / "truncated.tar").write_bytes(good[:cut])
     (inp / "unreadable.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
@@ -192,10 +180,10 @@ def test_exactly_once_and_no_partial_files(odd_job):
     assert s["images"] + s["errors"] == sum(len(v) for v in expected.values())
 
 
-def test_rerun_retries_only_the_missing_shard(odd_job, make_image):
+def test_rerun_retries_only_the_missing_shard(odd_job, make_image, make_tar):
     """The missing shard appears; the same command finishes it and touches nothing else."""
     inp = odd_job["root"] / "in"
-    (inp / "missing.tar").write_bytes(tar_bytes([("m0.jpg", make_image(16, 16)), ("m1.jpg", make_image(16, 24))]))
+    (inp / "missing.tar").write_bytes(make_tar([("m0.jpg", make_image(16, 16)), ("m1.jpg", make_image(16, 24))]))
     again = run_job(odd_job["cfg"])
     assert (again["shards_skipped"], again["shards_complete"], again["shards_unfinished"]) == (4, 1, {})
     outs, errors = read_outputs(odd_job["fs"], str(odd_job["out"]), "webdataset")
