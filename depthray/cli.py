@@ -24,18 +24,6 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_image(path: str):
-    """Image file -> numpy array as displayed (EXIF orientation applied)."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return np.asarray(im).astype(np.uint16)
-        return np.asarray(im.convert("RGB"))
-
-
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -44,6 +32,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from depthray.config import load_config
+    from depthray.io.decode import DecodeError, decode_image
     from depthray.models.loading import load_model
     from depthray.models.tiny import ensure_tiny_model
     from depthray.predict import predict_images
@@ -65,10 +54,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for start in range(0, len(args.images), chunk):
             paths, images = [], []
             for p in args.images[start : start + chunk]:
-                try:
-                    images.append(_read_image(p))
+                try:  # decoded exactly as the job decodes (EXIF, modes, size limits)
+                    images.append(decode_image(Path(p).read_bytes(), cfg.input.max_pixels, cfg.input.min_side)[0])
                     paths.append(p)
-                except (OSError, ValueError) as e:  # unreadable file: report, keep going
+                except (OSError, DecodeError) as e:  # unreadable file: report, keep going
                     failed += 1
                     tqdm.write(f"skipped {p}: {type(e).__name__}: {e}")
                     bar.update(1)
@@ -76,10 +65,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 stem = Path(p).stem
                 depth16 = np.round(res.depth * 65535).astype(np.uint16)
                 Image.fromarray(depth16).save(out / f"{stem}.depth.png")
-                rgb = img if img.ndim == 3 else np.repeat((img / max(img.max(), 1) * 255).astype(np.uint8)[..., None], 3, 2)
-                if rgb.dtype != np.uint8:
-                    rgb = (rgb / 257).astype(np.uint8)
-                Image.fromarray(side_by_side(rgb[..., :3], colorize(res.depth))).save(out / f"{stem}.preview.png")
+                Image.fromarray(side_by_side(img, colorize(res.depth))).save(out / f"{stem}.preview.png")
                 bar.update(1)
     print(f"wrote {len(args.images) - failed} depth maps to {out}/ "
           "({stem}.depth.png: 16-bit, depth*65535, 0 = near; {stem}.preview.png: input | depth)")
