@@ -153,9 +153,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from depthray.config import load_config
-    from depthray.plan import format_plans, image_sizes, plan_image
+    from depthray.plan import format_plans, image_sizes, measure_seconds_per_evaluation, plan_image
 
     cfg = load_config(args.config, args.set, require_io=False)
+    if args.measure:
+        if args.processing_resolution:
+            cfg.model.processing_resolution = args.processing_resolution
+        if args.steps:
+            cfg.inference.num_inference_steps = args.steps
+        args.seconds_per_evaluation = measure_seconds_per_evaluation(cfg)
+        print(f"measured {args.seconds_per_evaluation:.4g} s per evaluation (view x member x step, "
+              f"VAE included) at batch {cfg.inference.batch_size} on this machine")
     sizes: list[tuple[int, int]] = []
     for text in args.size or []:
         try:
@@ -301,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint, 1)")
     p.add_argument("--seconds-per-evaluation", type=float,
                    help="measured seconds for one UNet step on one view (enables the GPU-time estimate)")
+    p.add_argument("--measure", action="store_true",
+                   help="load the configured model and time it on this machine's device to get "
+                   "--seconds-per-evaluation (run it on a GPU node of the kind the job will use)")
     p.set_defaults(func=_cmd_plan)
 
     return parser

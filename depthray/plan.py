@@ -139,7 +139,41 @@ def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: flo
         lines.append(f"total: {tot_images} image(s), {tot_views} views, {tot_evals} model evaluations")
         if seconds_per_evaluation is not None:
             lines.append(f"estimated GPU time: {tot_seconds:.1f} s = {tot_seconds / 3600:.2f} GPU-hours "
-                         f"at {seconds_per_evaluation:g} s/evaluation (UNet only; VAE and I/O extra)")
+                         f"at {seconds_per_evaluation:g} s/evaluation (VAE work counts only if the figure was measured with --measure; I/O extra)")
         else:
             lines.append("pass --seconds-per-evaluation (measured on your GPU) for a GPU-time estimate")
     return "\n".join(lines)
+
+
+def measure_seconds_per_evaluation(cfg: Config, repeats: int = 2) -> float:
+    """Time the configured model here: seconds per (view x member x step), VAE work included.
+
+    Runs `inference.batch_size` views of a 4:3 image at the processing resolution through
+    the model (after one untimed warm-up call) and divides the best wall time by
+    batch x steps. On the GPU a job will use, this is the number `plan` wants.
+    """
+    import time
+
+    import torch
+
+    from depthray.models.base import denoising_steps
+    from depthray.models.loading import load_model
+
+    model = load_model(cfg.model)
+    res = int(model.processing_resolution)
+    b = cfg.inference.batch_size
+    views = torch.rand(b, 3, max(8, res * 3 // 4), res, generator=torch.Generator().manual_seed(0))
+    with denoising_steps(model, cfg.inference.num_inference_steps):
+        steps = int(getattr(model, "num_inference_steps", 1))
+        clear = getattr(model, "clear_cache", None)
+        model(views, list(range(b)))  # warm-up: kernels, allocator, lazy init
+        best = float("inf")
+        for r in range(repeats):
+            if clear:
+                clear()  # encode every view, as a job does for new images
+            t0 = time.perf_counter()
+            model(views, [b * (r + 1) + i for i in range(b)])
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return best / (b * steps)

@@ -100,3 +100,21 @@ def test_plan_cli_rejects_bad_input(capsys):
     assert main(["plan"]) == 2
     assert main(["plan", "--size", "100x100", "--set", "inference.tiling.fusion=magic"]) == 2
     assert "fusion" in capsys.readouterr().err
+
+
+def test_plan_measures_seconds_per_evaluation_with_the_real_model(tiny_model_dir):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "depthray.cli", "plan", "--size", "200x150", "--measure",
+         "--set", f"model.path={tiny_model_dir}", "--set", "model.processing_resolution=64",
+         "--set", "inference.batch_size=2", "--set", "inference.ensemble_size=2", "--steps", "2"],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    measured = float(out.stdout.split("measured ")[1].split(" s per evaluation")[0])
+    assert 0 < measured < 5
+    row = next(line for line in out.stdout.splitlines() if line.strip().startswith("200x150"))
+    views, members, evals, gpu = row.split()[-4:]
+    assert int(evals) == int(views) * 2 * 2
+    assert float(gpu) == pytest.approx(int(evals) * measured, rel=0.05)
