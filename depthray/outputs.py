@@ -26,9 +26,10 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from depthray.io.codecs import decode_uncertainty_png16
+
 log = logging.getLogger(__name__)
 
-SCALE_KEY = "depthray_uncertainty_scale"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Folder files named {key}.{role}.{ext}; roles that are not the depth map itself.
 _SIDE_ROLES = ("uncertainty", "preview", "mask", "valid", "image")
@@ -90,14 +91,6 @@ def decode_depth(data: bytes) -> np.ndarray:
     return arr.astype(np.float32) / full
 
 
-def decode_uncertainty(data: bytes, scale: float | None = None) -> np.ndarray:
-    """16-bit uncertainty PNG -> float32 [H,W]; scale from the argument or the PNG's text."""
-    img = Image.open(io.BytesIO(data))
-    if scale is None:
-        scale = float(getattr(img, "text", {}).get(SCALE_KEY, "1.0"))
-    return np.asarray(img, dtype=np.float32) / 65535.0 * float(scale)
-
-
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image -> uint8 [H,W,3]."""
     with Image.open(io.BytesIO(data)) as im:
@@ -153,7 +146,7 @@ def _record(key: str, row: dict, with_uncertainty: bool) -> OutputRecord:
     mean = row.get("uncertainty_mean")
     # Folders store no mean: decode the map for it even when the map itself is not wanted.
     if row.get("uncertainty") and (with_uncertainty or mean is None):
-        unc = decode_uncertainty(row["uncertainty"], row.get("uncertainty_scale"))
+        unc = decode_uncertainty_png16(row["uncertainty"], row.get("uncertainty_scale"))
         mean = float(unc.mean()) if mean is None else mean
         unc = unc if with_uncertainty else None
     image = decode_image(row["image"]) if row.get("image") else None

@@ -49,10 +49,12 @@ def encode_uncertainty_png16(unc: np.ndarray) -> tuple[bytes, float]:
     return _png16(unc / scale, {SCALE_KEY: repr(scale)}), scale
 
 
-def decode_uncertainty_png16(data: bytes) -> np.ndarray:
+def decode_uncertainty_png16(data: bytes, scale: float | None = None) -> np.ndarray:
+    """16-bit uncertainty PNG -> float32 [H,W]; scale from the argument, else the PNG's text."""
     img = Image.open(io.BytesIO(data))
-    scale = float(img.text.get(SCALE_KEY, "1.0"))
-    return np.asarray(img, dtype=np.float32) / 65535.0 * scale
+    if scale is None:
+        scale = float(getattr(img, "text", {}).get(SCALE_KEY, "1.0"))
+    return np.asarray(img, dtype=np.float32) / 65535.0 * float(scale)
 
 
 def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:

@@ -25,6 +25,7 @@ _COMPLETE = ".depthray-complete"
 
 
 def default_cache_dir() -> Path:
+    """$DEPTHRAY_CACHE, else ~/.cache/depthray: remote checkpoints, built tiny models."""
     root = os.environ.get("DEPTHRAY_CACHE") or os.path.join(Path.home(), ".cache", "depthray")
     return Path(root)
 

@@ -242,8 +242,9 @@ def build_tiny_vae_decoder(out_dir: str | os.PathLike, preset: str = "tiny", see
 
 
 def default_tiny_model_dir() -> Path:
-    root = os.environ.get("DEPTHRAY_CACHE") or os.path.join(Path.home(), ".cache", "depthray")
-    return Path(root) / "models" / "tiny-marigold"
+    from depthray.models.loading import default_cache_dir
+
+    return default_cache_dir() / "models" / "tiny-marigold"
 
 
 def ensure_tiny_model(path: str | os.PathLike | None = None) -> Path:

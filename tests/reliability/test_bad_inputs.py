@@ -5,7 +5,6 @@ random-weight Marigold): every key is either written with the right size or reco
 from __future__ import annotations
 
 import io
-import json
 
 import fsspec
 import numpy as np
