@@ -77,9 +77,11 @@ def _views(images: list[np.ndarray], model, device: str = "cpu") -> torch.Tensor
 
 
 # ------------------------------------------------------------------------- 1. vs diffusers
-def engine_vs_diffusers(model, pipe, images, s: EngineSettings) -> dict:
+def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None) -> dict:
     """Images/s of predict_images vs the diffusers pipeline, one call per image (its API
-    takes one image, or a batch of equal-sized ones), same members, steps, batch size."""
+    takes one image, or a batch of equal-sized ones), same members, steps, batch size.
+    With `compiled` (the same engine after model.compile()), it runs as a third contender
+    in the same rounds; its first call (the compilation) is timed separately."""
     from PIL import Image
 
     from depthray.predict import predict_images
@@ -93,14 +95,29 @@ def engine_vs_diffusers(model, pipe, images, s: EngineSettings) -> dict:
                  num_inference_steps=s.steps, batch_size=s.batch_size, output_uncertainty=True,
                  generator=torch.Generator(device=gen_device).manual_seed(i))
 
-    def depthray_run():
-        model.clear_cache()  # diffusers re-encodes every call; so must we
-        predict_images(images, model, s.inference())
+    def engine_run(m):
+        def run():
+            m.clear_cache()  # diffusers re-encodes every call; so must we
+            predict_images(images, m, s.inference())
+        return run
 
-    t = interleave({"depthray": depthray_run, "diffusers": diffusers_run}, s.rounds, s.device)
-    ours, theirs = len(images) / median(t["depthray"]), len(images) / median(t["diffusers"])
-    return {"depthray_images_per_s": ours, "diffusers_images_per_s": theirs,
-            "ratio": ours / theirs, "times_s": t}
+    contenders = {"depthray": engine_run(model), "diffusers": diffusers_run}
+    out: dict = {}
+    if compiled is not None:
+        contenders["depthray_compiled"] = engine_run(compiled)
+        sync(s.device)
+        t0 = time.perf_counter()
+        contenders["depthray_compiled"]()  # compiles for these shapes
+        sync(s.device)
+        out["compile_first_call_s"] = time.perf_counter() - t0
+    t = interleave(contenders, s.rounds, s.device)
+    ips = {name: len(images) / median(times) for name, times in t.items()}
+    out.update(depthray_images_per_s=ips["depthray"], diffusers_images_per_s=ips["diffusers"],
+               ratio=ips["depthray"] / ips["diffusers"], times_s=t)
+    if compiled is not None:
+        out.update(compiled_images_per_s=ips["depthray_compiled"],
+                   ratio_compiled=ips["depthray_compiled"] / ips["diffusers"])
+    return out
 
 
 # ------------------------------------------------------------------------- 2. ablations
@@ -262,15 +279,9 @@ def channels_last_effect(folder, model, images, s: EngineSettings) -> dict:
     return {"speedup": median(t["contiguous"]) / median(t["channels_last"]), "times_s": t}
 
 
-def compile_effect(folder, model, images, s: EngineSettings) -> dict:
-    """torch.compile'd UNet vs eager; compile time (first call) reported separately."""
-    compiled = load_engine(folder, s, compile=True)
+def compile_effect(compiled, model, images, s: EngineSettings) -> dict:
+    """The compiled engine vs the eager one on one full batch of members (same weights)."""
     run_c, run_e = _model_batch(compiled, images, s), _model_batch(model, images, s)
-    t0 = time.perf_counter()
-    run_c()
-    sync(s.device)
-    compile_s = time.perf_counter() - t0
     t = interleave({"compiled": run_c, "eager": run_e}, s.rounds, s.device)
-    del compiled
-    torch.cuda.empty_cache()
-    return {"speedup": median(t["eager"]) / median(t["compiled"]), "compile_s": compile_s, "times_s": t}
+    return {"speedup": median(t["eager"]) / median(t["compiled"]),
+            "mean_abs_diff": float((run_c() - run_e()).abs().mean()), "times_s": t}

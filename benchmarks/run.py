@@ -6,7 +6,7 @@ Sections (each contender pair runs interleaved in this process, warm-up excluded
  1. engine vs diffusers' MarigoldDepthPipeline: same weights, images, members, steps,
     resolution, dtype, device and batch size;
  2. what each engine feature buys: batching across images, encode-once, closed-form
-    ensembling, tiny VAE decoder; on CUDA also bf16, channels_last, torch.compile;
+    ensembling, tiny VAE decoder, torch.compile (not in smoke mode); on CUDA also bf16, channels_last;
  3. UNet FLOPs per call, achieved TFLOP/s and (CUDA) the fraction of the GPU's bf16 peak;
  4. the Ray job vs a plain loop over the same stages (steady state), start-up, and peak
     memory on 10x the images vs 1x;
@@ -40,12 +40,12 @@ def presets(mode: str, device: str, dtype: str) -> dict:
     cuda = device.startswith("cuda")
     if mode == "smoke":
         eng = EngineSettings(device, dtype, resolution=64, ensemble_size=3, steps=1, batch_size=6, rounds=1)
-        return dict(images=1, image_size=(48, 64), engine=eng, ablation_rounds=1,
+        return dict(images=1, image_size=(48, 64), engine=eng, ablation_rounds=1, compile=False,
                     job=JobSettings(1, 2, (40, 56), 32, 2, 2, device),
                     tiles=TileSettings(((96, 128), (192, 256)), 48, 2, 8, 1, device))
     if mode == "quick":
         eng = EngineSettings(device, dtype, resolution=384, ensemble_size=4, steps=4, batch_size=8, rounds=3)
-        return dict(images=2, image_size=(480, 640), engine=eng, ablation_rounds=3,
+        return dict(images=2, image_size=(480, 640), engine=eng, ablation_rounds=3, compile=True,
                     job=JobSettings(1, 10, (240, 320), 256, 2, 4, device),
                     tiles=TileSettings(((384, 512), (768, 1024)), 256, 2, 8, 1, device))
     eng = EngineSettings(device, dtype, resolution=768, ensemble_size=4, steps=4,
@@ -53,7 +53,7 @@ def presets(mode: str, device: str, dtype: str) -> dict:
     job = JobSettings(4, 8, (480, 640), 768, 4, 8, device) if cuda else JobSettings(1, 10, (480, 640), 384, 4, 4, device)
     tiles = TileSettings(((1536, 2048), (3072, 4096)), 768, 4, 16, 3, device) if cuda else \
         TileSettings(((768, 1024), (1536, 2048)), 384, 4, 8, 1, device)
-    return dict(images=8 if cuda else 2, image_size=(480, 640), engine=eng, ablation_rounds=eng.rounds,
+    return dict(images=8 if cuda else 2, image_size=(480, 640), engine=eng, ablation_rounds=eng.rounds, compile=True,
                 job=job, tiles=tiles)
 
 
@@ -64,15 +64,25 @@ def engine_sections(args, folder: Path, p: dict, table: list) -> dict:
     images = _common.scene_images(p["images"], *p["image_size"])
     model = _engine.load_engine(folder, s)
     pipe = _engine.load_diffusers(folder, s)
+    compiled = None
+    if p["compile"] and not args.no_compile:
+        compiled = _engine.load_engine(folder, s)
+        compiled.compile()
     out: dict = {}
 
-    # 1. depthray engine vs diffusers
-    r = _engine.engine_vs_diffusers(model, pipe, images, s)
+    # 1. depthray engine vs diffusers (and the compiled engine, in the same rounds)
+    r = _engine.engine_vs_diffusers(model, pipe, images, s, compiled)
     out["engine_vs_diffusers"] = r["ratio"]
-    out["engine"] = {k: v for k, v in r.items() if k != "ratio"}
+    out["engine_vs_diffusers_compiled"] = r.get("ratio_compiled")
+    out["engine"] = {k: v for k, v in r.items() if k not in ("ratio", "ratio_compiled")}
+    sizes = f"{p['images']} images {p['image_size'][1]}x{p['image_size'][0]}"
     table += [("engine", "depthray images/s", f"{r['depthray_images_per_s']:.3f}", _common.spread(r["times_s"]["depthray"]) + " s/run"),
               ("engine", "diffusers images/s", f"{r['diffusers_images_per_s']:.3f}", _common.spread(r["times_s"]["diffusers"]) + " s/run"),
-              ("engine", "engine_vs_diffusers", f"{r['ratio']:.2f}x", f"{p['images']} images {p['image_size'][1]}x{p['image_size'][0]}")]
+              ("engine", "engine_vs_diffusers", f"{r['ratio']:.2f}x", f"{sizes}; default engine (eager)")]
+    if compiled is not None:
+        table += [("engine", "compiled images/s", f"{r['compiled_images_per_s']:.3f}",
+                   _common.spread(r["times_s"]["depthray_compiled"]) + f" s/run; first call {r['compile_first_call_s']:.0f} s"),
+                  ("engine", "engine_vs_diffusers_compiled", f"{r['ratio_compiled']:.2f}x", f"{sizes}; model.compile: true")]
 
     # 2. ablations
     abl: dict = {}
@@ -83,9 +93,9 @@ def engine_sections(args, folder: Path, p: dict, table: list) -> dict:
     if args.device.startswith("cuda"):
         abl["bf16_vs_fp32"] = _engine.dtype_effect(folder, model, images, ab) if s.dtype != "float32" else None
         abl["channels_last"] = _engine.channels_last_effect(folder, model, images, ab)
-        abl["torch_compile"] = _engine.compile_effect(folder, model, images, ab)
     else:
-        abl.update(bf16_vs_fp32=None, channels_last=None, torch_compile=None)
+        abl.update(bf16_vs_fp32=None, channels_last=None)
+    abl["torch_compile"] = _engine.compile_effect(compiled, model, images, ab) if compiled is not None else None
     notes = {"batching_across_images": "per-image calls / one call for all images",
              "encode_once": f"{s.ensemble_size} members: encode each / encode once",
              "closed_form_ensembling": "diffusers scipy BFGS / closed form",
@@ -94,7 +104,8 @@ def engine_sections(args, folder: Path, p: dict, table: list) -> dict:
              "torch_compile": "eager / compiled"}
     for name, r in abl.items():
         if r is None:
-            table.append(("ablation", name, "n/a", "CUDA only" if not args.device.startswith("cuda") else "skipped"))
+            why = "not in smoke mode / --no-compile" if name == "torch_compile" else "CUDA only"
+            table.append(("ablation", name, "n/a", why))
             continue
         extra = f"; mean |diff| {r['mean_abs_diff']:.4f}" if "mean_abs_diff" in r else ""
         extra += f"; compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
@@ -109,7 +120,7 @@ def engine_sections(args, folder: Path, p: dict, table: list) -> dict:
               ("unet", "achieved TFLOP/s", f"{u['achieved_tflops']:.3f}", f"{u['device_name']}; {peak}")]
     if args.device.startswith("cuda"):
         out["gpu_throughput"] = gpu_throughput(model, images, s, table)
-    del model, pipe
+    del model, pipe, compiled
     return out
 
 
@@ -148,7 +159,8 @@ def job_section(args, folder: Path, p: dict, table: list) -> dict:
               ("job", "pipeline_vs_engine", f"{r['pipeline_vs_engine']:.2f}x", "steady state: (10x-1x) images / (10x-1x) s"),
               ("job", "start-up", f"{r['ray_startup_s']['ray_init']:.1f} s + {r['ray_startup_s']['job_fixed']:.1f} s",
                "ray.init + fixed job cost (actor, model load, fill/drain)"),
-              ("job", "actor busy fraction", f"{r['actor_busy_fraction_10x']:.2f}", "infer seconds / wall, 10x run"),
+              ("job", "actor busy fraction", f"{r['actor_busy_fraction_10x']:.2f} / {r['actor_busy_fraction_steady']:.2f}",
+               "infer seconds / wall: whole 10x run / steady state (10x-1x)"),
               ("job", "rss_growth", f"{r['rss_growth']:.2f}", f"peak PSS {r['peak_pss_mb']['1x']:.0f} -> {r['peak_pss_mb']['10x']:.0f} MB")]
     return r
 
@@ -193,6 +205,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="tiny", help="tiny | sd2-random | a diffusers Marigold folder")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--vae-decoder", default=None, help="AutoencoderTiny folder (default: random TAESD)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="leave out the torch.compile'd engine (compiling takes ~1-2 min on a 2-core CPU)")
     ap.add_argument("--skip", action="append", default=[], choices=("engine", "job", "tiling"))
     return ap.parse_args(argv)
 
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = _common.model_dir(args.model)
     t0, load0 = time.time(), _common.load_average()
     table: list = []
-    result: dict = {"engine_vs_diffusers": None, "pipeline_vs_engine": None, "rss_growth": None,
+    result: dict = {"engine_vs_diffusers": None, "engine_vs_diffusers_compiled": None, "pipeline_vs_engine": None, "rss_growth": None,
                     "tiled_cost_per_megapixel": None}
     missing: list[str] = []
 

@@ -55,7 +55,7 @@ class ModelConfig:
     processing_resolution: int | None = None  # None = checkpoint default
     cache_dir: str | None = None  # where remote checkpoints are copied (default ~/.cache/depthray)
     vae_decoder: str | None = None  # optional AutoencoderTiny folder/hub id for fast decoding
-    compile: bool = False  # torch.compile the UNet (GPU only; slow first batch)
+    compile: bool = False  # torch.compile UNet + VAE: faster steady state, ~1 min compile per actor
     factory: str | None = None  # "pkg.module:callable" returning any depth model
     options: dict = field(default_factory=dict)  # keyword arguments for the factory
 
@@ -87,6 +87,10 @@ class ComputeConfig:
     num_cpus_per_actor: float = 1.0
     images_per_batch: int = 4  # images handed to an inference actor at once
     read_parallelism: int | None = None  # concurrent shard readers; None = Ray decides
+    # A model call running longer than this is taken for a hang (a wedged GPU, a deadlocked
+    # plug-in): the actor ends its process, Ray restarts it, and an image that hangs again on
+    # its own becomes an error. None = 1800 s on GPU actors, off on CPU; 0 = off.
+    batch_timeout_s: float | None = None
 
 
 @dataclass
@@ -226,6 +230,8 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("model.processing_resolution: must be >= 8 or null")
     if cfg.model.factory is not None and ":" not in cfg.model.factory:
         errors.append(f"model.factory: expected 'package.module:callable', got {cfg.model.factory!r}")
+    if cfg.compute.batch_timeout_s is not None and cfg.compute.batch_timeout_s < 0:
+        errors.append("compute.batch_timeout_s: must be >= 0 (0 = off) or null (auto)")
     if cfg.output.rows_per_part < 1:
         errors.append("output.rows_per_part: must be >= 1")
     if require_io:

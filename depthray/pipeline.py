@@ -62,6 +62,13 @@ class WorkerCrashed(Exception):
     """An image whose prediction killed the worker process on every attempt."""
 
 
+class WorkerHung(WorkerCrashed):
+    """An image whose prediction ran past compute.batch_timeout_s on every attempt."""
+
+
+DEFAULT_GPU_BATCH_TIMEOUT_S = 1800.0
+
+
 class InFlight:
     """Node-local note of the batch an actor is working on, so the restarted actor that Ray
     hands the same batch again can tell the last attempt killed its process (segfault,
@@ -69,7 +76,8 @@ class InFlight:
 
     attempt 1: whole batch; dies -> attempt 2: one image at a time, the current key noted
     before each; dies -> attempt 3: the noted key is an error ("crashed"), the rest run.
-    Without this an image that always kills the process would be retried forever.
+    Without this an image that always kills the process would be retried forever. A hang
+    takes the same path: the watchdog notes it (`mark_hung`) and ends the process.
     """
 
     def __init__(self, run_id: str, rows: list[dict]):
@@ -83,19 +91,32 @@ class InFlight:
             with open(self.path) as f:
                 self.state = json.load(f)
         except (OSError, ValueError):
-            self.state = {"attempt": 0, "current": None, "crashed": []}
+            self.state = {"attempt": 0, "current": None, "crashed": [], "hung": [], "hanging": False}
         self.state["attempt"] += 1
         if self.state["current"] is not None:  # the last attempt died on this image
             self.state["crashed"].append(self.state["current"])
+            if self.state.get("hanging"):
+                self.state.setdefault("hung", []).append(self.state["current"])
             self.state["current"] = None
+        self.state["hanging"] = False
         self.save()
 
     @property
     def retried(self) -> bool:
         return self.state["attempt"] > 1
 
-    def crashed(self, row: dict) -> bool:
-        return row["key"] in self.state["crashed"]
+    def crashed(self, row: dict) -> WorkerCrashed | None:
+        """Why `row` must not run again (it killed or hung its worker twice), else None."""
+        if row["key"] not in self.state["crashed"]:
+            return None
+        if row["key"] in self.state.get("hung", []):
+            return WorkerHung("prediction ran past compute.batch_timeout_s twice (the model call "
+                              "hung; its worker was restarted); skipped")
+        return WorkerCrashed("the worker process died while predicting this image, twice; skipped")
+
+    def mark_hung(self) -> None:
+        self.state["hanging"] = True
+        self.save()
 
     def working_on(self, row: dict | None) -> None:
         self.state["current"] = row["key"] if row else None
@@ -123,13 +144,41 @@ class DepthPredictor:
     killed the actor's process is also run one image at a time (see InFlight).
     """
 
-    def __init__(self, model_spec: dict, inference: Any, storage: Any, run_id: str = ""):
+    def __init__(self, model_spec: dict, inference: Any, storage: Any, run_id: str = "",
+                 timeout_s: float | None = None):
         from depthray.io.fs import storage_options
         from depthray.models.loading import load_model
 
         self.model = load_model(model_spec, storage_options(model_spec["path"], storage))
         self.inference = inference
         self.run_id = run_id
+        if timeout_s is None:
+            on_gpu = getattr(getattr(self.model, "device", None), "type", "cpu") == "cuda"
+            timeout_s = DEFAULT_GPU_BATCH_TIMEOUT_S if on_gpu else 0.0
+        self.timeout_s = float(timeout_s)
+
+    def _predict_watched(self, rows: list[dict], inflight: InFlight | None) -> list:
+        """_predict under a watchdog: past timeout_s the call is taken for a hang, and the
+        process ends (a thread cannot interrupt a CUDA or C call), so Ray restarts the actor
+        and the retry runs image by image (see InFlight)."""
+        if not self.timeout_s:
+            return self._predict(rows)
+        import threading
+
+        def hung() -> None:
+            log.error("a model call on %d image(s) ran past compute.batch_timeout_s=%g s; "
+                      "ending this worker so Ray restarts it", len(rows), self.timeout_s)
+            if inflight is not None:
+                inflight.mark_hung()
+            os._exit(3)
+
+        timer = threading.Timer(self.timeout_s, hung)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._predict(rows)
+        finally:
+            timer.cancel()
 
     def _predict(self, rows: list[dict]) -> list:
         """Depth for `rows`; on GPU out-of-memory, retry with half the views per model call
@@ -159,19 +208,19 @@ class DepthPredictor:
             if inflight is not None and inflight.retried:
                 raise WorkerCrashed(f"attempt {inflight.state['attempt']}: a previous attempt "
                                     "of this batch killed its worker process")
-            results = list(zip(todo, self._predict(todo))) if todo else []
+            results = list(zip(todo, self._predict_watched(todo, inflight))) if todo else []
         except Exception as e:
             log.warning("batch of %d failed (%s); retrying one image at a time", len(todo), e)
             results = []
             for r in todo:
-                if inflight is not None and inflight.crashed(r):
-                    results.append((r, WorkerCrashed("the worker process died while predicting this "
-                                                     "image, twice; skipped")))
+                skip = inflight.crashed(r) if inflight is not None else None
+                if skip is not None:
+                    results.append((r, skip))
                     continue
                 if inflight is not None and inflight.retried:
                     inflight.working_on(r)
                 try:
-                    results.append((r, self._predict([r])[0]))
+                    results.append((r, self._predict_watched([r], inflight)[0]))
                 except Exception as e1:
                     results.append((r, e1))
         if inflight is not None:
@@ -180,7 +229,8 @@ class DepthPredictor:
         out = [r for r in rows if records.is_trailer(r) or r.get("error") is not None]
         for r, res in results:
             if isinstance(res, Exception):
-                reason = "crashed" if isinstance(res, WorkerCrashed) else "infer"
+                reason = ("timeout" if isinstance(res, WorkerHung)
+                          else "crashed" if isinstance(res, WorkerCrashed) else "infer")
                 out.append(records.error_row(r, "infer", reason, f"{type(res).__name__}: {res}"))
                 continue
             r.update(depth_f32=res.depth.astype(np.float32).tobytes(),
@@ -245,7 +295,8 @@ def build_dataset(cfg: Config, shards: list, res: Resources, run_id: str = ""):
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         fn_constructor_kwargs={"model_spec": dataclasses.asdict(cfg.model), "inference": cfg.inference,
-                               "storage": cfg.storage, "run_id": run_id},
+                               "storage": cfg.storage, "run_id": run_id,
+                               "timeout_s": cfg.compute.batch_timeout_s},
     )
     ds = ds.map_batches(encode_batch, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"quality": cfg.quality})

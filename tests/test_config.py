@@ -31,6 +31,9 @@ def test_choices_and_ranges():
         config_from_dict({"inference": {"ensemble_size": 0}})
     with pytest.raises(ConfigError, match="input.url: required"):
         config_from_dict({}, require_io=True)
+    with pytest.raises(ConfigError, match="compute.batch_timeout_s: must be >= 0"):
+        config_from_dict({"compute": {"batch_timeout_s": -1}})
+    assert config_from_dict({"compute": {"batch_timeout_s": 0}}).compute.batch_timeout_s == 0
 
 
 def test_yaml_file_and_overrides(tmp_path):

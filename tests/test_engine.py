@@ -204,3 +204,28 @@ def test_lcm_checkpoint_runs_one_step_by_default(tmp_path):
     m.num_inference_steps = 2  # multi-step LCM injects noise: still deterministic per seed
     a = m(v, [1, 2])
     torch.testing.assert_close(m(v[1:], [2])[0], a[1], atol=1e-5, rtol=1e-5)
+
+
+def test_compile_keeps_results_and_handles_new_shapes(tiny_model_dir):
+    """model.compile() traces UNet and VAE; results equal eager, and after a second aspect
+    ratio one shape-generic graph serves further sizes (no recompile per image size).
+    aot_eager runs dynamo's tracing and guards without inductor's C++ build (minutes here)."""
+    from torch._dynamo.utils import counters
+
+    cfg = {"kind": "marigold", "path": str(tiny_model_dir), "processing_resolution": RES}
+    eager, compiled = depthray.load_model(cfg), depthray.load_model(cfg)
+    torch._dynamo.reset()
+    compiled.compile(backend="aot_eager")
+    assert compiled.compiled and type(compiled.unet).__name__ == "OptimizedModule"
+    assert type(compiled.vae.decoder).__name__ == "OptimizedModule"
+
+    for size in [(48, 64), (64, 40)]:
+        v = _views(2, *size)
+        torch.testing.assert_close(compiled(v, [1, 2]), eager(v, [1, 2]), atol=1e-5, rtol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    # A third size with the second's latent parity (8x3 vs 8x5; the UNet branches on
+    # divisibility by its up-sampling factor, so parity classes get a graph each).
+    v = _views(2, 64, 24)
+    torch.testing.assert_close(compiled(v, [3, 4]), eager(v, [3, 4]), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs

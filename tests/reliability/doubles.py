@@ -21,12 +21,14 @@ class FaultyModel:
       kills its process (os._exit, like a segfault or the OOM killer) and leaves the marker,
       so the restarted actor's retry of the batch succeeds;
     - `oom_above`: calls with more views than this raise torch.OutOfMemoryError;
-    - `die_if_white`: any all-white view kills the process, every time (a poison image).
+    - `die_if_white`: any all-white view kills the process, every time (a poison image);
+    - `hang_if_white`: any all-white view blocks the call for an hour (a hung GPU call).
     """
 
     def __init__(self, processing_resolution: int = 32, sleep_s: float = 0.0,
                  die_once_marker: str | None = None, die_on_call: int = 1,
-                 oom_above: int | None = None, calls_log: str | None = None, die_if_white: bool = False):
+                 oom_above: int | None = None, calls_log: str | None = None, die_if_white: bool = False,
+                 hang_if_white: bool = False):
         torch.set_num_threads(1)
         self.processing_resolution = processing_resolution
         self.sleep_s = sleep_s
@@ -35,6 +37,7 @@ class FaultyModel:
         self.oom_above = oom_above
         self.calls_log = calls_log
         self.die_if_white = die_if_white
+        self.hang_if_white = hang_if_white
         self.calls = 0
 
     def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -52,8 +55,11 @@ class FaultyModel:
                 os.write(fd, str(os.getpid()).encode())
                 os.close(fd)
                 os._exit(1)
-        if self.die_if_white and bool((views.flatten(1).amin(dim=1) > 0.99).any()):
+        white = bool((views.flatten(1).amin(dim=1) > 0.99).any())
+        if self.die_if_white and white:
             os._exit(1)
+        if self.hang_if_white and white:
+            time.sleep(3600)
         if self.oom_above is not None and views.shape[0] > self.oom_above:
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory (test double: {views.shape[0]} views > {self.oom_above})")

@@ -140,9 +140,8 @@ def test_actor_process_dies_mid_batch_and_is_restarted(ray_session, tmp_path, ma
     assert_no_partial_files(fsspec.filesystem("file"), str(tmp_path / "out"))
 
 
-def test_image_that_always_kills_its_process_becomes_an_error(ray_session, tmp_path, make_image):
-    """Ray restarts the actor and retries the batch forever by default; the actor notices a
-    batch whose last attempt died, runs it image by image, and reports the culprit."""
+def _shards_with_white_image(tmp_path: Path, make_image) -> dict[str, set[str]]:
+    """Two ordinary shards and a third whose middle image is all white (the poison)."""
     expected = write_shards(tmp_path / "in", make_image, shards=2, per=3)
     white = io.BytesIO()
     Image.new("RGB", (16, 12), (255, 255, 255)).save(white, format="PNG")
@@ -155,6 +154,13 @@ def test_image_that_always_kills_its_process_becomes_an_error(ray_session, tmp_p
             tar.addfile(info, io.BytesIO(data))
     (tmp_path / "in" / "00002.tar").write_bytes(buf.getvalue())
     expected["00002"] = {"ok0", "poison", "ok1"}
+    return expected
+
+
+def test_image_that_always_kills_its_process_becomes_an_error(ray_session, tmp_path, make_image):
+    """Ray restarts the actor and retries the batch forever by default; the actor notices a
+    batch whose last attempt died, runs it image by image, and reports the culprit."""
+    expected = _shards_with_white_image(tmp_path, make_image)
     cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), double_model(die_if_white=True),
                      compute={"images_per_batch": 3})
     summary = run_job(cfg)
@@ -162,6 +168,23 @@ def test_image_that_always_kills_its_process_becomes_an_error(ray_session, tmp_p
     outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
     assert [(e["source"], e["key"], e["stage"], e["error"]) for e in errors] == [("00002", "poison", "infer", "crashed")]
     assert "died" in errors[0]["message"]
+    assert_exactly_once(expected, outs, errors)
+
+
+def test_hung_model_call_ends_the_worker_and_the_image_becomes_an_error(ray_session, tmp_path, make_image):
+    """A model call that never returns (a wedged GPU) would stall the job forever; past
+    compute.batch_timeout_s the actor ends itself, and the image that hangs alone too is
+    recorded as a timeout while its neighbours are labelled."""
+    expected = _shards_with_white_image(tmp_path, make_image)
+    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), double_model(hang_if_white=True),
+                     compute={"images_per_batch": 3, "batch_timeout_s": 3})
+    t0 = time.monotonic()
+    summary = run_job(cfg)
+    assert time.monotonic() - t0 < 200
+    assert (summary["shards_complete"], summary["shards_unfinished"]) == (3, {}), summary
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
+    assert [(e["source"], e["key"], e["stage"], e["error"]) for e in errors] == [("00002", "poison", "infer", "timeout")]
+    assert "batch_timeout_s" in errors[0]["message"]
     assert_exactly_once(expected, outs, errors)
 
 
