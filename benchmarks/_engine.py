@@ -223,7 +223,7 @@ def peak_bf16_tflops(device: str) -> tuple[str, float | None]:
 
 def unet_throughput(model, s: EngineSettings, rounds: int) -> dict:
     """FLOPs of one UNet call on a full batch (FlopCounterMode), its median time, TFLOP/s."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from benchmarks.flops import count_flops
 
     h = w = s.resolution // model.vae_scale_factor
     b = s.batch_size
@@ -238,9 +238,7 @@ def unet_throughput(model, s: EngineSettings, rounds: int) -> dict:
     def call():
         return model.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
 
-    with FlopCounterMode(display=False) as counter:
-        call()
-    flops = counter.get_total_flops()
+    flops = count_flops(call)
     times = interleave({"unet": call}, rounds, s.device)["unet"]
     tflops = flops / median(times) / 1e12
     name, peak = peak_bf16_tflops(s.device)

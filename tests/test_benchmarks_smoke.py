@@ -58,3 +58,34 @@ def test_job_benchmark_loop_contender(tmp_path, tiny_model_dir):
     assert out["small"]["images"] == 2 and out["big"]["images"] == 4
     assert out["big"]["seconds"] > 0 and peak > 0
     assert list((tmp_path / "out-10x").rglob("*.parquet"))
+
+
+def test_flop_arithmetic_counts_the_real_modules(tiny_model_dir):
+    """benchmarks/flops.py counts on the meta device; the count must equal FlopCounterMode
+    on the real tiny checkpoint at the same size, and per-image totals must scale with
+    members x steps."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.flops import build_meta_modules, count_flops, per_image, per_view_flops
+
+    import torch
+
+    from depthray.models.marigold import MarigoldDepthModel
+
+    meta = per_view_flops(build_meta_modules(checkpoint=str(tiny_model_dir)), 48, 64)
+    model = MarigoldDepthModel.from_pretrained(tiny_model_dir, device="cpu", processing_resolution=64)
+    unet_in = torch.randn(1, 8, 6, 8)
+    text = model.empty_text_embedding
+    real_unet = count_flops(lambda: model.unet(unet_in, 10, encoder_hidden_states=text))
+    real_decode = count_flops(lambda: model.vae.decode(torch.randn(1, 4, 6, 8)))
+    assert meta["unet"] == real_unet > 0
+    assert meta["vae_decode"] == real_decode > 0
+    one, many = per_image(meta, 1, 1), per_image(meta, 4, 5)
+    expected = (meta["vae_encode"] + 20 * meta["unet"] + 5 * meta["vae_decode"]) / 1e12
+    assert abs(many["tflop"] - expected) < 1e-12 and many["tflop"] > one["tflop"]
+    assert abs(sum(v for k, v in many.items() if k.endswith("_share")) - 1) < 1e-9
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flops.py"), "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sd2 = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sd2["per_view_tflop"]["unet"] > 1.0  # SD2 widths at 768x576: ~1.5 TFLOP per UNet call
