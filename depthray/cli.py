@@ -7,6 +7,7 @@ Each verb is one `_cmd_<verb>` function registered in `build_parser`; heavy impo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -93,6 +94,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
     _print_summary(summary)
     return 1 if summary["shards_unfinished"] else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from depthray.config import load_config
+    from depthray.status import format_status, job_status
+
+    st = job_status(load_config(args.config, args.set))
+    print(json.dumps(st) if args.json else format_status(st))
+    return 1 if st["shards_todo"] else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -236,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="how far a job has got, read from its output (no Ray)",
+                       description="List the input shards and the output's manifests and print "
+                       "shards complete / to do, images and errors in complete shards (by reason), "
+                       "shards labelled with other settings, and the last run's summary. Reads "
+                       "only; works while the job runs. Exit status 0 when every shard is "
+                       "complete, 1 when some are left, 2 on a config or storage error.")
+    p.add_argument("config", help="the job's YAML config")
+    _add_set_option(p)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("demo", help="the whole job on built-in sample images (offline, ~1 min)",
                        description="Make sample images, build the tiny random-weight model, run the "

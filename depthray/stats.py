@@ -100,12 +100,26 @@ class ShardTracker:
     def rate(self) -> float:
         return self.images / max(time.time() - self.start, 1e-9)
 
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        """Seconds left at the rate so far, assuming unfinished shards hold as many images
+        as the finished ones did on average; None until one shard has finished."""
+        done = [s for s in self.states.values() if s.done]
+        if not done or self.completed == len(self.states):
+            return None if not done else 0.0
+        elapsed = max((now or time.time()) - self.start, 1e-9)
+        per_shard = sum(s.outputs + s.errors for s in done) / len(done)
+        left = sum(max(per_shard - (s.outputs + s.errors), 0.0) for s in self.states.values() if not s.done)
+        rows_per_s = (self.images + self.errors) / elapsed
+        return left / rows_per_s if rows_per_s > 0 else None
+
     def maybe_log(self, force: bool = False) -> None:
         now = time.time()
         if force or now - self.last_log >= self.log_every_s:
             self.last_log = now
-            log.info("progress: %d/%d shards, %d images (%.2f images/s), %d errors",
-                     self.completed, len(self.states), self.images, self.rate(), self.errors)
+            eta = self.eta_seconds(now)
+            log.info("progress: %d/%d shards, %d images (%.2f images/s), %d errors%s",
+                     self.completed, len(self.states), self.images, self.rate(), self.errors,
+                     f", about {format_duration(eta)} left" if eta else "")
 
     def summary(self, job_error: str | None = None) -> dict[str, Any]:
         """Totals; `job_error` (the job stopped early) is given as the reason of every
@@ -124,3 +138,13 @@ class ShardTracker:
             "images_per_second": round(self.rate(), 3),
             "infer_seconds": round(infer_s, 3),
         }
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 95 -> '1m35s', 8 -> '8s'."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"

@@ -109,6 +109,14 @@ def test_webdataset_from_s3_to_parquet_with_errors_and_resume(ray_session, s3_bu
 
     # Crash simulation: shard 00001 lost its manifest (the commit) but its parts remain.
     fs.rm_file(f"{s3_bucket}/out/_manifest/00001.json")
+    from depthray.status import job_status
+
+    st = job_status(cfg)  # read over S3: manifests fetched with one concurrent cat
+    assert (st["shards_complete"], st["shards_todo"], st["images"], st["errors"]) == (2, ["00001"], 8, 0)
+    assert st["last_run"]["run_id"] == summary["run_id"] and st["shards_other_config"] == {}
+    other = job_config(tiny_model_dir, cfg.input.url, out, output={"format": "parquet"},
+                       inference={"ensemble_size": 3})
+    assert job_status(other)["shards_other_config"] == {cfg.hash(): 2}
     again = run_job(cfg)
     fs.invalidate_cache()  # this process listed the bucket before the re-run rewrote it
     assert (again["shards_skipped"], again["shards_complete"]) == (2, 1)

@@ -64,7 +64,16 @@ def run_cli(config: Path, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_kill_driver_mid_job_then_resume(tmp_path, make_image):
+def _status(config: Path, capsys) -> tuple[int, dict]:
+    """`depthray status CONFIG --json`, in this process (it reads storage, starts no Ray)."""
+    from depthray.cli import main as cli_main
+
+    capsys.readouterr()
+    rc = cli_main(["status", str(config), "--json"])
+    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_kill_driver_mid_job_then_resume(tmp_path, make_image, capsys):
     expected = write_shards(tmp_path / "in", make_image, shards=12, per=4)
     out = tmp_path / "out"
     config = tmp_path / "job.yaml"
@@ -100,6 +109,16 @@ def test_kill_driver_mid_job_then_resume(tmp_path, make_image):
     outs, errors = read_outputs(fs, str(out))  # parses every visible part: none is truncated
     assert_exactly_once({k: v for k, v in expected.items() if k in committed},
                         [r for r in outs if r["source"] in committed], [e for e in errors if e["source"] in committed])
+    # `depthray status` reads the same state: committed shards done, the rest to do, and no
+    # run summary (the killed driver never wrote one).
+    rc, st = _status(config, capsys)
+    assert rc == 1 and st["shards_complete"] == len(committed) and len(st["shards_todo"]) == 12 - len(committed)
+    assert st["images"] == 4 * len(committed) and st["errors"] == 0 and st["last_run"] is None
+    from depthray.cli import main as cli_main
+
+    assert cli_main(["status", str(config)]) == 1
+    text = capsys.readouterr().out
+    assert f"{len(committed)} complete, {12 - len(committed)} to do" in text and "none finished yet" in text
     second = run_cli(config, tmp_path / "second.log")
     try:
         rc = second.wait(200)
@@ -114,6 +133,9 @@ def test_kill_driver_mid_job_then_resume(tmp_path, make_image):
     summaries = [json.loads(p.read_text()) for p in sorted((out / "_jobs").glob("*.json"))]
     resumed = summaries[-1]
     assert resumed["shards_skipped"] == len(committed) and resumed["shards_complete"] == 12 - len(committed)
+    rc, st = _status(config, capsys)
+    assert rc == 0 and (st["shards_complete"], st["shards_todo"], st["images"]) == (12, [], 48)
+    assert st["last_run"]["run_id"] == resumed["run_id"] and st["shards_other_config"] == {}
     outs, errors = read_outputs(fs, str(out))
     assert_exactly_once(expected, outs, errors)
     assert_no_partial_files(fs, str(out))

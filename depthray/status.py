@@ -1,0 +1,112 @@
+"""Where a job stands, read from its output alone: no Ray, nothing written.
+
+The manifests are the commit records (depthray/io/manifest.py), so the input listing plus
+`_manifest/` say exactly which shards are done; the manifests' counts say how many images
+and errors they hold; `_jobs/` holds one summary per finished (or stopped) run.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from typing import Any
+
+from depthray.config import Config, ConfigError
+from depthray.io.manifest import JOBS_DIR, ManifestStore
+from depthray.io.sources import list_shards
+
+
+def job_status(cfg: Config) -> dict[str, Any]:
+    """Shards complete / to do, images and errors in complete shards, other configs, last run."""
+    try:
+        shards = list_shards(cfg.input, cfg.storage)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"input.url {cfg.input.url!r}: cannot list it ({type(e).__name__}: {e})") from e
+    store = ManifestStore(cfg.output.url, cfg.storage)
+    try:
+        committed = store.completed()
+    except Exception as e:
+        raise ConfigError(f"output.url {cfg.output.url!r}: cannot read it ({type(e).__name__}: {e})") from e
+    names = [s.name for s in shards]
+    complete = [n for n in names if n in committed]
+    manifests = _read_all(store, complete)
+    reasons: Counter = Counter()
+    hashes: Counter = Counter()
+    for m in manifests.values():
+        reasons.update(m.get("error_reasons") or {})
+        hashes[m.get("config_hash")] += 1
+    this_hash = cfg.hash()
+    return {
+        "input": cfg.input.url,
+        "output": cfg.output.url,
+        "shards": len(names),
+        "shards_complete": len(complete),
+        "shards_todo": [n for n in names if n not in committed],
+        "images": sum(int(m.get("outputs") or 0) for m in manifests.values()),
+        "errors": sum(int(m.get("errors") or 0) for m in manifests.values()),
+        "error_reasons": dict(reasons),
+        "infer_seconds": round(sum(float(m.get("infer_seconds") or 0) for m in manifests.values()), 3),
+        "config_hash": this_hash,
+        # Shards labelled under other settings: a re-run skips them (delete their manifests,
+        # or set output.overwrite, to relabel).
+        "shards_other_config": {h: n for h, n in hashes.items() if h != this_hash},
+        "manifests_not_in_input": sorted(committed - set(names)),
+        "last_run": _last_run(store),
+    }
+
+
+def _read_all(store: ManifestStore, shards: list[str]) -> dict[str, dict]:
+    """Every listed shard's manifest; object stores fetch them concurrently (fs.cat of a list)."""
+    if not shards:
+        return {}
+    paths = {store.path(n): n for n in shards}
+    blobs = store.fs.cat(list(paths))
+    return {paths[p]: json.loads(b) for p, b in blobs.items()}
+
+
+def _last_run(store: ManifestStore) -> dict[str, Any] | None:
+    """The newest `_jobs/{run_id}.json` (run ids start with a UTC timestamp)."""
+    base = posixpath.join(store.root, JOBS_DIR)
+    if not store.fs.exists(base):
+        return None
+    runs = sorted(p for p in store.fs.ls(base, detail=False)
+                  if p.endswith(".json") and not posixpath.basename(p).startswith("."))
+    if not runs:
+        return None
+    s = json.loads(store.fs.cat_file(runs[-1]))
+    keep = ("run_id", "shards_complete", "shards_skipped", "shards_unfinished", "images", "errors",
+            "images_per_second", "wall_seconds", "job_error", "config_hash")
+    return {k: s.get(k) for k in keep} | {"runs": len(runs)}
+
+
+def format_status(st: dict[str, Any]) -> str:
+    todo = st["shards_todo"]
+    lines = [
+        f"input   {st['input']}: {st['shards']} shard(s)",
+        f"output  {st['output']}: {st['shards_complete']} complete, {len(todo)} to do"
+        + (f" ({', '.join(todo[:5])}{', ...' if len(todo) > 5 else ''})" if todo else ""),
+        f"images  {st['images']} labelled, {st['errors']} error(s) in complete shards"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(st["error_reasons"].items())) + ")"
+           if st["error_reasons"] else ""),
+    ]
+    if st["shards_other_config"]:
+        n = sum(st["shards_other_config"].values())
+        lines.append(f"config  {n} complete shard(s) were labelled with other settings "
+                     f"(config hash {', '.join(h or '?' for h in st['shards_other_config'])}; this config: "
+                     f"{st['config_hash']}); a re-run skips them: set output.overwrite to relabel")
+    if st["manifests_not_in_input"]:
+        lines.append(f"note    {len(st['manifests_not_in_input'])} manifest(s) for shards not in the input listing")
+    run = st["last_run"]
+    if run is None:
+        lines.append("last run: none finished yet (no summary under _jobs/)")
+    else:
+        state = f"stopped early: {run['job_error']}" if run.get("job_error") else (
+            f"{len(run.get('shards_unfinished') or {})} shard(s) unfinished" if run.get("shards_unfinished")
+            else "finished")
+        lines.append(f"last run {run['run_id']} ({run['runs']} run(s) in all): {run['shards_complete']} shard(s) "
+                     f"done, {run['images']} images at {run['images_per_second']} images/s; {state}")
+    lines.append("complete" if not todo else "re-run the same config to finish the remaining shards")
+    return "\n".join(lines)
