@@ -374,6 +374,18 @@ def _check_storage(cfg: Config, shards: list, run_id: str) -> None:
         raise ConfigError(f"input.url {cfg.input.url!r}: cannot read {first} ({_short(e)})") from e
 
 
+def list_input_shards(cfg: Config) -> list:
+    """The input's shards; any failure to list them is a ConfigError naming the URL.
+    (Storage clients raise more than OSError: botocore's NoCredentialsError,
+    EndpointConnectionError, ... all mean the URL cannot be used.)"""
+    try:
+        return list_shards(cfg.input, cfg.storage)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"input.url {cfg.input.url!r}: cannot list it ({_short(e)})") from e
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join `address` (a cluster, "auto") or start a local Ray; no-op if already connected."""
     import ray
@@ -397,14 +409,7 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     run_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
     # 1. Plan: list shards, skip committed ones, clear leftovers of the rest. Storage that
     #    cannot be reached or written (403, missing bucket) stops the job here, by URL.
-    # (Storage clients raise more than OSError: botocore's NoCredentialsError,
-    # EndpointConnectionError, ... all mean the URL cannot be used.)
-    try:
-        shards = list_shards(cfg.input, cfg.storage)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"input.url {cfg.input.url!r}: cannot list it ({_short(e)})") from e
+    shards = list_input_shards(cfg)
     _check_paths(cfg, shards)
     _check_storage(cfg, shards, run_id)
     try:

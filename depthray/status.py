@@ -14,17 +14,13 @@ from typing import Any
 
 from depthray.config import Config, ConfigError
 from depthray.io.manifest import JOBS_DIR, ManifestStore
-from depthray.io.sources import list_shards
 
 
 def job_status(cfg: Config) -> dict[str, Any]:
     """Shards complete / to do, images and errors in complete shards, other configs, last run."""
-    try:
-        shards = list_shards(cfg.input, cfg.storage)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"input.url {cfg.input.url!r}: cannot list it ({type(e).__name__}: {e})") from e
+    from depthray.pipeline import list_input_shards
+
+    shards = list_input_shards(cfg)
     store = ManifestStore(cfg.output.url, cfg.storage)
     try:
         committed = store.completed()
