@@ -238,7 +238,10 @@ def unet_throughput(model, s: EngineSettings, rounds: int) -> dict:
     def call():
         return model.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
 
-    flops = count_flops(call)
+    # Counted on one sample and scaled (every op is per sample): the math attention used
+    # for counting would otherwise hold a full-batch attention matrix (~14 GB at SD2, 768 px).
+    x1, text1 = x[:1], text[:1]
+    flops = b * count_flops(lambda: model.unet(x1, t, encoder_hidden_states=text1, return_dict=False))
     times = interleave({"unet": call}, rounds, s.device)["unet"]
     tflops = flops / median(times) / 1e12
     name, peak = peak_bf16_tflops(s.device)
