@@ -280,6 +280,20 @@ def channels_last_effect(folder, model, images, s: EngineSettings) -> dict:
     return {"speedup": median(t["contiguous"]) / median(t["channels_last"]), "times_s": t}
 
 
+def ensemble_device_effect(images, s: EngineSettings, members: int = 10) -> dict:
+    """Ensembling 10 members of one view at processing size on the CPU (where it ran before
+    predict_on_device) vs on the model's device (where it runs now)."""
+    from depthray.ensemble import ensemble_depth
+    from depthray.tiling import fit_long_side
+
+    h, w = fit_long_side(*images[0].shape[:2], s.resolution, upscale=True)
+    cpu = torch.rand(1, members, h, w, generator=torch.Generator().manual_seed(0))  # [1,E,h,w]
+    dev = cpu.to(s.device)
+    t = interleave({"cpu": lambda: ensemble_depth(cpu, "median"),
+                    "device": lambda: ensemble_depth(dev, "median")}, s.rounds, s.device)
+    return {"speedup": median(t["cpu"]) / median(t["device"]), "cpu_s": median(t["cpu"]), "times_s": t}
+
+
 def compile_effect(compiled, model, images, s: EngineSettings) -> dict:
     """The compiled engine vs the eager one on one full batch of members (same weights)."""
     run_c, run_e = _model_batch(compiled, images, s), _model_batch(model, images, s)

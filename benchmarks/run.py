@@ -93,15 +93,17 @@ def engine_sections(args, folder: Path, p: dict, table: list) -> dict:
     if args.device.startswith("cuda"):
         abl["bf16_vs_fp32"] = _engine.dtype_effect(folder, model, images, ab) if s.dtype != "float32" else None
         abl["channels_last"] = _engine.channels_last_effect(folder, model, images, ab)
+        abl["ensemble_on_device"] = _engine.ensemble_device_effect(images, ab)
     else:
-        abl.update(bf16_vs_fp32=None, channels_last=None)
+        abl.update(bf16_vs_fp32=None, channels_last=None, ensemble_on_device=None)
     abl["torch_compile"] = _engine.compile_effect(compiled, model, images, ab) if compiled is not None else None
     notes = {"batching_across_images": "per-image calls / one call for all images",
              "encode_once": f"{s.ensemble_size} members: encode each / encode once",
              "closed_form_ensembling": "diffusers scipy BFGS / closed form",
              "tiny_vae_decoder": "full VAE decode / AutoencoderTiny",
              "bf16_vs_fp32": "fp32 / bf16 (one batch)", "channels_last": "contiguous / channels_last",
-             "torch_compile": "eager / compiled"}
+             "torch_compile": "eager / compiled",
+             "ensemble_on_device": "10 members, one view: CPU / GPU"}
     for name, r in abl.items():
         if r is None:
             why = "not in smoke mode / --no-compile" if name == "torch_compile" else "CUDA only"

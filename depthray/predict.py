@@ -204,14 +204,16 @@ def _stream_members(
     order = sorted(range(len(views)), key=lambda i: views[i].size)
     requests = [(i, m) for i in order for m in range(e)]
     pending: dict[int, list[torch.Tensor | None]] = {}
+    # Members stay where the model made them (see DepthModel.predict_on_device).
+    run = getattr(model, "predict_on_device", model)
     for start in range(0, len(requests), cfg.batch_size):
         chunk = requests[start : start + cfg.batch_size]
         for group in _group_by_shape(chunk, views):
             batch = torch.stack([pixels(views[i]) for i, _ in group])  # [B,3,h,w]
             seeds = [member_seed(cfg.seed, views[i].view_index, m) for i, m in group]
-            out = model(batch, seeds)  # [B,h,w]
+            out = run(batch, seeds)  # [B,h,w]
             for (i, m), depth in zip(group, out):
-                pending.setdefault(i, [None] * e)[m] = depth.float().cpu()
+                pending.setdefault(i, [None] * e)[m] = depth.float()
         for i in [i for i, ms in pending.items() if all(m is not None for m in ms)]:
             yield views[i], torch.stack(pending.pop(i))  # type: ignore[arg-type]  # [E,h,w]
 
@@ -226,8 +228,8 @@ def _group_by_shape(chunk: list[tuple[int, int]], views: Sequence[_View]):
 def _run_level(model: DepthModel, jobs: Sequence[_ImageJob], views: list[_View], cfg: InferenceConfig) -> None:
     """One level's views of several images through the model; each finished view is folded in."""
     for view, members in _stream_members(model, views, lambda v: jobs[v.image_index].pixels(v), cfg):
-        fused = ensemble_depth(members.unsqueeze(0), cfg.ensemble_reduction)  # [1,h,w]
-        jobs[view.image_index].add(view, fused.depth[0], fused.uncertainty[0])
+        fused = ensemble_depth(members.unsqueeze(0), cfg.ensemble_reduction)  # [1,h,w], members' device
+        jobs[view.image_index].add(view, fused.depth[0].cpu(), fused.uncertainty[0].cpu())
 
 
 def predict_images(

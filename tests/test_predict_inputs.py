@@ -76,6 +76,33 @@ def test_batch_of_images_equals_one_by_one(model):
         np.testing.assert_allclose(res.depth, alone.depth, atol=1e-4)
 
 
+def test_members_ensembled_where_the_model_made_them(model):
+    """predict uses the model's predict_on_device when it has one (ensembling on the GPU
+    for a GPU model) and plain __call__ otherwise: same depth either way."""
+
+    class CallOnly:  # the bare model interface: __call__ and processing_resolution
+        processing_resolution = model.processing_resolution
+        num_inference_steps = model.num_inference_steps
+
+        def __call__(self, views, seeds):
+            return model(views, seeds)
+
+    calls = []
+    real = model.predict_on_device
+    model.predict_on_device = lambda views, seeds: calls.append(len(seeds)) or real(views, seeds)
+    try:
+        images = [_rgb(40, 50, seed=9), _rgb(64, 48, seed=10)]
+        a = depthray.predict_images(images, model, {**CFG, "tiling": {"mode": "on", "working_resolution": 128}})
+    finally:
+        del model.predict_on_device
+    assert calls, "predict_on_device was not used"
+    b = depthray.predict_images(images, CallOnly(), {**CFG, "tiling": {"mode": "on", "working_resolution": 128}})
+    for x, y in zip(a, b):
+        assert x.num_views > 1  # tiles too, not just the global view
+        np.testing.assert_array_equal(x.depth, y.depth)
+        np.testing.assert_array_equal(x.uncertainty, y.uncertainty)
+
+
 def test_config_dict_is_validated(model):
     from depthray.config import ConfigError
 

@@ -17,6 +17,10 @@ class DepthModel(Protocol):
     [0,1]: one affine-invariant ensemble member per view, deterministic for a given seed.
     Callers ensemble by repeating a view with different seeds; a good implementation
     notices the repeats and encodes each distinct view once.
+
+    Optional: ``predict_on_device(views, seeds)``, the same members left on the model's
+    device (a GPU model's output need not cross to the host before it is ensembled);
+    predict.py uses it when present.
     """
 
     processing_resolution: int
