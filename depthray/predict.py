@@ -113,10 +113,11 @@ class _View:
 class _ImageJob:
     """One image on its way through the levels: pixels, plan, reference and running sums."""
 
-    def __init__(self, index: int, image: torch.Tensor, plan: TilePlan):
+    def __init__(self, index: int, image: torch.Tensor, plan: TilePlan, device: torch.device):
         self.index = index
-        self.image = image  # [3,H,W]
+        self.image = image  # [3,H,W], on the CPU: what the model is given
         self.plan = plan
+        self.device = device  # where the fused maps live (see _fusion_device)
         self.global_pixels = resize(image, plan.global_size, antialias=True)  # [3,h,w]
         self.reference: torch.Tensor | None = None  # [h,w] fused depth of the last finished level
         self.uncertainty: torch.Tensor | None = None  # [h,w]
@@ -134,7 +135,7 @@ class _ImageJob:
         self.level = k
         # Antialiased resize: a tile must not see aliasing the full image would not show.
         self.level_pixels = resize(self.image, level.size, antialias=True)  # [3,Hk,Wk]
-        self.blender = TileBlender(level.size)
+        self.blender = TileBlender(level.size, self.device)
         first = self._first_tile_index
         self._first_tile_index += len(level.tiles)
         return [_View(self.index, first + i, t, (t.height, t.width)) for i, t in enumerate(level.tiles)]
@@ -154,7 +155,8 @@ class _ImageJob:
         assert self.blender is not None and self.reference is not None
         level = self.plan.levels[self.level]
         scale, shift = align_tile(depth, view.tile, level.size, self.reference)
-        self.blender.add(view.tile, depth * scale + shift, uncertainty * scale, tile_weights(view.tile, level))
+        weights = tile_weights(view.tile, level).to(self.device)
+        self.blender.add(view.tile, depth * scale + shift, uncertainty * scale, weights)
 
     def finish_level(self) -> None:
         assert self.blender is not None and self.reference is not None
@@ -179,8 +181,8 @@ class _ImageJob:
             depth = depth.sub_(lo).div_(rng)
             unc = unc.div_(rng)
         return DepthResult(
-            depth=depth.clamp_(0.0, 1.0).numpy(),
-            uncertainty=unc.clamp_min_(0.0).numpy(),
+            depth=depth.clamp_(0.0, 1.0).cpu().numpy(),
+            uncertainty=unc.clamp_min_(0.0).cpu().numpy(),
             num_views=self.plan.num_views,
             ensemble_size=cfg.ensemble_size,
             model_evaluations=self.plan.num_views * cfg.ensemble_size,
@@ -229,7 +231,8 @@ def _run_level(model: DepthModel, jobs: Sequence[_ImageJob], views: list[_View],
     """One level's views of several images through the model; each finished view is folded in."""
     for view, members in _stream_members(model, views, lambda v: jobs[v.image_index].pixels(v), cfg):
         fused = ensemble_depth(members.unsqueeze(0), cfg.ensemble_reduction)  # [1,h,w], members' device
-        jobs[view.image_index].add(view, fused.depth[0].cpu(), fused.uncertainty[0].cpu())
+        job = jobs[view.image_index]
+        job.add(view, fused.depth[0].to(job.device), fused.uncertainty[0].to(job.device))
 
 
 def predict_images(
@@ -243,14 +246,24 @@ def predict_images(
         return _predict_images(images, model, cfg)
 
 
+def _fusion_device(model: DepthModel) -> torch.device:
+    """Where members arrive: the model's device when it keeps them there (predict_on_device),
+    else the CPU. Ensembling, tile alignment and blending run there too, so a GPU actor's
+    CPU does not sit between its model calls (~1.4 s of CPU per 12 MP tiled image)."""
+    if hasattr(model, "predict_on_device"):
+        return torch.device(getattr(model, "device", "cpu"))
+    return torch.device("cpu")
+
+
 def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConfig) -> list[DepthResult]:
     res = int(model.processing_resolution)
+    device = _fusion_device(model)
 
     # 1. + 2. Images -> float RGB tensors, each with its plan of views.
     jobs = []
     for idx, img in enumerate(images):
         t = image_to_tensor(img)  # [3,H,W]
-        jobs.append(_ImageJob(idx, t, plan_tiles(t.shape[1], t.shape[2], res, cfg.tiling)))
+        jobs.append(_ImageJob(idx, t, plan_tiles(t.shape[1], t.shape[2], res, cfg.tiling), device))
     # 3. Level 0: the global views of every image.
     _run_level(model, jobs, [job.global_view() for job in jobs], cfg)
     # 3. + 4. Tile levels, coarse to fine, each aligned to the level below.

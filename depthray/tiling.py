@@ -231,8 +231,8 @@ def sample_region(ref: torch.Tensor, tile: Tile, level_size: tuple[int, int], ou
     lh, lw = level_size
     oh, ow = out_size
     # Centres of the output cells, in level pixels, then in grid_sample's [-1,1] of ref.
-    ys = tile.top + (torch.arange(oh, dtype=torch.float32) + 0.5) * (tile.height / oh)
-    xs = tile.left + (torch.arange(ow, dtype=torch.float32) + 0.5) * (tile.width / ow)
+    ys = tile.top + (torch.arange(oh, dtype=torch.float32, device=ref.device) + 0.5) * (tile.height / oh)
+    xs = tile.left + (torch.arange(ow, dtype=torch.float32, device=ref.device) + 0.5) * (tile.width / ow)
     gy, gx = ys / lh * 2 - 1, xs / lw * 2 - 1
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)  # [oh,ow,2] (x,y)
     out = F.grid_sample(ref[None, None].float(), grid[None], mode="bilinear", padding_mode="border",
@@ -263,15 +263,16 @@ def align_tile(
 class TileBlender:
     """Weighted running sums over one level; tiles are added one at a time (streaming).
 
-    Memory: four float32 maps of the level size, whatever the number of tiles.
+    Memory: four float32 maps of the level size, whatever the number of tiles, on `device`
+    (the model's, so a GPU model's tiles are fused without a trip through the host).
     """
 
-    def __init__(self, size: tuple[int, int]):
+    def __init__(self, size: tuple[int, int], device: torch.device | str = "cpu"):
         self.size = size
-        self.wsum = torch.zeros(size)  # [H,W] sum w
-        self.dsum = torch.zeros(size)  # [H,W] sum w*d
-        self.d2sum = torch.zeros(size)  # [H,W] sum w*d^2 (tile disagreement)
-        self.usum = torch.zeros(size)  # [H,W] sum w*u^2
+        self.wsum = torch.zeros(size, device=device)  # [H,W] sum w
+        self.dsum = torch.zeros(size, device=device)  # [H,W] sum w*d
+        self.d2sum = torch.zeros(size, device=device)  # [H,W] sum w*d^2 (tile disagreement)
+        self.usum = torch.zeros(size, device=device)  # [H,W] sum w*u^2
 
     def add(self, tile: Tile, depth: torch.Tensor, uncertainty: torch.Tensor, weight: torch.Tensor) -> None:
         """depth, uncertainty, weight: [h,w], depth already aligned to the level's units."""
