@@ -28,7 +28,7 @@ class FaultyModel:
     def __init__(self, processing_resolution: int = 32, sleep_s: float = 0.0,
                  die_once_marker: str | None = None, die_on_call: int = 1,
                  oom_above: int | None = None, calls_log: str | None = None, die_if_white: bool = False,
-                 hang_if_white: bool = False):
+                 hang_if_white: bool = False, device: str = "cpu"):
         torch.set_num_threads(1)
         self.processing_resolution = processing_resolution
         self.sleep_s = sleep_s
@@ -38,6 +38,7 @@ class FaultyModel:
         self.calls_log = calls_log
         self.die_if_white = die_if_white
         self.hang_if_white = hang_if_white
+        self.device = torch.device(device)  # reported only: the double computes on the CPU
         self.calls = 0
 
     def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:

@@ -234,3 +234,18 @@ def test_gpu_out_of_memory_falls_back_to_smaller_batches(ray_session, tmp_path, 
     assert {(e["stage"], e["error"]) for e in errors} == {("infer", "infer")}
     assert all("OutOfMemoryError" in e["message"] for e in errors)
     assert_exactly_once({"00000": expected["00000"]}, outs, errors)
+
+
+@pytest.mark.parametrize("device,configured,expected", [("cuda", None, 1800.0), ("cpu", None, 0.0),
+                                                        ("cuda", 0, 0.0), ("cpu", 5, 5.0)])
+def test_batch_timeout_default_is_on_for_gpu_actors_only(device, configured, expected):
+    """null = auto: a GPU actor watches its model calls (1800 s), a CPU actor does not (a slow
+    CPU batch is not a hang); an explicit value wins, 0 = off. The double only reports the
+    device (`device` attribute, as a loaded Marigold model does); nothing runs on it."""
+    from depthray.config import InferenceConfig, StorageConfig
+    from depthray.pipeline import DepthPredictor
+
+    spec = {**double_model(device=device), "kind": "marigold", "path": ""}
+    actor = DepthPredictor(spec, InferenceConfig(), StorageConfig(), timeout_s=configured)
+    assert actor.model.device.type == device
+    assert actor.timeout_s == expected
