@@ -110,12 +110,14 @@ class InFlight:
         if row["key"] not in self.state["crashed"]:
             return None
         if row["key"] in self.state.get("hung", []):
-            return WorkerHung("prediction ran past compute.batch_timeout_s twice (the model call "
-                              "hung; its worker was restarted); skipped")
+            limit = float(self.state.get("timeout_s") or 0)
+            return WorkerHung(f"prediction ran past compute.batch_timeout_s={limit:g} s twice (the "
+                              "model call hung; its worker was restarted); skipped")
         return WorkerCrashed("the worker process died while predicting this image, twice; skipped")
 
-    def mark_hung(self) -> None:
+    def mark_hung(self, timeout_s: float) -> None:
         self.state["hanging"] = True
+        self.state["timeout_s"] = timeout_s
         self.save()
 
     def working_on(self, row: dict | None) -> None:
@@ -169,7 +171,7 @@ class DepthPredictor:
             log.error("a model call on %d image(s) ran past compute.batch_timeout_s=%g s; "
                       "ending this worker so Ray restarts it", len(rows), self.timeout_s)
             if inflight is not None:
-                inflight.mark_hung()
+                inflight.mark_hung(self.timeout_s)
             os._exit(3)
 
         timer = threading.Timer(self.timeout_s, hung)

@@ -206,7 +206,7 @@ def test_hung_model_call_ends_the_worker_and_the_image_becomes_an_error(ray_sess
     assert (summary["shards_complete"], summary["shards_unfinished"]) == (3, {}), summary
     outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
     assert [(e["source"], e["key"], e["stage"], e["error"]) for e in errors] == [("00002", "poison", "infer", "timeout")]
-    assert "batch_timeout_s" in errors[0]["message"]
+    assert "batch_timeout_s=3 s" in errors[0]["message"]
     assert_exactly_once(expected, outs, errors)
 
 
