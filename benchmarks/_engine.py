@@ -282,7 +282,7 @@ def channels_last_effect(folder, model, images, s: EngineSettings) -> dict:
 
 def ensemble_device_effect(images, s: EngineSettings, members: int = 10) -> dict:
     """Ensembling 10 members of one view at processing size on the CPU (where it ran before
-    predict_on_device) vs on the model's device (where it runs now)."""
+    predict_views) vs on the model's device (where it runs now)."""
     from depthray.ensemble import ensemble_depth
     from depthray.tiling import fit_long_side
 

@@ -206,14 +206,18 @@ def _stream_members(
     order = sorted(range(len(views)), key=lambda i: views[i].size)
     requests = [(i, m) for i in order for m in range(e)]
     pending: dict[int, list[torch.Tensor | None]] = {}
-    # Members stay where the model made them (see DepthModel.predict_on_device).
-    run = getattr(model, "predict_on_device", model)
+    distinct_views = hasattr(model, "predict_views")
     for start in range(0, len(requests), cfg.batch_size):
         chunk = requests[start : start + cfg.batch_size]
         for group in _group_by_shape(chunk, views):
-            batch = torch.stack([pixels(views[i]) for i, _ in group])  # [B,3,h,w]
             seeds = [member_seed(cfg.seed, views[i].view_index, m) for i, m in group]
-            out = run(batch, seeds)  # [B,h,w]
+            if distinct_views:  # each view once; members stay on the model's device
+                order = list(dict.fromkeys(i for i, _ in group))
+                where = {i: u for u, i in enumerate(order)}
+                batch = torch.stack([pixels(views[i]) for i in order])  # [U,3,h,w]
+                out = model.predict_views(batch, [where[i] for i, _ in group], seeds)  # [B,h,w]
+            else:  # the plain interface: one view per member
+                out = model(torch.stack([pixels(views[i]) for i, _ in group]), seeds)  # [B,h,w]
             for (i, m), depth in zip(group, out):
                 pending.setdefault(i, [None] * e)[m] = depth.float()
         for i in [i for i, ms in pending.items() if all(m is not None for m in ms)]:
@@ -247,10 +251,10 @@ def predict_images(
 
 
 def _fusion_device(model: DepthModel) -> torch.device:
-    """Where members arrive: the model's device when it keeps them there (predict_on_device),
+    """Where members arrive: the model's device when it keeps them there (predict_views),
     else the CPU. Ensembling, tile alignment and blending run there too, so a GPU actor's
     CPU does not sit between its model calls (~1.4 s of CPU per 12 MP tiled image)."""
-    if hasattr(model, "predict_on_device"):
+    if hasattr(model, "predict_views"):
         return torch.device(getattr(model, "device", "cpu"))
     return torch.device("cpu")
 

@@ -80,6 +80,24 @@ def test_members_of_a_view_are_encoded_once(tiny_model_dir):
     assert calls == [2]
 
 
+def test_predict_views_equals_one_view_per_member(model):
+    """The distinct-views entry point (what predict.py uses) gives the members __call__
+    gives for the same (view, seed) pairs, also when split into model batches."""
+    v = _views(2)
+    index, seeds = [0, 0, 1, 0, 1], [5, 6, 7, 8, 9]
+    plain = model(v[index], seeds)
+    torch.testing.assert_close(model.predict_views(v, index, seeds).cpu(), plain, atol=1e-5, rtol=1e-5)
+    model.max_batch_size = 2
+    try:
+        torch.testing.assert_close(model.predict_views(v, index, seeds).cpu(), plain, atol=1e-5, rtol=1e-5)
+    finally:
+        model.max_batch_size = None
+    with pytest.raises(ValueError, match="index must point into the 2 views"):
+        model.predict_views(v, [0, 2], [1, 2])
+    with pytest.raises(ValueError, match="one seed per member"):
+        model.predict_views(v, [0, 1], [1])
+
+
 def test_output_in_unit_range_and_view_size(model):
     out = model(_views(2, 37, 91), [0, 1])
     assert out.shape == (2, 37, 91)

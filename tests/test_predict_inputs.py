@@ -76,9 +76,9 @@ def test_batch_of_images_equals_one_by_one(model):
         np.testing.assert_allclose(res.depth, alone.depth, atol=1e-4)
 
 
-def test_members_ensembled_where_the_model_made_them(model):
-    """predict uses the model's predict_on_device when it has one (ensembling on the GPU
-    for a GPU model) and plain __call__ otherwise: same depth either way."""
+def test_distinct_views_path_equals_the_plain_interface(model):
+    """predict hands the model each view once plus a member index (predict_views; members
+    stay on the model's device) when it can, plain __call__ otherwise: same depth either way."""
 
     class CallOnly:  # the bare model interface: __call__ and processing_resolution
         processing_resolution = model.processing_resolution
@@ -88,15 +88,19 @@ def test_members_ensembled_where_the_model_made_them(model):
             return model(views, seeds)
 
     calls = []
-    real = model.predict_on_device
-    model.predict_on_device = lambda views, seeds: calls.append(len(seeds)) or real(views, seeds)
+    real = model.predict_views
+    model.predict_views = lambda views, index, seeds: calls.append((views.shape[0], len(index))) or real(
+        views, index, seeds)
+    cfg = {**CFG, "tiling": {"mode": "on", "working_resolution": 128}}
     try:
         images = [_rgb(40, 50, seed=9), _rgb(64, 48, seed=10)]
-        a = depthray.predict_images(images, model, {**CFG, "tiling": {"mode": "on", "working_resolution": 128}})
+        a = depthray.predict_images(images, model, cfg)
     finally:
-        del model.predict_on_device
-    assert calls, "predict_on_device was not used"
-    b = depthray.predict_images(images, CallOnly(), {**CFG, "tiling": {"mode": "on", "working_resolution": 128}})
+        del model.predict_views
+    assert calls and all(u <= n for u, n in calls)
+    assert sum(u for u, _ in calls) < sum(n for _, n in calls), "a view was passed once per member"
+    assert sum(n for _, n in calls) == sum(r.num_views for r in a) * CFG["ensemble_size"]
+    b = depthray.predict_images(images, CallOnly(), cfg)
     for x, y in zip(a, b):
         assert x.num_views > 1  # tiles too, not just the global view
         np.testing.assert_array_equal(x.depth, y.depth)

@@ -18,9 +18,10 @@ class DepthModel(Protocol):
     Callers ensemble by repeating a view with different seeds; a good implementation
     notices the repeats and encodes each distinct view once.
 
-    Optional: ``predict_on_device(views, seeds)``, the same members left on the model's
-    device (a GPU model's output need not cross to the host before it is ensembled);
-    predict.py uses it when present.
+    Optional: ``predict_views(views, index, seeds)`` with ``views`` [U,3,h,w] distinct and
+    member n = views[index[n]]: the same members, left on the model's device. predict.py
+    uses it when present, so a view crosses to the device once however many members it
+    has, and members are ensembled and fused where they were made.
     """
 
     processing_resolution: int

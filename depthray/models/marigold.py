@@ -299,50 +299,71 @@ class MarigoldDepthModel:
 
     # ------------------------------------------------------------------ interface
     def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """One member per view: [N,3,h,w] in [0,1] + N seeds -> [N,h,w] float32 in [0,1] (CPU)."""
-        return self.predict_on_device(views, seeds).cpu()
+        """One member per view: [N,3,h,w] in [0,1] + N seeds -> [N,h,w] float32 in [0,1] (CPU).
 
-    def predict_on_device(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """As __call__, but the members stay on the model's device.
-
-        predict.py ensembles there: on a GPU that takes a millisecond where the CPU needs
-        ~0.1 s per view at 10 members and 768 px (as long as the GPU's own work at 1 step),
-        and only the fused depth and uncertainty cross to the host, not every member.
+        Members repeat a view with other seeds; repeats are found here (cheap fingerprint,
+        then an exact compare) so each distinct view is encoded once.
         """
         check_views(views, seeds)
-        n = views.shape[0]
-        step = self.max_batch_size or n
-        outs = [self._predict_batch(views[start : start + step].float().cpu(), list(seeds[start : start + step]))
-                for start in range(0, n, step)]
+        views = views.float().cpu()
+        keys = [_LatentCache.key(v) for v in views]
+        first: list[int] = []  # row of each distinct view
+        index: list[int] = []  # member -> distinct view
+        for i, k in enumerate(keys):
+            j = next((u for u, r in enumerate(first) if keys[r] == k and torch.equal(views[r], views[i])), None)
+            if j is None:
+                first.append(i)
+                j = len(first) - 1
+            index.append(j)
+        return self.predict_views(views[first], index, seeds).cpu()
+
+    def predict_views(self, views: torch.Tensor, index: list[int], seeds: list[int]) -> torch.Tensor:
+        """Members of distinct views, left on the model's device.
+
+        views: [U,3,h,w] in [0,1], each a different view; member n is views[index[n]] with
+        seeds[n]. Returns [N,h,w] float32 in [0,1] on the model's device. What predict.py
+        calls: a view crosses to the device and is encoded once however many members it
+        has (no per-member copies or fingerprints on the host), and the members are
+        ensembled and fused where they are, so only finished maps cross back.
+        """
+        if len(index) != len(seeds):
+            raise ValueError(f"need one seed per member: {len(index)} members, {len(seeds)} seeds")
+        check_views(views, list(range(views.shape[0])))
+        if index and not 0 <= min(index) <= max(index) < views.shape[0]:
+            raise ValueError(f"index must point into the {views.shape[0]} views, got {min(index)}..{max(index)}")
+        views = views.float().cpu()
+        n = len(index)
+        step = self.max_batch_size or max(n, 1)
+        outs = []
+        for start in range(0, n, step):
+            chunk = index[start : start + step]
+            used = sorted(set(chunk))
+            local = {u: k for k, u in enumerate(used)}
+            outs.append(self._predict_batch(views[used], [local[u] for u in chunk], list(seeds[start : start + step])))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _predict_batch(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def _predict_batch(self, views: torch.Tensor, index: list[int], seeds: list[int]) -> torch.Tensor:
+        """views [U,3,h,w] distinct (CPU), member n = views[index[n]] -> [N,h,w] on the device."""
         h, w = views.shape[-2:]
-        # 1. Distinct views: members repeat a view, encode each distinct one once.
+        # 1. Distinct views already encoded by an earlier call come from the cache.
         keys = [_LatentCache.key(v) for v in views]
-        distinct: dict[int, int] = {}  # batch row -> row of its first equal view
         latents: dict[int, torch.Tensor] = {}
         to_encode: list[int] = []
-        for i, k in enumerate(keys):
-            first = next((j for j in to_encode if keys[j] == k and torch.equal(views[j], views[i])), None)
-            if first is not None:
-                distinct[i] = first
-                continue
-            cached = self._cache.get(k, views[i])
+        for u, k in enumerate(keys):
+            cached = self._cache.get(k, views[u])
             if cached is not None:
-                latents[i] = cached
+                latents[u] = cached
             else:
-                to_encode.append(i)
-            distinct[i] = i
+                to_encode.append(u)
         # 2. Preprocess (on the device) + VAE-encode the new ones.  [U,3,PPH,PPW] -> [U,4,h/8,w/8]
         padding = self.padding(h, w)
         if to_encode:
             images, _ = self.preprocess(to_device(views[to_encode], self.device))
             enc = self.encode(images)
-            for row, i in enumerate(to_encode):
-                latents[i] = enc[row : row + 1]
-                self._cache.put(keys[i], views[i].clone(), latents[i])
-        image_latent = torch.cat([latents[distinct[i]] for i in range(len(seeds))])  # [B,4,h,w]
+            for row, u in enumerate(to_encode):
+                latents[u] = enc[row : row + 1]
+                self._cache.put(keys[u], views[u].clone(), latents[u])
+        image_latent = torch.cat([latents[u] for u in index])  # [B,4,h,w]
         # 3. Denoise from seeded noise.
         noise = initial_noise(seeds, tuple(image_latent.shape[1:]))  # [B,4,h,w]
         latent = self.denoise(image_latent, noise, seeds)
