@@ -155,7 +155,7 @@ class _ImageJob:
         assert self.blender is not None and self.reference is not None
         level = self.plan.levels[self.level]
         scale, shift = align_tile(depth, view.tile, level.size, self.reference)
-        weights = tile_weights(view.tile, level).to(self.device)
+        weights = tile_weights(view.tile, level, self.device)
         self.blender.add(view.tile, depth * scale + shift, uncertainty * scale, weights)
 
     def finish_level(self) -> None:

@@ -7,13 +7,11 @@ and errors they hold; `_jobs/` holds one summary per finished (or stopped) run.
 
 from __future__ import annotations
 
-import json
-import posixpath
 from collections import Counter
 from typing import Any
 
 from depthray.config import Config, ConfigError
-from depthray.io.manifest import JOBS_DIR, ManifestStore
+from depthray.io.manifest import ManifestStore
 
 
 def job_status(cfg: Config) -> dict[str, Any]:
@@ -28,7 +26,7 @@ def job_status(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read it ({type(e).__name__}: {e})") from e
     names = [s.name for s in shards]
     complete = [n for n in names if n in committed]
-    manifests = _read_all(store, complete)
+    manifests = store.read_many(complete)
     reasons: Counter = Counter()
     hashes: Counter = Counter()
     for m in manifests.values():
@@ -54,25 +52,11 @@ def job_status(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _read_all(store: ManifestStore, shards: list[str]) -> dict[str, dict]:
-    """Every listed shard's manifest; object stores fetch them concurrently (fs.cat of a list)."""
-    if not shards:
-        return {}
-    paths = {store.path(n): n for n in shards}
-    blobs = store.fs.cat(list(paths))
-    return {paths[p]: json.loads(b) for p, b in blobs.items()}
-
-
 def _last_run(store: ManifestStore) -> dict[str, Any] | None:
-    """The newest `_jobs/{run_id}.json` (run ids start with a UTC timestamp)."""
-    base = posixpath.join(store.root, JOBS_DIR)
-    if not store.fs.exists(base):
-        return None
-    runs = sorted(p for p in store.fs.ls(base, detail=False)
-                  if p.endswith(".json") and not posixpath.basename(p).startswith("."))
+    runs = store.job_summaries()
     if not runs:
         return None
-    s = json.loads(store.fs.cat_file(runs[-1]))
+    s = store.read_job_summary(runs[-1])
     keep = ("run_id", "shards_complete", "shards_skipped", "shards_unfinished", "images", "errors",
             "images_per_second", "wall_seconds", "job_error", "config_hash")
     return {k: s.get(k) for k in keep} | {"runs": len(runs)}

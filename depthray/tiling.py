@@ -178,10 +178,11 @@ def feather_1d(start: int, length: int, total: int, ramp: int) -> torch.Tensor:
     return x * x * (3.0 - 2.0 * x)  # smoothstep: zero slope at both ends, no visible kink
 
 
-def tile_weights(tile: Tile, level: Level) -> torch.Tensor:
-    """Separable feather weights of one tile: [h,w]."""
-    wy = feather_1d(tile.top, tile.height, level.size[0], level.ramp[0])  # [h]
-    wx = feather_1d(tile.left, tile.width, level.size[1], level.ramp[1])  # [w]
+def tile_weights(tile: Tile, level: Level, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Separable feather weights of one tile: [h,w] on `device` (only the two 1-D ramps
+    cross to it, not the [h,w] map)."""
+    wy = feather_1d(tile.top, tile.height, level.size[0], level.ramp[0]).to(device)  # [h]
+    wx = feather_1d(tile.left, tile.width, level.size[1], level.ramp[1]).to(device)  # [w]
     return wy[:, None] * wx[None, :]
 
 

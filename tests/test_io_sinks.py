@@ -148,4 +148,4 @@ def test_manifest_store_on_s3(s3_bucket):
     assert store.completed() == set()
     store.write("x/000", {"status": "complete", "inputs": 3})
     assert store.completed() == {"x/000"}
-    assert store.read("x/000")["inputs"] == 3
+    assert store.read_many(["x/000"])["x/000"]["inputs"] == 3

@@ -43,8 +43,12 @@ class ManifestStore:
                 names.add(rel[: -len(".json")])
         return names
 
-    def read(self, shard: str) -> dict:
-        return json.loads(self.fs.cat_file(self.path(shard)))
+    def read_many(self, shards: list[str]) -> dict[str, dict]:
+        """Manifests of `shards` (which must exist); object stores fetch them concurrently."""
+        if not shards:
+            return {}
+        paths = {self.path(n): n for n in shards}
+        return {paths[p]: json.loads(b) for p, b in self.fs.cat(list(paths)).items()}
 
     def write(self, shard: str, manifest: dict) -> None:
         write_atomic(self.fs, self.path(shard), json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -53,6 +57,17 @@ class ManifestStore:
         path = join(self.root, JOBS_DIR, f"{run_id}.json")
         write_atomic(self.fs, path, json.dumps(summary, indent=1, sort_keys=True).encode())
         return path
+
+    def job_summaries(self) -> list[str]:
+        """Paths of the runs' summaries, oldest first (run ids start with a UTC timestamp)."""
+        base = join(self.root, JOBS_DIR)
+        if not self.fs.exists(base):
+            return []
+        return sorted(p for p in self.fs.ls(base, detail=False)
+                      if p.endswith(".json") and not posixpath.basename(p).startswith("."))
+
+    def read_job_summary(self, path: str) -> dict:
+        return json.loads(self.fs.cat_file(path))
 
 
 @dataclass

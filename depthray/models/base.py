@@ -29,11 +29,16 @@ class DepthModel(Protocol):
     def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor: ...
 
 
-def check_views(views: torch.Tensor, seeds: list[int]) -> None:
-    """Validate a model call's arguments once, with messages that say what was passed."""
+def check_view_tensor(views: torch.Tensor) -> None:
+    """Views must be [N,3,h,w]; the message says what was passed."""
     if not isinstance(views, torch.Tensor) or views.ndim != 4 or views.shape[1] != 3:
         shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
         raise ValueError(f"views must be a float tensor [N,3,h,w], got {shape}")
+
+
+def check_views(views: torch.Tensor, seeds: list[int]) -> None:
+    """Validate a model call's arguments once, with messages that say what was passed."""
+    check_view_tensor(views)
     if len(seeds) != views.shape[0]:
         raise ValueError(f"need one seed per view: {views.shape[0]} views, {len(seeds)} seeds")
 

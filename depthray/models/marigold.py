@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from depthray.models.base import check_views
+from depthray.models.base import check_view_tensor, check_views
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class MarigoldDepthModel:
         """
         if len(index) != len(seeds):
             raise ValueError(f"need one seed per member: {len(index)} members, {len(seeds)} seeds")
-        check_views(views, list(range(views.shape[0])))
+        check_view_tensor(views)
         if index and not 0 <= min(index) <= max(index) < views.shape[0]:
             raise ValueError(f"index must point into the {views.shape[0]} views, got {min(index)}..{max(index)}")
         views = views.float().cpu()

@@ -179,34 +179,26 @@ def _shards_with_white_image(tmp_path: Path, make_image) -> dict[str, set[str]]:
     return expected
 
 
-def test_image_that_always_kills_its_process_becomes_an_error(ray_session, tmp_path, make_image):
+@pytest.mark.parametrize("fault,compute,reason,says", [
+    ("die_if_white", {}, "crashed", "died"),
+    ("hang_if_white", {"batch_timeout_s": 3}, "timeout", "batch_timeout_s=3 s"),
+], ids=["kills-its-process", "hangs"])
+def test_image_that_always_kills_or_hangs_its_worker_becomes_an_error(ray_session, tmp_path, make_image,
+                                                                      fault, compute, reason, says):
     """Ray restarts the actor and retries the batch forever by default; the actor notices a
-    batch whose last attempt died, runs it image by image, and reports the culprit."""
+    batch whose last attempt died, runs it image by image, and reports the culprit. A model
+    call that never returns (a wedged GPU) would stall the job forever instead: past
+    compute.batch_timeout_s the actor ends itself and the same path reports a timeout."""
     expected = _shards_with_white_image(tmp_path, make_image)
-    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), double_model(die_if_white=True),
-                     compute={"images_per_batch": 3})
-    summary = run_job(cfg)
-    assert (summary["shards_complete"], summary["shards_unfinished"]) == (3, {}), summary
-    outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
-    assert [(e["source"], e["key"], e["stage"], e["error"]) for e in errors] == [("00002", "poison", "infer", "crashed")]
-    assert "died" in errors[0]["message"]
-    assert_exactly_once(expected, outs, errors)
-
-
-def test_hung_model_call_ends_the_worker_and_the_image_becomes_an_error(ray_session, tmp_path, make_image):
-    """A model call that never returns (a wedged GPU) would stall the job forever; past
-    compute.batch_timeout_s the actor ends itself, and the image that hangs alone too is
-    recorded as a timeout while its neighbours are labelled."""
-    expected = _shards_with_white_image(tmp_path, make_image)
-    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), double_model(hang_if_white=True),
-                     compute={"images_per_batch": 3, "batch_timeout_s": 3})
+    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), double_model(**{fault: True}),
+                     compute={"images_per_batch": 3, **compute})
     t0 = time.monotonic()
     summary = run_job(cfg)
     assert time.monotonic() - t0 < 200
     assert (summary["shards_complete"], summary["shards_unfinished"]) == (3, {}), summary
     outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
-    assert [(e["source"], e["key"], e["stage"], e["error"]) for e in errors] == [("00002", "poison", "infer", "timeout")]
-    assert "batch_timeout_s=3 s" in errors[0]["message"]
+    assert [(e["source"], e["key"], e["stage"], e["error"]) for e in errors] == [("00002", "poison", "infer", reason)]
+    assert says in errors[0]["message"]
     assert_exactly_once(expected, outs, errors)
 
 
