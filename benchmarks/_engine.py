@@ -52,8 +52,7 @@ def load_engine(folder, s: EngineSettings, **kw):
     from depthray.models.marigold import MarigoldDepthModel
 
     model = MarigoldDepthModel.from_pretrained(folder, dtype=s.dtype, device=s.device,
-                                               processing_resolution=s.resolution,
-                                               num_inference_steps=s.steps, **kw)
+                                               processing_resolution=s.resolution, **kw)
     return model
 
 
@@ -157,8 +156,9 @@ def encode_once_effect(model, images, s: EngineSettings) -> dict:
             v[m, 0, 0, 0] = ((k * e + (m if distinct else 0)) * 0.6180339887) % 1.0
         return v
 
-    t = interleave({"encode_once": lambda: model(batch(False), seeds),
-                    "encode_each": lambda: model(batch(True), seeds)}, s.rounds, s.device)
+    t = interleave({"encode_once": lambda: model(batch(False), seeds, num_inference_steps=s.steps),
+                    "encode_each": lambda: model(batch(True), seeds, num_inference_steps=s.steps)},
+                   s.rounds, s.device)
     return {"speedup": median(t["encode_each"]) / median(t["encode_once"]), "times_s": t}
 
 
@@ -169,7 +169,7 @@ def ensembling_effect(model, pipe, images, s: EngineSettings) -> dict:
 
     e = s.ensemble_size
     view = _views(images, model)
-    members = model(view.repeat(e, 1, 1, 1), list(range(e))).to(s.device)  # [E,h,w]
+    members = model(view.repeat(e, 1, 1, 1), list(range(e)), num_inference_steps=s.steps).to(s.device)  # [E,h,w]
 
     def ours():
         return ensemble_depth(members[None], "median")
@@ -195,7 +195,7 @@ def tiny_decoder_effect(model, decoder_dir, images, s: EngineSettings) -> dict:
     x, _ = model.preprocess(view.to(model.device))
     lat = model.encode(x).repeat(s.batch_size, 1, 1, 1)  # [B,4,h,w]
     noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(0))
-    depth_lat = model.denoise(lat, noise, list(range(s.batch_size)))
+    depth_lat = model.denoise(lat, noise, list(range(s.batch_size)), s.steps)
 
     def decode(dec):
         model.vae_decoder = dec
@@ -231,7 +231,7 @@ def unet_throughput(model, s: EngineSettings, rounds: int) -> dict:
     if getattr(model, "channels_last", False):
         x = x.contiguous(memory_format=torch.channels_last)
     text = model.empty_text_embedding.expand(b, -1, -1)  # [B,2,D]
-    model.scheduler.set_timesteps(model.num_inference_steps, device=model.device)
+    model.scheduler.set_timesteps(s.steps, device=model.device)
     t = model.scheduler.timesteps[0]
 
     @torch.no_grad()
@@ -255,7 +255,7 @@ def _model_batch(model, images, s: EngineSettings):
     view = _views(images, model)
     v = view.repeat(s.batch_size, 1, 1, 1)
     seeds = list(range(s.batch_size))
-    return lambda: model(v, seeds)
+    return lambda: model(v, seeds, num_inference_steps=s.steps)
 
 
 def dtype_effect(folder, bf16_model, images, s: EngineSettings) -> dict:

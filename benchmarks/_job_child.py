@@ -1,6 +1,6 @@
 """One measured run, in its own process (started by benchmarks/_job.py):
 
-    python benchmarks/_job_child.py ray  CONFIG.json        # the Ray job (depthray.pipeline)
+    python benchmarks/_job_child.py ray  CONFIG.json        # the Ray job (depthray.job.driver)
     python benchmarks/_job_child.py loop CONFIG.json OTHER_INPUT_URL
                                                             # the same stages, a plain loop
 
@@ -18,13 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-
 from depthray.config import Config, config_from_dict  # noqa: E402
 
 
 def run_ray(cfg: Config) -> dict:
-    from depthray.pipeline import init_ray, run_job
+    from depthray.job.driver import init_ray, run_job
 
     t0 = time.perf_counter()
     init_ray(cfg.compute.address)
@@ -34,33 +32,17 @@ def run_ray(cfg: Config) -> dict:
     return {"ray_init_s": ray_init_s, **{k: summary[k] for k in keep}}
 
 
-def _shard_tables(cfg: Config):
-    from depthray.io.sources import list_shards
-
-    for s in list_shards(cfg.input, cfg.storage):
-        yield pa.Table.from_pylist([{"name": s.name, "url": s.url, "format": s.format}])
-
-
 def loop_once(cfg: Config, predictor) -> tuple[int, float]:
-    """read -> decode -> infer -> encode -> write with the job's own stage functions."""
-    from depthray.io.codecs import encode_batch
-    from depthray.io.decode import decode_batch
-    from depthray.io.records import is_trailer
-    from depthray.io.sinks import write_batch
-    from depthray.io.sources import read_shards
-    from depthray.pipeline import model_label
+    """read -> decode -> infer -> encode -> write: the job's own stage chain, in a plain loop
+    (depthray.job.local), sharing one loaded model between passes."""
+    from depthray.job.checks import list_input_shards
+    from depthray.job.local import LocalRunner, shard_tables
+    from depthray.job.stages import job_stages
 
     t0 = time.perf_counter()
-    images = 0
-    for item in _shard_tables(cfg):
-        for block in read_shards(item, cfg.input, cfg.storage):
-            decoded = decode_batch(block, cfg.input, keep_input=False)
-            step = cfg.compute.images_per_batch
-            encoded = [encode_batch(predictor(decoded.slice(i, step)), cfg.quality.max_uncertainty_mean)
-                       for i in range(0, decoded.num_rows, step)]
-            table = pa.concat_tables(encoded)
-            images += sum(1 for r in table.to_pylist() if not is_trailer(r) and r.get("error") is None)
-            write_batch(table, cfg.output, cfg.storage, model_label(cfg), cfg.hash())
+    runner = LocalRunner(job_stages(cfg), built={"infer": predictor})
+    images = sum(sum(ack.column("outputs").to_pylist())
+                 for ack in runner.run(shard_tables(list_input_shards(cfg))))
     return images, time.perf_counter() - t0
 
 
@@ -70,12 +52,10 @@ def _with_urls(cfg: Config, input_url: str, output_url: str) -> Config:
 
 
 def run_loop(cfg: Config, big_input: str) -> dict:
-    from depthray.pipeline import DepthPredictor
+    from depthray.job.stages import job_stages, stage
 
     t0 = time.perf_counter()
-    # The same constructor arguments as build_dataset's fn_constructor_kwargs.
-    predictor = DepthPredictor(model_spec=dataclasses.asdict(cfg.model), inference=cfg.inference,
-                               storage=cfg.storage)
+    predictor = stage(job_stages(cfg), "infer").make()  # what each Ray actor builds
     load_s = time.perf_counter() - t0
     # Warm-up: the whole 1x input once, untimed, into its own output folder.
     loop_once(_with_urls(cfg, cfg.input.url, cfg.output.url + "-warmup"), predictor)

@@ -131,21 +131,17 @@ def gpu_throughput(model, images, s: EngineSettings, table: list) -> dict:
     from depthray.predict import predict_images
 
     out = {}
-    model.num_inference_steps = 1
-    try:
-        for e in (1, 10):
-            cfg = {**s.inference(), "ensemble_size": e}
+    for e in (1, 10):
+        cfg = {**s.inference(), "ensemble_size": e, "num_inference_steps": 1}
 
-            def run():
-                model.clear_cache()
-                predict_images(images, model, cfg)
+        def run():
+            model.clear_cache()
+            predict_images(images, model, cfg)
 
-            t = _common.median(_common.interleave({"run": run}, s.rounds, s.device)["run"])
-            ips = len(images) / t
-            out[f"members_{e}"] = {"images_per_s": ips, "gpu_hours_per_million": 1e6 / ips / 3600}
-            table.append(("gpu", f"1 step, {e} members", f"{ips:.2f} img/s", f"{1e6 / ips / 3600:.1f} GPU-h per 1M images"))
-    finally:
-        model.num_inference_steps = s.steps
+        t = _common.median(_common.interleave({"run": run}, s.rounds, s.device)["run"])
+        ips = len(images) / t
+        out[f"members_{e}"] = {"images_per_s": ips, "gpu_hours_per_million": 1e6 / ips / 3600}
+        table.append(("gpu", f"1 step, {e} members", f"{ips:.2f} img/s", f"{1e6 / ips / 3600:.1f} GPU-h per 1M images"))
     return out
 
 

@@ -26,18 +26,11 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
     from tqdm import tqdm
 
     from depthray.config import load_config
-    from depthray.io.decode import DecodeError, decode_image
-    from depthray.models.loading import load_model
+    from depthray.job.local import predict_files
     from depthray.models.tiny import ensure_tiny_model
-    from depthray.predict import predict_images
-    from depthray.visualize import colorize, side_by_side
 
     overrides = list(args.set or [])
     if args.model:
@@ -46,29 +39,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.tiny:
         cfg.model.path = str(ensure_tiny_model())
         print("using the built-in tiny random-weight model: its depth is meaningless (plumbing only)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_model(cfg.model)
-    chunk = max(1, cfg.compute.images_per_batch)
-    failed = 0
     with tqdm(total=len(args.images), unit="img", desc="depth") as bar:
-        for start in range(0, len(args.images), chunk):
-            paths, images = [], []
-            for p in args.images[start : start + chunk]:
-                try:  # decoded exactly as the job decodes (EXIF, modes, size limits)
-                    images.append(decode_image(Path(p).read_bytes(), cfg.input.max_pixels, cfg.input.min_side)[0])
-                    paths.append(p)
-                except (OSError, DecodeError) as e:  # unreadable file: report, keep going
-                    failed += 1
-                    tqdm.write(f"skipped {p}: {type(e).__name__}: {e}")
-                    bar.update(1)
-            for p, img, res in zip(paths, images, predict_images(images, model, cfg.inference)):
-                stem = Path(p).stem
-                depth16 = np.round(res.depth * 65535).astype(np.uint16)
-                Image.fromarray(depth16).save(out / f"{stem}.depth.png")
-                Image.fromarray(side_by_side(img, colorize(res.depth))).save(out / f"{stem}.preview.png")
-                bar.update(1)
-    print(f"wrote {len(args.images) - failed} depth maps to {out}/ "
+        def done(path: str, row: dict) -> None:
+            if row.get("error"):
+                tqdm.write(f"skipped {path}: {row['error']}: {row['message']}")
+            bar.update(1)
+
+        failed = predict_files(args.images, cfg, args.out, on_done=done)
+    print(f"wrote {len(args.images) - failed} depth maps to {args.out}/ "
           "({stem}.depth.png: 16-bit, depth*65535, 0 = near; {stem}.preview.png: input | depth)")
     return 1 if failed else 0
 
@@ -88,7 +66,7 @@ def _print_summary(summary: dict) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from depthray.config import load_config
-    from depthray.pipeline import run_job
+    from depthray.job.driver import run_job
 
     cfg = load_config(args.config, args.set)
     summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)

@@ -77,7 +77,7 @@ def run_demo(workdir: str | Path = "demo_output", num_cpus: int | None = None) -
     from depthray.evaluate import evaluate
     from depthray.preview import write_preview
     from depthray.models.tiny import ensure_tiny_model
-    from depthray.pipeline import init_ray, run_job
+    from depthray.job.driver import init_ray, run_job
 
     root = Path(workdir).resolve()
     data = yaml.safe_load(DEMO_CONFIG)

@@ -24,10 +24,6 @@ from depthray.tiling import plan_tiles
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROCESSING_RESOLUTION = 768  # Marigold checkpoints' default
-DEFAULT_STEPS = 1  # marigold-depth-v1-1's default (trailing DDIM); LCM checkpoints use more
-
-
 @dataclass
 class ImagePlan:
     height: int
@@ -42,24 +38,21 @@ class ImagePlan:
     gpu_seconds: float | None  # model_evaluations x seconds_per_evaluation, if known
 
 
-def checkpoint_defaults(cfg: Config) -> tuple[int, int, str]:
+def model_settings(cfg: Config) -> tuple[int, int, str]:
     """(processing resolution, steps, where they came from) without loading the model.
 
-    Config values win; then a local checkpoint's model_index.json; then Marigold defaults.
+    Config values win; then a local checkpoint's model_index.json; then Marigold defaults
+    (depthray.models.checkpoints, the same reading the engine does when it loads).
     """
+    from depthray.models.checkpoints import checkpoint_defaults as registered
+
     res, steps = cfg.model.processing_resolution, cfg.inference.num_inference_steps
-    source = "config"
-    if res is None or steps is None:
-        index_file = Path(cfg.model.path) / "model_index.json" if "://" not in cfg.model.path else None
-        index = {}
-        if index_file is not None and index_file.is_file():
-            index = json.loads(index_file.read_text())
-            source = f"config + {index_file}"
-        else:
-            source = "config + Marigold defaults"
-        res = res or index.get("default_processing_resolution") or DEFAULT_PROCESSING_RESOLUTION
-        steps = steps or index.get("default_denoising_steps") or DEFAULT_STEPS
-    return int(res), int(steps), source
+    if res is not None and steps is not None:
+        return int(res), int(steps), "config"
+    local = cfg.model.path if "://" not in cfg.model.path else None
+    found = registered(local)
+    return (int(res or found.processing_resolution), int(steps or found.denoising_steps),
+            f"config + {found.source}")
 
 
 def plan_image(
@@ -72,7 +65,7 @@ def plan_image(
     seconds_per_evaluation: float | None = None,
 ) -> ImagePlan:
     """Views, evaluations and GPU time for one image of the given size."""
-    default_res, default_steps, _ = checkpoint_defaults(cfg)
+    default_res, default_steps, _ = model_settings(cfg)
     res = processing_resolution or default_res
     steps = steps or default_steps
     plan = plan_tiles(height, width, res, cfg.inference.tiling)
@@ -156,24 +149,24 @@ def measure_seconds_per_evaluation(cfg: Config, repeats: int = 2) -> float:
 
     import torch
 
-    from depthray.models.base import denoising_steps
+    from depthray.models.base import step_arguments
     from depthray.models.loading import load_model
 
     model = load_model(cfg.model)
     res = int(model.processing_resolution)
     b = cfg.inference.batch_size
     views = torch.rand(b, 3, max(8, res * 3 // 4), res, generator=torch.Generator().manual_seed(0))
-    with denoising_steps(model, cfg.inference.num_inference_steps):
-        steps = int(getattr(model, "num_inference_steps", 1))
-        clear = getattr(model, "clear_cache", None)
-        model(views, list(range(b)))  # warm-up: kernels, allocator, lazy init
-        best = float("inf")
-        for r in range(repeats):
-            if clear:
-                clear()  # encode every view, as a job does for new images
-            t0 = time.perf_counter()
-            model(views, [b * (r + 1) + i for i in range(b)])
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
+    kwargs = step_arguments(model, cfg.inference.num_inference_steps)
+    steps = kwargs.get("num_inference_steps") or int(getattr(model, "default_num_inference_steps", 1))
+    clear = getattr(model, "clear_cache", None)
+    model(views, list(range(b)), **kwargs)  # warm-up: kernels, allocator, lazy init
+    best = float("inf")
+    for r in range(repeats):
+        if clear:
+            clear()  # encode every view, as a job does for new images
+        t0 = time.perf_counter()
+        model(views, [b * (r + 1) + i for i in range(b)], **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
     return best / (b * steps)

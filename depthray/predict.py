@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from depthray.config import InferenceConfig, inference_config
 from depthray.ensemble import ensemble_depth
-from depthray.models.base import DepthModel, denoising_steps
+from depthray.models.base import DepthModel, step_arguments
 from depthray.tiling import (
     Tile,
     TileBlender,
@@ -207,6 +207,7 @@ def _stream_members(
     requests = [(i, m) for i in order for m in range(e)]
     pending: dict[int, list[torch.Tensor | None]] = {}
     distinct_views = hasattr(model, "predict_views")
+    steps = step_arguments(model, cfg.num_inference_steps)  # {} = the model's default
     for start in range(0, len(requests), cfg.batch_size):
         chunk = requests[start : start + cfg.batch_size]
         for group in _group_by_shape(chunk, views):
@@ -215,9 +216,9 @@ def _stream_members(
                 order = list(dict.fromkeys(i for i, _ in group))
                 where = {i: u for u, i in enumerate(order)}
                 batch = torch.stack([pixels(views[i]) for i in order])  # [U,3,h,w]
-                out = model.predict_views(batch, [where[i] for i, _ in group], seeds)  # [B,h,w]
+                out = model.predict_views(batch, [where[i] for i, _ in group], seeds, **steps)  # [B,h,w]
             else:  # the plain interface: one view per member
-                out = model(torch.stack([pixels(views[i]) for i, _ in group]), seeds)  # [B,h,w]
+                out = model(torch.stack([pixels(views[i]) for i, _ in group]), seeds, **steps)  # [B,h,w]
             for (i, m), depth in zip(group, out):
                 pending.setdefault(i, [None] * e)[m] = depth.float()
         for i in [i for i, ms in pending.items() if all(m is not None for m in ms)]:
@@ -246,8 +247,8 @@ def predict_images(
 ) -> list[DepthResult]:
     """Predict depth for several images, sharing model batches across them."""
     cfg = inference_config(config)
-    with denoising_steps(model, cfg.num_inference_steps):
-        return _predict_images(images, model, cfg)
+    step_arguments(model, cfg.num_inference_steps)  # a model without steps fails before any work
+    return _predict_images(images, model, cfg)
 
 
 def _fusion_device(model: DepthModel) -> torch.device:

@@ -16,7 +16,7 @@ from depthray.io.manifest import ManifestStore
 
 def job_status(cfg: Config) -> dict[str, Any]:
     """Shards complete / to do, images and errors in complete shards, other configs, last run."""
-    from depthray.pipeline import list_input_shards
+    from depthray.job.checks import list_input_shards
 
     shards = list_input_shards(cfg)
     store = ManifestStore(cfg.output.url, cfg.storage)

@@ -1,9 +1,9 @@
 """`depthray submit`: run a job on a Ray cluster through its Job API (`ray job submit`).
 
 The config is validated here, before anything is uploaded, then shipped in a small working
-directory with `python -m depthray.pipeline job.yaml` as the entry point. By default the
-local depthray package travels too (runtime_env py_modules), so the cluster runs exactly
-the code you have; `ship_code=False` uses the version installed on the cluster instead.
+directory with `python -m depthray run job.yaml` (the same `depthray run` as on a laptop)
+as the entry point. By default the local depthray package travels too (runtime_env
+py_modules), so the cluster runs exactly the code you have; `ship_code=False` uses the version installed on the cluster instead.
 Credentials are never put in the runtime env (it is visible in the dashboard): clusters
 should use instance roles; only the non-secret endpoint/region variables are forwarded.
 """
@@ -73,7 +73,7 @@ def submit(config_path: str, overrides: list[str] | None = None, address: str | 
             runtime_env["py_modules"] = [str(Path(depthray.__file__).parent)]
         client = JobSubmissionClient(address, headers=_auth_headers())
         job_id = client.submit_job(
-            entrypoint="python -m depthray.pipeline job.yaml",
+            entrypoint="python -m depthray run job.yaml",
             runtime_env=runtime_env,
             metadata={"depthray_config": Path(config_path).name, "config_hash": cfg.hash()},
         )

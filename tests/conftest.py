@@ -64,7 +64,7 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_marigold(tmp_path_factory.mktemp("models") / "tiny-marigold")
 
 
-# ---- shared by the io and pipeline tests (depthray.io, depthray.pipeline) ----------------
+# ---- shared by the io and pipeline tests (depthray.io, depthray.job) ----------------
 
 
 def _encode_image(arr, fmt: str = "JPEG") -> bytes:

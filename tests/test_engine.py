@@ -32,11 +32,7 @@ def test_matches_diffusers_marigold_pipeline(tiny_model_dir, model, size, steps)
     processed, _ = model.preprocess(image)
     noise = initial_noise([7], (4, processed.shape[-2] // 8, processed.shape[-1] // 8))
 
-    model.num_inference_steps = steps
-    try:
-        ours = model(image, [7])  # [1,h,w]
-    finally:
-        model.num_inference_steps = model.default_num_inference_steps
+    ours = model(image, [7], num_inference_steps=steps)  # [1,h,w]
     ref = pipe(image, processing_resolution=RES, ensemble_size=1, latents=noise,
                num_inference_steps=steps, output_type="pt").prediction  # [1,1,h,w]
 
@@ -48,7 +44,7 @@ def test_matches_diffusers_marigold_pipeline(tiny_model_dir, model, size, steps)
 def test_checkpoint_defaults_come_from_model_index(tiny_model_dir):
     m = depthray.load_model({"kind": "marigold", "path": str(tiny_model_dir)})
     assert m.processing_resolution == 768
-    assert m.num_inference_steps == 4
+    assert m.default_num_inference_steps == 4
     assert m.empty_text_embedding.shape[:2] == (1, 2)  # "" -> [BOS, EOS]
 
 
@@ -216,12 +212,12 @@ def test_lcm_checkpoint_runs_one_step_by_default(tmp_path):
 
     ckpt = build_tiny_marigold(tmp_path / "lcm", scheduler="lcm")
     m = depthray.load_model({"kind": "marigold", "path": str(ckpt), "processing_resolution": RES})
-    assert type(m.scheduler).__name__ == "LCMScheduler" and m.num_inference_steps == 1
+    assert type(m.scheduler).__name__ == "LCMScheduler" and m.default_num_inference_steps == 1
     v = _views(2)
     torch.testing.assert_close(m(v, [1, 2]), m(v, [1, 2]), atol=0, rtol=0)
-    m.num_inference_steps = 2  # multi-step LCM injects noise: still deterministic per seed
-    a = m(v, [1, 2])
-    torch.testing.assert_close(m(v[1:], [2])[0], a[1], atol=1e-5, rtol=1e-5)
+    # multi-step LCM injects noise: still deterministic per seed
+    a = m(v, [1, 2], num_inference_steps=2)
+    torch.testing.assert_close(m(v[1:], [2], num_inference_steps=2)[0], a[1], atol=1e-5, rtol=1e-5)
 
 
 def test_compile_keeps_results_and_handles_new_shapes(tiny_model_dir):

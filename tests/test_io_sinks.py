@@ -22,7 +22,7 @@ from depthray.io.codecs import (
     encode_uncertainty_png16,
 )
 from depthray.io.fs import write_atomic
-from depthray.io.manifest import ManifestStore, plan_shards
+from depthray.io.manifest import ManifestStore, resume_shards
 from depthray.io.sinks import safe_key, write_batch
 from depthray.io.sources import Shard
 
@@ -134,12 +134,12 @@ def test_plan_skips_complete_and_clears_leftovers(tmp_path):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(b"x")
     ManifestStore(str(out), STORAGE).write("a", {"status": "complete"})
-    plan = plan_shards(shards, cfg, STORAGE)
+    plan = resume_shards(shards, cfg, STORAGE)
     assert [s.name for s in plan.todo] == ["b"] and plan.skipped == ["a"]
     assert plan.deleted_parts == 3
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.json", "a.part-0123456789abcdef.parquet"]
     # overwrite: everything is redone, manifests go too
-    plan = plan_shards(shards, OutputConfig(url=str(out), overwrite=True), STORAGE)
+    plan = resume_shards(shards, OutputConfig(url=str(out), overwrite=True), STORAGE)
     assert [s.name for s in plan.todo] == ["a", "b"] and not list(out.rglob("*.json"))
 
 

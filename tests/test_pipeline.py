@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from depthray.config import ConfigError, config_from_dict
-from depthray.pipeline import run_job
+from depthray.job.driver import run_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -198,8 +198,8 @@ def test_output_inside_input_is_refused_before_any_work(tmp_path, tiny_model_dir
         run_job(job_config(tiny_model_dir, str(tmp_path / "imgs"), str(tmp_path / "imgs" / "depth")))
     # A glob over shard files may share a parent folder with the outputs.
     from depthray.io.sources import list_shards
-    from depthray.pipeline import _check_paths
+    from depthray.job.checks import check_paths
 
     (tmp_path / "imgs" / "000.tar").write_bytes(b"")
     cfg = job_config(tiny_model_dir, str(tmp_path / "imgs" / "*.tar"), str(tmp_path / "imgs" / "depth"))
-    _check_paths(cfg, list_shards(cfg.input, cfg.storage))
+    check_paths(cfg, list_shards(cfg.input, cfg.storage))

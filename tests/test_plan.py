@@ -11,7 +11,7 @@ import torch
 
 from depthray.cli import main
 from depthray.config import config_from_dict
-from depthray.plan import checkpoint_defaults, plan_image
+from depthray.plan import model_settings, plan_image
 from depthray.predict import predict_image
 
 
@@ -20,10 +20,10 @@ class _CountingDouble:
 
     def __init__(self, processing_resolution: int):
         self.processing_resolution = processing_resolution
-        self.num_inference_steps = 1  # accepts inference.num_inference_steps (and ignores it)
         self.seen = 0
 
-    def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def __call__(self, views: torch.Tensor, seeds: list[int], num_inference_steps: int | None = None) -> torch.Tensor:
+        # accepts inference.num_inference_steps (and ignores it)
         self.seen += views.shape[0]
         d = views[:, 0]  # [N,h,w]
         lo, hi = d.flatten(1).amin(1)[:, None, None], d.flatten(1).amax(1)[:, None, None]
@@ -51,12 +51,12 @@ def test_plan_matches_what_inference_runs(h, w, fusion):
 def test_checkpoint_defaults_from_config_then_model_index_then_marigold(tmp_path):
     cfg = config_from_dict({"model": {"path": str(tmp_path), "processing_resolution": 512},
                             "inference": {"num_inference_steps": 2}})
-    assert checkpoint_defaults(cfg)[:2] == (512, 2)
+    assert model_settings(cfg)[:2] == (512, 2)
     (tmp_path / "model_index.json").write_text(json.dumps(
         {"default_processing_resolution": 640, "default_denoising_steps": 4}))
-    assert checkpoint_defaults(config_from_dict({"model": {"path": str(tmp_path)}}))[:2] == (640, 4)
+    assert model_settings(config_from_dict({"model": {"path": str(tmp_path)}}))[:2] == (640, 4)
     hub = config_from_dict({"model": {"path": "prs-eth/marigold-depth-v1-1"}})
-    assert checkpoint_defaults(hub)[:2] == (768, 1)
+    assert model_settings(hub)[:2] == (768, 1)
 
 
 def test_plan_cli(tmp_path, capsys):

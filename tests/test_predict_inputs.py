@@ -82,15 +82,14 @@ def test_distinct_views_path_equals_the_plain_interface(model):
 
     class CallOnly:  # the bare model interface: __call__ and processing_resolution
         processing_resolution = model.processing_resolution
-        num_inference_steps = model.num_inference_steps
 
-        def __call__(self, views, seeds):
-            return model(views, seeds)
+        def __call__(self, views, seeds, num_inference_steps=None):
+            return model(views, seeds, num_inference_steps)
 
     calls = []
     real = model.predict_views
-    model.predict_views = lambda views, index, seeds: calls.append((views.shape[0], len(index))) or real(
-        views, index, seeds)
+    model.predict_views = lambda views, index, seeds, **kw: calls.append((views.shape[0], len(index))) or real(
+        views, index, seeds, **kw)
     cfg = {**CFG, "tiling": {"mode": "on", "working_resolution": 128}}
     try:
         images = [_rgb(40, 50, seed=9), _rgb(64, 48, seed=10)]
@@ -132,12 +131,15 @@ def test_num_inference_steps_from_config_reaches_the_model(model):
     img = _rgb(40, 50, seed=9)
     one = depthray.predict_image(img, model, {**CFG, "ensemble_size": 1, "num_inference_steps": 1})
     default = depthray.predict_image(img, model, {**CFG, "ensemble_size": 1})
-    assert model.num_inference_steps == model.default_num_inference_steps  # restored afterwards
-    model.num_inference_steps = 1
-    try:
-        direct = depthray.predict_image(img, model, {**CFG, "ensemble_size": 1})
-    finally:
-        model.num_inference_steps = model.default_num_inference_steps
+    assert not hasattr(model, "num_inference_steps"), "steps are a call argument, never model state"
+
+    class OneStep:  # the same model, always called with one step whatever predict asks
+        processing_resolution = model.processing_resolution
+
+        def __call__(self, views, seeds):
+            return model(views, seeds, num_inference_steps=1)
+
+    direct = depthray.predict_image(img, OneStep(), {**CFG, "ensemble_size": 1})
     np.testing.assert_array_equal(one.depth, direct.depth)
     assert np.abs(one.depth - default.depth).max() > 1e-4
 

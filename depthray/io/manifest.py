@@ -71,13 +71,15 @@ class ManifestStore:
 
 
 @dataclass
-class Plan:
+class Resume:
+    """What a run has to do: the shards left, those complete from an earlier run."""
+
     todo: list[Shard]
     skipped: list[str] = field(default_factory=list)  # complete from an earlier run
     deleted_parts: int = 0
 
 
-def plan_shards(shards: list[Shard], cfg: OutputConfig, storage: StorageConfig) -> Plan:
+def resume_shards(shards: list[Shard], cfg: OutputConfig, storage: StorageConfig) -> Resume:
     """Skip completed shards; delete leftovers of the rest (parts, temp files, manifests
     when overwriting) so the shards can be redone from scratch."""
     store = ManifestStore(cfg.url, storage)
@@ -109,4 +111,4 @@ def plan_shards(shards: list[Shard], cfg: OutputConfig, storage: StorageConfig) 
         deleted = len(stale)
         if deleted:
             log.info("deleted %d leftover file(s) of %d unfinished shard(s)", deleted, len(redo))
-    return Plan(todo=todo, skipped=skipped, deleted_parts=deleted)
+    return Resume(todo=todo, skipped=skipped, deleted_parts=deleted)

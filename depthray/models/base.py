@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -22,6 +22,9 @@ class DepthModel(Protocol):
     member n = views[index[n]]: the same members, left on the model's device. predict.py
     uses it when present, so a view crosses to the device once however many members it
     has, and members are ensembled and fused where they were made.
+
+    Optional: a ``num_inference_steps`` keyword on both calls, for models with denoising
+    steps (see `step_arguments`); without it, `inference.num_inference_steps` must be null.
     """
 
     processing_resolution: int
@@ -43,24 +46,20 @@ def check_views(views: torch.Tensor, seeds: list[int]) -> None:
         raise ValueError(f"need one seed per view: {views.shape[0]} views, {len(seeds)} seeds")
 
 
-@contextlib.contextmanager
-def denoising_steps(model: DepthModel, steps: int | None):
-    """Temporarily run `model` with `steps` denoising steps (None = the model's default).
+def step_arguments(model: DepthModel, steps: int | None) -> dict[str, int]:
+    """Keyword arguments that ask `model` for `steps` denoising steps (None = its default).
 
-    Steps are an inference setting, not part of the call interface; models that have no
-    `num_inference_steps` attribute (plug-ins, test doubles) cannot honour it and say so.
+    Steps are a per-call setting, as in diffusers' pipelines: a model that has them takes
+    ``num_inference_steps=`` in ``__call__`` (and ``predict_views``). Models without steps
+    (plug-ins, test doubles) cannot honour a value and say so, instead of ignoring it.
     """
     if steps is None:
-        yield model
-        return
-    if not hasattr(model, "num_inference_steps"):
+        return {}
+    params = inspect.signature(model.__call__).parameters
+    if "num_inference_steps" not in params and not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         raise ValueError(
-            f"inference.num_inference_steps={steps} but {type(model).__name__} has no "
-            "num_inference_steps attribute; leave it null for this model"
+            f"inference.num_inference_steps={steps} but {type(model).__name__} takes no "
+            "num_inference_steps argument; leave it null for this model"
         )
-    before = model.num_inference_steps
-    model.num_inference_steps = steps
-    try:
-        yield model
-    finally:
-        model.num_inference_steps = before
+    return {"num_inference_steps": int(steps)}

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from depthray.models.base import check_view_tensor, check_views
+from depthray.models.checkpoints import checkpoint_defaults, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class MarigoldDepthModel:
         empty_text_embedding: torch.Tensor,
         *,
         processing_resolution: int,
-        num_inference_steps: int,
+        default_num_inference_steps: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         vae_decoder: torch.nn.Module | None = None,
@@ -121,8 +122,9 @@ class MarigoldDepthModel:
         self.scheduler = scheduler
         self.empty_text_embedding = empty_text_embedding.to(self.device, dtype)  # [1,T,D]
         self.processing_resolution = int(processing_resolution)
-        self.default_num_inference_steps = int(num_inference_steps)
-        self.num_inference_steps = int(num_inference_steps)
+        # The checkpoint's default; a call may ask for other steps (a call argument, never
+        # model state, so concurrent or nested callers cannot change each other's settings).
+        self.default_num_inference_steps = int(default_num_inference_steps)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.name = name
@@ -177,7 +179,6 @@ class MarigoldDepthModel:
         variant: str | None = None,
         device: str = "auto",
         processing_resolution: int | None = None,
-        num_inference_steps: int | None = None,
         vae_decoder: str | None = None,
         compile: bool = False,
         name: str | None = None,
@@ -220,18 +221,17 @@ class MarigoldDepthModel:
 
         decoder = None
         if vae_decoder:
-            from depthray.models.loading import resolve_checkpoint
-
             decoder = diffusers.AutoencoderTiny.from_pretrained(resolve_checkpoint(vae_decoder),
                                                                 torch_dtype=torch_dtype)
 
+        defaults = checkpoint_defaults(folder)
         model = cls(
             unet,
             vae,
             scheduler,
             empty,
-            processing_resolution=processing_resolution or index.get("default_processing_resolution") or 768,
-            num_inference_steps=num_inference_steps or index.get("default_denoising_steps") or 1,
+            processing_resolution=processing_resolution or defaults.processing_resolution,
+            default_num_inference_steps=defaults.denoising_steps,
             device=dev,
             dtype=torch_dtype,
             vae_decoder=decoder,
@@ -240,7 +240,7 @@ class MarigoldDepthModel:
         if compile:
             model.compile()
         log.info("loaded %s on %s (%s), %d px, %d steps", model.name, dev, torch_dtype,
-                 model.processing_resolution, model.num_inference_steps)
+                 model.processing_resolution, model.default_num_inference_steps)
         return model
 
     # ------------------------------------------------------------------ stages
@@ -273,14 +273,15 @@ class MarigoldDepthModel:
         return latent * self.scaling_factor
 
     @torch.no_grad()
-    def denoise(self, image_latent: torch.Tensor, noise: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def denoise(self, image_latent: torch.Tensor, noise: torch.Tensor, seeds: list[int],
+                num_inference_steps: int | None = None) -> torch.Tensor:
         """DDIM/LCM steps on the depth latent: [B,4,h,w] x2 -> [B,4,h,w]."""
         b = image_latent.shape[0]
         text = self.empty_text_embedding.expand(b, -1, -1)  # [B,2,D]
         # Per-member generators keep stochastic schedulers (multi-step LCM) independent of batching.
         gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
         latent = to_device(noise, self.device, self.dtype)
-        self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(self.steps(num_inference_steps), device=self.device)
         for t in self.scheduler.timesteps:
             x = torch.cat([image_latent, latent], dim=1)  # [B,8,h,w]
             if self.channels_last:
@@ -297,8 +298,12 @@ class MarigoldDepthModel:
         depth = img.mean(dim=1).clamp(-1.0, 1.0)  # [B,PPH,PPW]
         return (depth + 1.0) / 2.0
 
+    def steps(self, num_inference_steps: int | None) -> int:
+        """Denoising steps of a call: the argument, else the checkpoint's default."""
+        return int(num_inference_steps or self.default_num_inference_steps)
+
     # ------------------------------------------------------------------ interface
-    def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def __call__(self, views: torch.Tensor, seeds: list[int], num_inference_steps: int | None = None) -> torch.Tensor:
         """One member per view: [N,3,h,w] in [0,1] + N seeds -> [N,h,w] float32 in [0,1] (CPU).
 
         Members repeat a view with other seeds; repeats are found here (cheap fingerprint,
@@ -315,9 +320,10 @@ class MarigoldDepthModel:
                 first.append(i)
                 j = len(first) - 1
             index.append(j)
-        return self.predict_views(views[first], index, seeds).cpu()
+        return self.predict_views(views[first], index, seeds, num_inference_steps).cpu()
 
-    def predict_views(self, views: torch.Tensor, index: list[int], seeds: list[int]) -> torch.Tensor:
+    def predict_views(self, views: torch.Tensor, index: list[int], seeds: list[int],
+                      num_inference_steps: int | None = None) -> torch.Tensor:
         """Members of distinct views, left on the model's device.
 
         views: [U,3,h,w] in [0,1], each a different view; member n is views[index[n]] with
@@ -339,10 +345,12 @@ class MarigoldDepthModel:
             chunk = index[start : start + step]
             used = sorted(set(chunk))
             local = {u: k for k, u in enumerate(used)}
-            outs.append(self._predict_batch(views[used], [local[u] for u in chunk], list(seeds[start : start + step])))
+            outs.append(self._predict_batch(views[used], [local[u] for u in chunk],
+                                            list(seeds[start : start + step]), num_inference_steps))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _predict_batch(self, views: torch.Tensor, index: list[int], seeds: list[int]) -> torch.Tensor:
+    def _predict_batch(self, views: torch.Tensor, index: list[int], seeds: list[int],
+                       num_inference_steps: int | None) -> torch.Tensor:
         """views [U,3,h,w] distinct (CPU), member n = views[index[n]] -> [N,h,w] on the device."""
         h, w = views.shape[-2:]
         # 1. Distinct views already encoded by an earlier call come from the cache.
@@ -366,7 +374,7 @@ class MarigoldDepthModel:
         image_latent = torch.cat([latents[u] for u in index])  # [B,4,h,w]
         # 3. Denoise from seeded noise.
         noise = initial_noise(seeds, tuple(image_latent.shape[1:]))  # [B,4,h,w]
-        latent = self.denoise(image_latent, noise, seeds)
+        latent = self.denoise(image_latent, noise, seeds, num_inference_steps)
         # 4. Decode, unpad, back to the view size.
         depth = self.decode(latent).float()  # [B,PPH,PPW]
         ph, pw = padding

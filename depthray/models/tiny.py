@@ -242,7 +242,7 @@ def build_tiny_vae_decoder(out_dir: str | os.PathLike, preset: str = "tiny", see
 
 
 def default_tiny_model_dir() -> Path:
-    from depthray.models.loading import default_cache_dir
+    from depthray.models.checkpoints import default_cache_dir
 
     return default_cache_dir() / "models" / "tiny-marigold"
 

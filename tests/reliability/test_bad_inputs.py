@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from depthray.pipeline import run_job
+from depthray.job.driver import run_job
 from tests.reliability.conftest import assert_exactly_once, assert_no_partial_files, job_config, read_outputs
 
 pytestmark = pytest.mark.timeout(300)

@@ -64,7 +64,7 @@ def test_io_problems_are_reported_before_any_work(tmp_path, make_image, monkeypa
     import ray
 
     from depthray.config import ConfigError, config_from_dict
-    from depthray.pipeline import run_job
+    from depthray.job.driver import run_job
 
     data = base(tmp_path, make_image)
     needles = {

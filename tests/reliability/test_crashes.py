@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from depthray.pipeline import run_job
+from depthray.job.driver import run_job
 from tests.reliability.conftest import (
     REPO,
     assert_exactly_once,
@@ -234,10 +234,10 @@ def test_batch_timeout_default_is_on_for_gpu_actors_only(device, configured, exp
     """null = auto: a GPU actor watches its model calls (1800 s), a CPU actor does not (a slow
     CPU batch is not a hang); an explicit value wins, 0 = off. The double only reports the
     device (`device` attribute, as a loaded Marigold model does); nothing runs on it."""
-    from depthray.config import InferenceConfig, StorageConfig
-    from depthray.pipeline import DepthPredictor
+    from depthray.config import InferenceConfig, StorageConfig, model_config
+    from depthray.job.predictor import DepthPredictor
 
-    spec = {**double_model(device=device), "kind": "marigold", "path": ""}
+    spec = model_config({**double_model(device=device), "kind": "marigold", "path": ""})
     actor = DepthPredictor(spec, InferenceConfig(), StorageConfig(), timeout_s=configured)
     assert actor.model.device.type == device
     assert actor.timeout_s == expected

@@ -16,7 +16,7 @@ import fsspec
 import pytest
 
 from depthray.config import ConfigError
-from depthray.pipeline import run_job
+from depthray.job.driver import run_job
 from tests.reliability.conftest import (
     assert_exactly_once,
     assert_no_partial_files,

@@ -1,4 +1,4 @@
-"""Driver bookkeeping (depthray.stats): commit only complete shards, refuse duplicates,
+"""Driver bookkeeping (depthray.job.ledger): commit only complete shards, refuse duplicates,
 progress with a time-left estimate."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from depthray.stats import ShardTracker, format_duration
+from depthray.job.ledger import ShardLedger, format_duration
 
 
 def ack(source: str, outputs: int, errors: int = 0, total: int | None = None) -> dict:
@@ -20,7 +20,7 @@ def ack(source: str, outputs: int, errors: int = 0, total: int | None = None) ->
 
 def test_commits_a_shard_once_all_rows_landed_and_estimates_time_left():
     commits = {}
-    t = ShardTracker({"a": "u/a", "b": "u/b", "c": "u/c"}, commits.__setitem__, {"run_id": "r"})
+    t = ShardLedger({"a": "u/a", "b": "u/b", "c": "u/c"}, commits.__setitem__, {"run_id": "r"})
     t.update(ack("a", 6))
     assert commits == {} and t.eta_seconds() is None  # no shard finished: no basis for a guess
     t.update(ack("a", 3, errors=1, total=10))
@@ -38,11 +38,11 @@ def test_commits_a_shard_once_all_rows_landed_and_estimates_time_left():
 
 
 def test_more_rows_than_read_is_refused_and_late_acks_are_ignored():
-    t = ShardTracker({"a": "u/a", "b": "u/b"}, lambda *a: None, {})
+    t = ShardLedger({"a": "u/a", "b": "u/b"}, lambda *a: None, {})
     with pytest.raises(RuntimeError, match="refusing to commit a duplicate"):
         t.update(ack("a", 3, total=2))  # 3 outputs + trailer for a shard of 2 images
     commits = []
-    t = ShardTracker({"b": "u/b"}, lambda name, m: commits.append(name), {})
+    t = ShardLedger({"b": "u/b"}, lambda name, m: commits.append(name), {})
     t.update(ack("b", 2, total=2))
     t.update(ack("b", 1))  # a retried write after the commit: never a second commit
     assert commits == ["b"] and t.images == 2

@@ -1,6 +1,6 @@
-"""Driver-side bookkeeping: which shards are complete, progress lines, the job summary.
+"""The driver's shard ledger: which shards are complete, progress lines, the job totals.
 
-The write stage returns one small ACK row per (batch, shard). The tracker adds them up;
+The write stage returns one small ACK row per (batch, shard). The ledger adds them up;
 when a shard's rows-written equals the count its reader announced in the trailer, the
 shard is complete and its manifest is written (the commit point). Nothing here touches
 images, so the driver's memory stays small whatever the dataset size.
@@ -38,7 +38,7 @@ class ShardState:
         return self.total is not None and self.failed is None and self.rows == self.total + 1
 
 
-class ShardTracker:
+class ShardLedger:
     def __init__(self, shards: dict[str, str], commit: Callable[[str, dict], None],
                  static: dict[str, Any], log_every_s: float = 10.0):
         self.states = {name: ShardState(url=url) for name, url in shards.items()}

@@ -1,0 +1,89 @@
+"""Pre-run checks: everything that can be known wrong before a worker starts.
+
+The input is listed, outputs must never be read back as inputs, and the output must be
+writable and the input's folder or bucket reachable. Each failure is a ConfigError naming
+the URL, raised before Ray starts. Nothing here imports Ray (`depthray status` uses it).
+"""
+
+from __future__ import annotations
+
+import re
+
+from depthray.config import Config, ConfigError
+from depthray.io.sources import Shard, list_shards
+
+
+def list_input_shards(cfg: Config) -> list[Shard]:
+    """The input's shards; any failure to list them is a ConfigError naming the URL.
+    (Storage clients raise more than OSError: botocore's NoCredentialsError,
+    EndpointConnectionError, ... all mean the URL cannot be used.)"""
+    try:
+        return list_shards(cfg.input, cfg.storage)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"input.url {cfg.input.url!r}: cannot list it ({describe_error(e)})") from e
+
+
+def check_paths(cfg: Config, shards: list[Shard]) -> None:
+    """Outputs must never become inputs: not inside an input folder, not matched by the input."""
+    out = cfg.output.url.rstrip("/")
+    out_path = out.split("://", 1)[-1]
+    inp = cfg.input.url.rstrip("/")
+    is_pattern = any(c in inp for c in "*?[{") or inp.lower().endswith((".txt", ".lst", ".list"))
+    inside_folder = not is_pattern and (out == inp or out.startswith(inp + "/"))
+    clash = next((s.url for s in shards if s.url.split("://", 1)[-1].startswith(out_path + "/")), None)
+    if inside_folder or clash:
+        raise ConfigError(f"output.url {cfg.output.url!r} overlaps input.url {cfg.input.url!r}"
+                          + (f" (input shard {clash} is under the output)" if clash else "")
+                          + "; outputs would be read back as inputs")
+
+
+_RAY_WRAPPERS = {"RayTaskError", "UserCodeException", "RayActorError"}
+
+
+def describe_error(e: BaseException, limit: int = 500) -> str:
+    """One line for an exception: Ray wraps task errors in tracebacks; name the root cause."""
+    top, seen = e, set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None) or e.__cause__  # RayTaskError keeps it in .cause
+        if not isinstance(cause, BaseException):
+            break
+        e = cause
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if type(e).__module__.startswith("ray"):  # the cause lives only in the traceback text
+        for ln in str(top).splitlines():
+            m = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", ln.strip())
+            if m and not m.group(1).startswith("ray.") and m.group(1) not in _RAY_WRAPPERS:
+                text = f"{m.group(1)}: {m.group(2)}"
+                break
+    return text[:limit]
+
+
+def check_storage(cfg: Config, shards: list[Shard], run_id: str) -> None:
+    """Fail fast, naming the URL, when the output cannot be written or the input's folder
+    or bucket does not exist / is forbidden. A single missing shard is not fatal: its reader
+    reports it and the next run retries it."""
+    from depthray.io.fs import filesystem, join, write_atomic
+
+    fs, root = filesystem(cfg.output.url, cfg.storage)
+    probe = join(root, "_jobs", f".probe-{run_id}")
+    try:
+        write_atomic(fs, probe, b"")
+        fs.rm_file(probe)
+    except Exception as e:
+        raise ConfigError(f"output.url {cfg.output.url!r}: not writable ({describe_error(e)})") from e
+    first = shards[0].url
+    fs, path = filesystem(first, cfg.storage)
+    try:
+        if fs.exists(path):
+            return
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        if parent == path.rstrip("/") or not fs.exists(parent):
+            raise ConfigError(f"input.url {cfg.input.url!r}: {first} and its folder/bucket do not exist")
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"input.url {cfg.input.url!r}: cannot read {first} ({describe_error(e)})") from e

@@ -1,0 +1,102 @@
+"""The driver: `run_job(cfg)` lists the input, resumes, runs the stages on Ray, and commits.
+
+    1. list + resume   depthray/job/checks.py, depthray/io/manifest.py (before Ray starts)
+    2. run             depthray/job/stages.py as a Ray Data graph (depthray/job/ray_graph.py)
+    3. commit          the write stage's acknowledgements -> depthray/job/ledger.py, which
+                       writes a shard's manifest once all of its rows have landed
+    4. summary         `_jobs/{run_id}.json`
+
+`depthray run` (and `depthray submit`, on a cluster) is the one way in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from depthray import __version__
+from depthray.config import Config, ConfigError
+from depthray.io.manifest import ManifestStore, resume_shards
+from depthray.job.checks import check_paths, check_storage, describe_error, list_input_shards
+from depthray.job.ledger import ShardLedger
+from depthray.job.ray_graph import build_dataset, resolve_resources
+from depthray.job.stages import job_stages, model_label
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (a cluster, "auto") or start a local Ray; no-op if already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "logging_level": logging.WARNING}
+    if address is None and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
+            num_cpus: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the job described by `cfg`; returns the summary.
+
+    Uses the connected Ray, or joins `address` / starts a local Ray (`num_cpus`) only once
+    there is work: configuration and storage problems raise ConfigError before Ray starts,
+    and a re-run with every shard complete never starts it.
+    """
+    run_id = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+    # 1. List and resume: list shards, skip committed ones, clear leftovers of the rest. Storage that
+    #    cannot be reached or written (403, missing bucket) stops the job here, by URL.
+    shards = list_input_shards(cfg)
+    check_paths(cfg, shards)
+    check_storage(cfg, shards, run_id)
+    try:
+        resume = resume_shards(shards, cfg.output, cfg.storage)
+    except Exception as e:
+        raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({describe_error(e)})") from e
+    log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
+    store = ManifestStore(cfg.output.url, cfg.storage)
+    static = {"config_hash": cfg.hash(), "model": model_label(cfg), "run_id": run_id,
+              "depthray_version": __version__}
+    ledger = ShardLedger({s.name: s.url for s in resume.todo}, store.write, static, log_every_s)
+    stages: list[str] = []
+    res = None
+    job_error = None
+    # 2. Stream the graph; the driver only sees acknowledgements.
+    if resume.todo:
+        init_ray(address or cfg.compute.address, num_cpus=num_cpus)
+        res = resolve_resources(cfg)
+        ds = build_dataset(job_stages(cfg, run_id), resume.todo, cfg, res)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for ack in batch.to_pylist():
+                    ledger.update(ack)
+        except Exception as e:  # a stage failed past Ray's retries: report, don't lose the summary
+            job_error = describe_error(e)
+            log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
+        ledger.maybe_log(force=True)
+        stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
+    # 3. Summary.
+    totals = ledger.summary(job_error)
+    summary = {
+        "run_id": run_id,
+        "input": cfg.input.url,
+        "output": cfg.output.url,
+        "shards_total": len(shards),
+        "shards_skipped": len(resume.skipped),
+        "leftover_files_deleted": resume.deleted_parts,
+        **totals,
+        "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
+        "actors": res.num_actors if res else 0,
+        "stages": stages,
+        "job_error": job_error,
+        **static,
+    }
+    summary["summary_path"] = store.write_job_summary(run_id, summary)
+    if summary["shards_unfinished"]:
+        log.warning("%d shard(s) unfinished; re-run the same command to retry them: %s",
+                    len(summary["shards_unfinished"]), summary["shards_unfinished"])
+    return summary

@@ -1,0 +1,148 @@
+"""The inference stage: a Ray Data actor (or a local object) that predicts depth for batches
+of decoded rows.
+
+`__init__` loads the model once; `__call__` predicts. Around that: a batch that fails is
+retried one image at a time, so one bad image becomes one error row instead of failing
+its neighbours; GPU out-of-memory retries with fewer views per model call; a model call
+past `compute.batch_timeout_s` ends the process so Ray restarts it (depthray/job/inflight.py
+then narrows the batch down to the image that hangs or crashes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from depthray.config import InferenceConfig, ModelConfig, StorageConfig
+from depthray.io import records
+from depthray.job.inflight import DEFAULT_GPU_BATCH_TIMEOUT_S, InFlight, WorkerCrashed, WorkerHung
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the RuntimeError older torch / other backends raise."""
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def _release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class DepthPredictor:
+    """Ray Data actor: loads the model once, predicts depth for batches of decoded rows.
+
+    A batch that fails is retried one image at a time, so one bad image becomes one error
+    record instead of failing its neighbours (or the job). A batch whose previous attempt
+    killed the actor's process is also run one image at a time (see InFlight).
+    """
+
+    def __init__(self, model: ModelConfig, inference: InferenceConfig, storage: StorageConfig,
+                 run_id: str = "", timeout_s: float | None = None):
+        from depthray.io.fs import storage_options
+        from depthray.models.loading import load_model
+
+        self.model = load_model(model, storage_options(model.path, storage))
+        self.inference = inference
+        self.run_id = run_id
+        if timeout_s is None:
+            on_gpu = getattr(getattr(self.model, "device", None), "type", "cpu") == "cuda"
+            timeout_s = DEFAULT_GPU_BATCH_TIMEOUT_S if on_gpu else 0.0
+        self.timeout_s = float(timeout_s)
+
+    def _predict_watched(self, rows: list[dict], inflight: InFlight | None) -> list:
+        """_predict under a watchdog: past timeout_s the call is taken for a hang, and the
+        process ends (a thread cannot interrupt a CUDA or C call), so Ray restarts the actor
+        and the retry runs image by image (see InFlight)."""
+        if not self.timeout_s:
+            return self._predict(rows)
+        import threading
+
+        def hung() -> None:
+            log.error("a model call on %d image(s) ran past compute.batch_timeout_s=%g s; "
+                      "ending this worker so Ray restarts it", len(rows), self.timeout_s)
+            if inflight is not None:
+                inflight.mark_hung(self.timeout_s)
+            os._exit(3)
+
+        timer = threading.Timer(self.timeout_s, hung)
+        timer.daemon = True
+        timer.start()
+        try:
+            return self._predict(rows)
+        finally:
+            timer.cancel()
+
+    def _predict(self, rows: list[dict]) -> list:
+        """Depth for `rows`; on GPU out-of-memory, retry with half the views per model call
+        (down to 1) instead of failing the batch."""
+        from depthray.predict import predict_images
+
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3).copy() for r in rows]
+        inference = self.inference
+        while True:
+            try:
+                return predict_images(images, self.model, inference)
+            except Exception as e:
+                if not is_out_of_memory(e) or inference.batch_size <= 1:
+                    raise
+                _release_gpu_memory()
+                smaller = max(1, inference.batch_size // 2)
+                log.warning("out of memory with %d views per call on %d image(s); retrying with %d",
+                            inference.batch_size, len(images), smaller)
+                inference = dataclasses.replace(inference, batch_size=smaller)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [r for r in rows if not records.is_trailer(r) and r.get("error") is None]
+        t0 = time.perf_counter()
+        inflight = InFlight(self.run_id, todo) if todo else None
+        try:
+            if inflight is not None and inflight.retried:
+                raise WorkerCrashed(f"attempt {inflight.state['attempt']}: a previous attempt "
+                                    "of this batch killed its worker process")
+            results = list(zip(todo, self._predict_watched(todo, inflight))) if todo else []
+        except Exception as e:
+            log.warning("batch of %d failed (%s); retrying one image at a time", len(todo), e)
+            results = []
+            for r in todo:
+                skip = inflight.crashed(r) if inflight is not None else None
+                if skip is not None:
+                    results.append((r, skip))
+                    continue
+                if inflight is not None and inflight.retried:
+                    inflight.working_on(r)
+                try:
+                    results.append((r, self._predict_watched([r], inflight)[0]))
+                except Exception as e1:
+                    results.append((r, e1))
+        if inflight is not None:
+            inflight.done()
+        share = (time.perf_counter() - t0) / max(len(todo), 1)
+        out = [r for r in rows if records.is_trailer(r) or r.get("error") is not None]
+        for r, res in results:
+            if isinstance(res, Exception):
+                reason = ("timeout" if isinstance(res, WorkerHung)
+                          else "crashed" if isinstance(res, WorkerCrashed) else "infer")
+                out.append(records.error_row(r, "infer", reason, f"{type(res).__name__}: {res}"))
+                continue
+            r.update(depth_f32=res.depth.astype(np.float32).tobytes(),
+                     uncertainty_f32=res.uncertainty.astype(np.float32).tobytes(),
+                     num_views=res.num_views, ensemble_size=res.ensemble_size, infer_s=share)
+            r.pop("pixels", None)
+            out.append(r)
+        return records.to_table(out, records.PREDICTED)

@@ -1,0 +1,143 @@
+"""The job's stage chain is one value that Ray and the local runner both execute: the same
+rows either way, the same bytes as `depthray predict`, and the same outputs as before the
+job package existed (tests/data/job_golden.json, made by tests/golden_job.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from depthray.config import InferenceConfig, ModelConfig, QualityConfig
+from depthray.job.stages import STAGE_NAMES, job_stages, stage
+from tests import golden_job
+
+pytestmark = pytest.mark.timeout(300)
+GOLDEN = Path(__file__).parent / "data" / "job_golden.json"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory):
+    from depthray.demo import make_inputs
+
+    root = tmp_path_factory.mktemp("demo-inputs")
+    make_inputs(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_output(ray_session, demo_inputs, tmp_path_factory):
+    from depthray.job.driver import run_job
+
+    out = tmp_path_factory.mktemp("ray") / "out"
+    summary = run_job(golden_job.job_config(str(demo_inputs / "{00000..00001}.tar"), str(out)))
+    assert summary["images"] == 12 and summary["errors"] == 0, summary
+    return out
+
+
+def test_stage_chain_is_one_plain_value():
+    cfg = golden_job.job_config("in/{00000..00001}.tar", "out")
+    cfg.quality = QualityConfig(max_uncertainty_mean=0.2)
+    stages = job_stages(cfg, run_id="r1")
+    assert tuple(s.name for s in stages) == STAGE_NAMES
+    # Every stage gets its settings from the config as typed sections, never re-parsed dicts
+    # (a hand-wired copy of this chain once passed a float where the quality config belonged).
+    assert stage(stages, "encode").kwargs["quality"] is cfg.quality
+    infer = stage(stages, "infer")
+    assert infer.stateful and isinstance(infer.kwargs["model"], ModelConfig)
+    assert isinstance(infer.kwargs["inference"], InferenceConfig) and infer.kwargs["run_id"] == "r1"
+    assert infer.batch_size == cfg.compute.images_per_batch
+    assert stage(stages, "write").batch_size == cfg.output.rows_per_part
+    assert stage(stages, "write").kwargs["config_hash"] == cfg.hash()
+
+
+def test_job_outputs_match_the_golden_run(ray_output):
+    """The outputs of a fixed job equal those recorded before the job package existed:
+    every column exactly, the maps as 8x8 block means (to 1e-4: only model-batch
+    composition may move a value, and it moves it by ~1e-5)."""
+    want = json.loads(GOLDEN.read_text())
+    got = golden_job.summarize(ray_output)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        for field, value in want[key].items():
+            if field.endswith("_blocks"):
+                np.testing.assert_allclose(got[key][field], value, atol=1e-4, err_msg=f"{key}.{field}")
+            elif field in ("uncertainty_mean", "uncertainty_scale"):
+                assert got[key][field] == pytest.approx(value, rel=1e-3, abs=1e-6), (key, field)
+            else:
+                assert got[key][field] == value, (key, field)
+
+
+def test_local_runner_writes_the_rows_the_ray_job_writes(ray_output, demo_inputs, tmp_path):
+    from depthray.io.codecs import decode_depth_png16
+    from depthray.job.checks import list_input_shards
+    from depthray.job.local import LocalRunner, shard_tables
+
+    cfg = golden_job.job_config(str(demo_inputs / "{00000..00001}.tar"), str(tmp_path / "local"))
+    acks = [a for t in LocalRunner(job_stages(cfg)).run(shard_tables(list_input_shards(cfg))) for a in t.to_pylist()]
+    assert sum(a["outputs"] for a in acks) == 12 and not sum(a["errors"] for a in acks)
+    local = {r["key"]: r for r in pq.read_table(str(tmp_path / "local")).to_pylist()}
+    job = {r["key"]: r for r in pq.read_table(str(ray_output)).to_pylist()}
+    assert sorted(local) == sorted(job)
+    for key, row in job.items():
+        other = local[key]
+        for col in ("source", "width", "height", "model", "config_hash", "ensemble_size", "num_views"):
+            assert other[col] == row[col], (key, col)
+        assert _numbers_close(json.loads(other["meta"]), json.loads(row["meta"])), key
+        diff = np.abs(decode_depth_png16(other["depth"]) - decode_depth_png16(row["depth"])).max()
+        assert diff <= 2 / 65535, (key, diff)
+
+
+def _numbers_close(a, b, rel: float = 1e-3) -> bool:
+    """Equal structure and values; floats within `rel` (batch composition moves them a little)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_numbers_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_numbers_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-6)
+    return a == b
+
+
+def test_predict_writes_the_bytes_the_job_writes(ray_session, tmp_path, make_image):
+    """`depthray predict` runs the job's own decode -> infer -> encode stages: for the same
+    image and config its depth PNG is byte for byte the job's (one image per model batch and
+    one thread on both sides, so even float rounding is the same)."""
+    from depthray.job.driver import run_job
+    from depthray.job.local import predict_files
+
+    folder = tmp_path / "in" / "photos"
+    folder.mkdir(parents=True)
+    for i, (h, w) in enumerate([(70, 90), (96, 64)]):
+        (folder / f"img{i}.png").write_bytes(make_image(h, w, seed=i, fmt="PNG"))
+    cfg = golden_job.job_config(str(folder), str(tmp_path / "out"))
+    cfg.input.format = "images"
+    cfg.compute.images_per_batch = 1
+    assert run_job(cfg)["images"] == 2
+    job = {r["key"]: r["depth"] for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray runs a 1-CPU actor: float sums then round the same way
+    try:
+        failed = predict_files([str(p) for p in sorted(folder.iterdir())], cfg, tmp_path / "predict")
+    finally:
+        torch.set_num_threads(threads)
+    assert failed == 0
+    for key, png in job.items():
+        assert (tmp_path / "predict" / f"{key}.depth.png").read_bytes() == png, key
+        assert (tmp_path / "predict" / f"{key}.preview.png").stat().st_size > 0
