@@ -1,6 +1,6 @@
 """The Ray job against a plain loop over the same stages, and its memory as data grows.
 
-- pipeline_vs_engine: steady-state images/s of `depthray.pipeline.run_job` on local image
+- pipeline_vs_engine: steady-state images/s of `depthray.job.driver.run_job` on local image
   folders / a plain Python loop calling the same read, decode, infer, encode and write
   functions on the same images. Steady state = extra images / extra seconds between a 1x
   and a 10x input, so fixed costs (actor start, model load, pipeline fill and drain) cancel;

@@ -110,11 +110,14 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from depthray.config import load_config
     from depthray.evaluate import evaluate, format_rows, format_summary, summary_json
 
+    storage = load_config(args.config, args.set, require_io=False).storage
     report = evaluate(
         args.pred, args.gt, space=args.space, mask_url=args.mask, gt_png_scale=args.gt_png_scale,
         gt_is_disparity=args.gt_disparity, min_depth=args.min_depth, max_depth=args.max_depth,
+        storage=storage,
     )
     if not args.no_rows:
         print(format_rows(report))
@@ -128,10 +131,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
+    from depthray.config import load_config
     from depthray.preview import write_preview
 
+    storage = load_config(args.config, args.set, require_io=False).storage
     sheet, page = write_preview(args.output, args.out, n=args.n, inputs_url=args.inputs,
-                                gt_url=args.gt, max_uncertainty_mean=args.max_uncertainty_mean)
+                                gt_url=args.gt, max_uncertainty_mean=args.max_uncertainty_mean,
+                                storage=storage)
     print(f"wrote {sheet} and {page}")
     return 0
 
@@ -176,6 +182,13 @@ def _add_set_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set inference.ensemble_size=3 (repeatable; "
                    "values are YAML: null, true, 0.5, [1, 2])")
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    """Object-store settings as a job has them: the job's config (its storage: section)."""
+    p.add_argument("--config", help="the job's YAML config: its storage: section (S3 endpoint, region, "
+                   "retries) is used to read, as the job wrote")
+    _add_set_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-depth", type=float, help="ignore GT closer than this")
     p.add_argument("--max-depth", type=float, help="ignore GT farther than this")
     p.add_argument("--no-rows", action="store_true", help="summary only, no per-image rows")
+    _add_storage_options(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -288,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", help="ground-truth folder: adds AbsRel / delta1 per image")
     p.add_argument("--max-uncertainty-mean", type=float,
                    help="flag images above this uncertainty (as quality.max_uncertainty_mean)")
+    _add_storage_options(p)
     p.set_defaults(func=_cmd_preview)
 
     p = sub.add_parser(

@@ -1,6 +1,6 @@
 """`depthray eval`: score depth outputs against ground truth, matched by key (file stem).
 
-Predictions: any output `depthray.outputs.read_outputs` reads (Parquet, WebDataset, folder
+Predictions: any output `depthray.io.outputs.read_outputs` reads (Parquet, WebDataset, folder
 of 16-bit PNGs). Ground truth: a folder (or fsspec URL) of `{key}.png` / `{key}.depth.png`
 (16-bit, value / gt_png_scale = depth; 0 = no data), `{key}.npy` (float depth) or
 `{key}.pfm`; an optional valid mask `{key}.mask.png|npy` next to it or in its own folder
@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 from depthray import metrics
-from depthray.outputs import list_files, read_outputs
+from depthray.config import StorageConfig
+from depthray.io.outputs import list_files, read_outputs
+from depthray.resize import resize_map
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,9 @@ def decode_mask(data: bytes, name: str) -> np.ndarray:
 _GT_RE = re.compile(r"^(?P<key>.+?)(?:\.(?P<role>depth|mask|valid|gt))?\.(?P<ext>png|npy|pfm)$", re.I)
 
 
-def index_gt(url: str) -> tuple[object, dict[str, str], dict[str, str]]:
+def index_gt(url: str, storage: StorageConfig | None = None) -> tuple[object, dict[str, str], dict[str, str]]:
     """GT folder -> (fs, key -> depth file, key -> mask file)."""
-    fs, files = list_files(url)
+    fs, files = list_files(url, storage)
     depth, masks = {}, {}
     for path in files:
         m = _GT_RE.match(path.rsplit("/", 1)[-1])
@@ -110,9 +112,9 @@ def index_gt(url: str) -> tuple[object, dict[str, str], dict[str, str]]:
     return fs, depth, masks
 
 
-def index_masks(url: str) -> tuple[object, dict[str, str]]:
+def index_masks(url: str, storage: StorageConfig | None = None) -> tuple[object, dict[str, str]]:
     """A separate mask folder: `{key}.png`, `{key}.mask.png`, `{key}.npy` ..."""
-    fs, files = list_files(url)
+    fs, files = list_files(url, storage)
     out = {}
     for path in files:
         m = _GT_RE.match(path.rsplit("/", 1)[-1])
@@ -124,14 +126,6 @@ def index_masks(url: str) -> tuple[object, dict[str, str]]:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def resize_to(pred: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of float [h,w] to [H,W] (predictions made at another size)."""
-    if pred.shape == tuple(shape):
-        return pred
-    img = Image.fromarray(pred.astype(np.float32))  # mode F
-    return np.asarray(img.resize((shape[1], shape[0]), Image.BILINEAR), dtype=np.float32)
-
-
 def evaluate(
     pred_url: str,
     gt_url: str,
@@ -141,21 +135,23 @@ def evaluate(
     gt_is_disparity: bool = False,
     min_depth: float | None = None,
     max_depth: float | None = None,
+    storage: StorageConfig | None = None,
 ) -> EvalReport:
-    """Score every prediction that has GT; report GT without predictions as missing."""
+    """Score every prediction that has GT; report GT without predictions as missing.
+    `storage` reaches object stores as the job does (endpoint, region, retries)."""
     if space not in metrics.SPACES:
         raise ValueError(f"space must be one of {metrics.SPACES}, got {space!r}")
-    gt_fs, gt_files, mask_files = index_gt(gt_url)
+    gt_fs, gt_files, mask_files = index_gt(gt_url, storage)
     mask_fs = gt_fs
     if mask_url:
-        mask_fs, mask_files = index_masks(mask_url)
+        mask_fs, mask_files = index_masks(mask_url, storage)
     if not gt_files:
         raise FileNotFoundError(f"{gt_url}: no ground truth files (.png, .npy, .pfm)")
     rows: list[EvalRow] = []
     unmatched: list[str] = []
     seen: set[str] = set()
     resized = 0
-    for rec in read_outputs(pred_url, with_uncertainty=False, with_image=False):
+    for rec in read_outputs(pred_url, with_uncertainty=False, with_image=False, storage=storage):
         if rec.key not in gt_files:
             unmatched.append(rec.key)
             continue
@@ -170,7 +166,7 @@ def evaluate(
                 mask = decode_mask(mask_fs.cat_file(mask_files[rec.key]), mask_files[rec.key])
             if rec.depth.shape != gt.shape:
                 resized += 1
-            pred = resize_to(rec.depth, gt.shape)
+            pred = resize_map(rec.depth, gt.shape)
             m = metrics.compute_metrics(pred, gt, mask, space, min_depth, max_depth)
             rows.append(EvalRow(rec.key, m, rec.uncertainty_mean))
         except (ValueError, OSError) as e:  # one bad file must not hide the others' scores

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from depthray.config import InferenceConfig, inference_config
 from depthray.ensemble import ensemble_depth
 from depthray.models.base import DepthModel, step_arguments
+from depthray.resize import resize
 from depthray.tiling import (
     Tile,
     TileBlender,
@@ -86,15 +87,6 @@ def image_to_tensor(image: Any) -> torch.Tensor:
     if divisor is None:
         return out.clamp_(0.0, 1.0)
     return out.div_(divisor)
-
-
-def resize(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
-    """Bilinear resize of [C,H,W] or [N,C,H,W]; a no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    batched = x if x.ndim == 4 else x.unsqueeze(0)
-    out = F.interpolate(batched, size=size, mode="bilinear", align_corners=False, antialias=antialias)
-    return out if x.ndim == 4 else out[0]
 
 
 def member_seed(base: int, view_index: int, member: int) -> int:

@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from depthray.outputs import OutputRecord, index_folder, list_files, read_outputs
+from depthray.config import StorageConfig
+from depthray.io.decode import decode_rgb
+from depthray.io.outputs import OutputRecord, index_folder, list_files, read_outputs
+from depthray.resize import resize_map
 from depthray.visualize import colorize, side_by_side
 
 log = logging.getLogger(__name__)
@@ -51,22 +54,22 @@ def collect_items(
     gt_url: str | None = None,
     max_uncertainty_mean: float | None = None,
     gt_png_scale: float | None = None,
+    storage: StorageConfig | None = None,
 ) -> list[PreviewItem]:
     """The first `n` records of an output (file order), sorted by key, with inputs, GT scores
     and flags attached."""
-    inputs = _input_index(inputs_url) if inputs_url else None
+    inputs = _input_index(inputs_url, storage) if inputs_url else None
     gt = None
     if gt_url:
         from depthray.evaluate import index_gt
 
-        gt = index_gt(gt_url)
+        gt = index_gt(gt_url, storage)
     items = []
-    for rec in read_outputs(output_url, with_uncertainty=True, with_image=True, limit=n):
+    for rec in read_outputs(output_url, with_uncertainty=True, with_image=True, limit=n, storage=storage):
         item = PreviewItem(rec.key, rec.depth, rec.image, rec.uncertainty, rec.uncertainty_mean)
         if item.image is None and inputs is not None and rec.key in inputs[1]:
             fs, paths = inputs
-            with Image.open(io.BytesIO(fs.cat_file(paths[rec.key]))) as im:
-                item.image = np.asarray(im.convert("RGB"))
+            item.image = decode_rgb(fs.cat_file(paths[rec.key]))  # as displayed (EXIF applied)
         if gt is not None:
             item.scores.update(_gt_scores(rec, gt, gt_png_scale))
         item.flagged, verdict = _verdict(rec, max_uncertainty_mean)
@@ -77,13 +80,13 @@ def collect_items(
     return sorted(items, key=lambda it: it.key)  # parts finish in any order; keys do not
 
 
-def _input_index(url: str):
-    fs, files = list_files(url)
+def _input_index(url: str, storage: StorageConfig | None = None):
+    fs, files = list_files(url, storage)
     return fs, {k: r["image"] for k, r in index_folder(files).items() if "image" in r}
 
 
 def _gt_scores(rec: OutputRecord, gt, gt_png_scale) -> dict:
-    from depthray.evaluate import DEFAULT_GT_PNG_SCALE, decode_gt, resize_to
+    from depthray.evaluate import DEFAULT_GT_PNG_SCALE, decode_gt
     from depthray.metrics import compute_metrics
 
     fs, files, masks = gt
@@ -91,7 +94,7 @@ def _gt_scores(rec: OutputRecord, gt, gt_png_scale) -> dict:
         return {}
     try:
         g = decode_gt(fs.cat_file(files[rec.key]), files[rec.key], gt_png_scale or DEFAULT_GT_PNG_SCALE)
-        m = compute_metrics(resize_to(rec.depth, g.shape), g)
+        m = compute_metrics(resize_map(rec.depth, g.shape), g)
     except ValueError as e:
         log.warning("%s: no GT scores: %s", rec.key, e)
         return {}
@@ -115,12 +118,6 @@ def _verdict(rec: OutputRecord, max_uncertainty_mean: float | None):
 # ----------------------------------------------------------------------------- panels
 
 
-def _resize_float(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """float [H,W] -> float [h,w] (size = (h, w)), box-filtered when shrinking."""
-    img = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32))
-    return np.asarray(img.resize((size[1], size[0]), Image.BOX), dtype=np.float32)
-
-
 def _thumb_size(h: int, w: int, long_side: int) -> tuple[int, int]:
     s = min(1.0, long_side / max(h, w))
     return max(1, round(h * s)), max(1, round(w * s))
@@ -137,12 +134,12 @@ def panels(item: PreviewItem, long_side: int, unc_hi: float) -> list[np.ndarray]
     """[input, depth, uncertainty] as uint8 [h,w,3] thumbnails of one size."""
     size = _thumb_size(*item.depth.shape, long_side)
     if item.image is not None:
-        image = np.asarray(Image.fromarray(item.image).resize((size[1], size[0]), Image.BILINEAR))
+        image = np.clip(np.rint(resize_map(item.image, size)), 0, 255).astype(np.uint8)
     else:  # no input stored: a neutral grey tile keeps the grid aligned
         image = np.full(size + (3,), 200, np.uint8)
-    depth = colorize(_resize_float(item.depth, size), lo=0.0, hi=1.0)
+    depth = colorize(resize_map(item.depth, size), lo=0.0, hi=1.0)
     if item.uncertainty is not None:
-        u = np.clip(_resize_float(item.uncertainty, size) / unc_hi, 0.0, 1.0)
+        u = np.clip(resize_map(item.uncertainty, size) / unc_hi, 0.0, 1.0)
         unc = np.repeat(np.round(u * 255).astype(np.uint8)[..., None], 3, axis=2)
     else:
         unc = np.full(size + (3,), 128, np.uint8)
@@ -291,9 +288,10 @@ def write_preview(
     inputs_url: str | None = None,
     gt_url: str | None = None,
     max_uncertainty_mean: float | None = None,
+    storage: StorageConfig | None = None,
 ) -> tuple[Path, Path]:
     """Write `preview.png` and `preview.html` into out_dir (a local folder); returns both paths."""
-    items = collect_items(output_url, n, inputs_url, gt_url, max_uncertainty_mean)
+    items = collect_items(output_url, n, inputs_url, gt_url, max_uncertainty_mean, storage=storage)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sheet_path, html_path = out / "preview.png", out / "preview.html"

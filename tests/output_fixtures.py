@@ -1,4 +1,4 @@
-"""Depth outputs written straight from DESIGN.md's contract (not with the pipeline's sinks),
+"""Depth outputs written straight from the documented output format (README, docs/training.md),
 so the readers are tested against the documented format itself."""
 
 from __future__ import annotations

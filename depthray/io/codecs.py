@@ -42,6 +42,14 @@ def decode_depth_png16(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 65535.0
 
 
+def decode_depth(data: bytes) -> np.ndarray:
+    """Any stored depth map -> float32 [H,W] in [0,1]: 16-bit PNG (ours), 8-bit PNG, or .npy."""
+    if data[:6] == b"\x93NUMPY":
+        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+    arr = np.asarray(Image.open(io.BytesIO(data)))
+    return arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 65535.0)
+
+
 def encode_uncertainty_png16(unc: np.ndarray) -> tuple[bytes, float]:
     """float [H,W] >= 0 -> (16-bit PNG of unc / scale, scale); scale = max (1 if all zero)."""
     peak = float(np.max(unc)) if unc.size else 0.0

@@ -20,6 +20,9 @@ from PIL import Image, ImageOps
 from depthray.config import InputConfig
 from depthray.io import records
 
+# File extensions read as images (input folders, WebDataset members, passthrough outputs).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
+
 # We enforce input.max_pixels ourselves from the header, before decoding; PIL's own
 # limit would otherwise warn or raise at a different, global threshold.
 Image.MAX_IMAGE_PIXELS = None
@@ -77,6 +80,12 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> tuple[np.ndarra
         raise DecodeError("too_small", f"{img.size[0]}x{img.size[1]}: a side < input.min_side={min_side}")
     arr = np.asarray(img, dtype=np.uint8)
     return arr, meta
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Bytes -> RGB uint8 [H,W,3] as a viewer displays it, without the job's size limits
+    (for reading outputs back: passthrough images, preview inputs)."""
+    return decode_image(data, max_pixels=1 << 62, min_side=1)[0]
 
 
 def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Table:

@@ -11,10 +11,8 @@ hold, so a retried write task rewrites the same file instead of adding a duplica
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import tarfile
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -24,6 +22,7 @@ import pyarrow.parquet as pq
 from depthray.config import OutputConfig, StorageConfig
 from depthray.io import records
 from depthray.io.fs import filesystem, join, write_atomic
+from depthray.io.tar_samples import tar_bytes
 
 ERRORS_DIR = "_errors"
 PART_RE = re.compile(r"^(?P<shard>.+)\.part-(?P<hash>[0-9a-f]{16})\.(?P<ext>parquet|tar)$")
@@ -109,24 +108,20 @@ class WebDatasetSink(Sink):
         self.include_image = include_image
 
     def encode(self, rows):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for r in sorted(rows, key=lambda r: r["key"]):
-                name = safe_key(r["key"])
-                meta = {k: r.get(k) for k in ("key", "source", "width", "height", "uncertainty_scale",
-                                              "uncertainty_mean", "ensemble_size", "num_views")}
-                meta.update(self.extra, **json.loads(r.get("meta") or "{}"))
-                members = [("depth.png", r["depth"]), ("uncertainty.png", r["uncertainty"]),
-                           ("json", json.dumps(meta, sort_keys=True).encode())]
-                if self.include_image and r.get("data"):
-                    ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
-                    members.append((ext, r["data"]))
-                for suffix, data in members:
-                    info = tarfile.TarInfo(f"{name}.{suffix}")
-                    info.size = len(data)
-                    info.mode = 0o644
-                    tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
+        return tar_bytes(self._files(rows))
+
+    def _files(self, rows):
+        for r in sorted(rows, key=lambda r: r["key"]):
+            name = safe_key(r["key"])
+            meta = {k: r.get(k) for k in ("key", "source", "width", "height", "uncertainty_scale",
+                                          "uncertainty_mean", "ensemble_size", "num_views")}
+            meta.update(self.extra, **json.loads(r.get("meta") or "{}"))
+            yield f"{name}.depth.png", r["depth"]
+            yield f"{name}.uncertainty.png", r["uncertainty"]
+            yield f"{name}.json", json.dumps(meta, sort_keys=True).encode()
+            if self.include_image and r.get("data"):
+                ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
+                yield f"{name}.{ext}", r["data"]
 
 
 class ErrorSink(Sink):

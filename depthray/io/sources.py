@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -18,11 +17,12 @@ import pyarrow as pa
 
 from depthray.config import ConfigError, InputConfig, StorageConfig
 from depthray.io import records
+from depthray.io.decode import IMAGE_EXTS
 from depthray.io.fs import filesystem, full_url
+from depthray.io.tar_samples import iter_samples
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 SHARD_EXTS = {"tar": "webdataset", "parquet": "parquet"}
 LIST_FILE_EXTS = (".txt", ".lst", ".list")
 SHARD_KEY = "<shard>"  # key of an error record about a whole shard (e.g. truncated tar)
@@ -233,12 +233,6 @@ def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
 class WebDatasetReader(Reader):
     """Tar members grouped by WebDataset key (path up to the first dot of the basename)."""
 
-    @staticmethod
-    def split_name(name: str) -> tuple[str, str]:
-        head, base = posixpath.split(name)
-        stem, _, ext = base.partition(".")
-        return (posixpath.join(head, stem) if head else stem), ext.lower()
-
     def _sample(self, key: str, members: dict[str, bytes], seen: dict[str, int]) -> dict[str, Any]:
         key, dup = _unique(key, seen)
         if dup:
@@ -252,18 +246,8 @@ class WebDatasetReader(Reader):
 
     def samples(self, fs, path):
         seen: dict[str, int] = {}
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            key, members = None, {}
-            for m in tar:
-                if not m.isfile() or posixpath.basename(m.name).startswith("."):
-                    continue
-                k, ext = self.split_name(m.name)
-                if k != key and key is not None:
-                    yield self._sample(key, members, seen)
-                    members = {}
-                key = k
-                members[ext] = tar.extractfile(m).read()
-            if key is not None:
+        with fs.open(path, "rb") as f:
+            for key, members in iter_samples(f):
                 yield self._sample(key, members, seen)
 
 

@@ -9,28 +9,31 @@ this is also what any consumer of the outputs would write:
 - WebDataset samples group `{key}.depth.png`, `{key}.uncertainty.png`, `{key}.json` and the
   optional input `{key}.jpg`; the JSON's `key` is the original key (file names are sanitised).
 
-Folders, files, globs and any fsspec URL (s3://...) work. Paths with a component starting
-with `_` (`_errors/`, `_manifest/`) or `.` are not outputs and are skipped.
+Folders, files, globs and any fsspec URL (s3://...) work, opened the way the job opens
+them (depthray/io/fs.py: `storage:` settings, AWS_ENDPOINT_URL). Paths with a component
+starting with `_` (`_errors/`, `_manifest/`) or `.` are not outputs and are skipped. The
+format helpers are the writers' own: tar grouping (depthray/io/tar_samples.py), PNG codecs
+(depthray/io/codecs.py), image decoding as displayed (depthray/io/decode.py).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import posixpath
-import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
-from depthray.io.codecs import decode_uncertainty_png16
+from depthray.config import StorageConfig
+from depthray.io.codecs import decode_depth, decode_uncertainty_png16
+from depthray.io.decode import IMAGE_EXTS, decode_rgb
+from depthray.io.fs import filesystem
+from depthray.io.tar_samples import iter_samples
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Folder files named {key}.{role}.{ext}; roles that are not the depth map itself.
 _SIDE_ROLES = ("uncertainty", "preview", "mask", "valid", "image")
 
@@ -45,21 +48,14 @@ class OutputRecord:
     meta: dict = field(default_factory=dict)
 
 
-def url_to_fs(url: str):
-    """fsspec filesystem + path for a URL (s3fs honours AWS_ENDPOINT_URL and friends)."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
 def _is_hidden(path: str, root: str) -> bool:
     rel = posixpath.relpath(path, root) if path.startswith(root) else path
     return any(p.startswith(("_", ".")) for p in rel.split("/") if p)
 
 
-def list_files(url: str) -> tuple[object, list[str]]:
+def list_files(url: str, storage: StorageConfig | None = None) -> tuple[object, list[str]]:
     """A file, a glob or a folder (recursive) -> (fs, sorted file paths), hidden paths skipped."""
-    fs, path = url_to_fs(url)
+    fs, path = filesystem(url, storage)
     if any(c in path for c in "*?["):
         files = [p for p in fs.glob(path) if fs.isfile(p)]
         root = path.split("*")[0].rsplit("/", 1)[0]
@@ -81,30 +77,15 @@ def detect_format(files: list[str]) -> str:
     return "folder"
 
 
-def decode_depth(data: bytes) -> np.ndarray:
-    """16-bit depth PNG bytes (or .npy) -> float32 [H,W] in [0,1]."""
-    if data[:6] == b"\x93NUMPY":
-        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
-    img = Image.open(io.BytesIO(data))
-    arr = np.asarray(img)
-    full = 255.0 if arr.dtype == np.uint8 else 65535.0
-    return arr.astype(np.float32) / full
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image -> uint8 [H,W,3]."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def read_outputs(
     url: str,
     with_uncertainty: bool = True,
     with_image: bool = True,
     limit: int | None = None,
+    storage: StorageConfig | None = None,
 ) -> Iterator[OutputRecord]:
     """Yield the records of a depthray output (Parquet, WebDataset or folder), in file order."""
-    fs, files = list_files(url)
+    fs, files = list_files(url, storage)
     fmt = detect_format(files)
     log.info("reading %s output: %d files under %s", fmt, len(files), url)
     reader = {"parquet": _read_parquet, "webdataset": _read_webdataset, "folder": _read_folder}[fmt]
@@ -149,7 +130,7 @@ def _record(key: str, row: dict, with_uncertainty: bool) -> OutputRecord:
         unc = decode_uncertainty_png16(row["uncertainty"], row.get("uncertainty_scale"))
         mean = float(unc.mean()) if mean is None else mean
         unc = unc if with_uncertainty else None
-    image = decode_image(row["image"]) if row.get("image") else None
+    image = decode_rgb(row["image"]) if row.get("image") else None
     return OutputRecord(
         key=key,
         depth=decode_depth(row["depth"]),
@@ -160,29 +141,10 @@ def _record(key: str, row: dict, with_uncertainty: bool) -> OutputRecord:
     )
 
 
-def _split_wds_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the path up to the first dot of the file name."""
-    d, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(d, stem) if d else stem, ext.lower()
-
-
 def _read_webdataset(fs, files, with_uncertainty, with_image) -> Iterator[OutputRecord]:
     for path in (f for f in files if f.endswith(".tar")):
-        with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-            key, fields = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_wds_name(member.name)
-                if k != key and fields:
-                    rec = _wds_record(key, fields, with_uncertainty, with_image, path)
-                    if rec is not None:
-                        yield rec
-                    fields = {}
-                key = k
-                fields[ext] = tar.extractfile(member).read()
-            if fields:
+        with fs.open(path, "rb") as fh:
+            for key, fields in iter_samples(fh):
                 rec = _wds_record(key, fields, with_uncertainty, with_image, path)
                 if rec is not None:
                     yield rec
@@ -216,7 +178,7 @@ def folder_key(path: str) -> tuple[str, str] | None:
     if not dot:
         return None
     ext = ext.lower()
-    if ext in ("jpg", "jpeg", "webp"):
+    if ext in IMAGE_EXTS and ext != "png":
         return stem, "image"
     if ext not in ("png", "npy"):
         return None
