@@ -123,12 +123,20 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Short hash of what determines the depth values (model + inference settings)."""
-        payload = json.dumps(
-            {"model": dataclasses.asdict(self.model), "inference": dataclasses.asdict(self.inference)},
-            sort_keys=True,
-        )
+    def hash(self, device_kind: str | None = None) -> str:
+        """Short hash of what determines the depth values (model + inference settings).
+
+        `dtype: auto` and `device: auto` are hashed as what they resolve to on the kind of
+        device the model runs on (`device_kind`: "cpu" | "cuda"; None = the kind model.device
+        names, else "cpu"): a CPU float32 run and a GPU bfloat16 run give different depths,
+        so they never share a hash.
+        """
+        model = dataclasses.asdict(self.model)
+        kind = model["device"].split(":")[0] if model["device"] != "auto" else (device_kind or "cpu")
+        model["device"] = kind
+        if model["dtype"] == "auto":  # as models/marigold.py pick_dtype resolves it
+            model["dtype"] = "bfloat16" if kind == "cuda" else "float32"
+        payload = json.dumps({"model": model, "inference": dataclasses.asdict(self.inference)}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -141,9 +141,9 @@ def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: flo
 def measure_seconds_per_evaluation(cfg: Config, repeats: int = 2) -> float:
     """Time the configured model here: seconds per (view x member x step), VAE work included.
 
-    Runs `inference.batch_size` views of a 4:3 image at the processing resolution through
-    the model (after one untimed warm-up call) and divides the best wall time by
-    batch x steps. On the GPU a job will use, this is the number `plan` wants.
+    Runs one model batch as a job builds it (`inference.batch_size` requests: each view of
+    a 4:3 image at the processing resolution with its `ensemble_size` members) through the
+    model (after one untimed warm-up call) and divides the best wall time by batch x steps. On the GPU a job will use, this is the number `plan` wants.
     """
     import time
 
@@ -155,7 +155,12 @@ def measure_seconds_per_evaluation(cfg: Config, repeats: int = 2) -> float:
     model = load_model(cfg.model)
     res = int(model.processing_resolution)
     b = cfg.inference.batch_size
-    views = torch.rand(b, 3, max(8, res * 3 // 4), res, generator=torch.Generator().manual_seed(0))
+    # A job's model batch holds ensemble_size members of each view, and the engine encodes a
+    # view once for all its members: measure that batch, not b different views (which would
+    # charge one VAE encode per member and overstate the cost).
+    e = max(1, min(cfg.inference.ensemble_size, b))
+    distinct = torch.rand(-(-b // e), 3, max(8, res * 3 // 4), res, generator=torch.Generator().manual_seed(0))
+    views = distinct[[i // e for i in range(b)]]  # [b,3,h,w]: each view repeated e times
     kwargs = step_arguments(model, cfg.inference.num_inference_steps)
     steps = kwargs.get("num_inference_steps") or int(getattr(model, "default_num_inference_steps", 1))
     clear = getattr(model, "clear_cache", None)

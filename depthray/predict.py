@@ -36,6 +36,11 @@ from depthray.tiling import (
 )
 
 
+class NonFiniteDepth(ValueError):
+    """The model returned NaN or infinite values (e.g. a float16 VAE that overflowed): the
+    image gets no label rather than a wrong one."""
+
+
 @dataclass
 class DepthResult:
     depth: np.ndarray  # float32 [H,W] in [0,1], 0 = near, at the input image size
@@ -165,6 +170,12 @@ class _ImageJob:
         depth = resize(self.reference[None], full, antialias=shrink)[0]  # [H,W]
         unc = resize(self.uncertainty[None], full, antialias=shrink)[0]  # [H,W]
         self.reference = self.uncertainty = None  # in-place below may reuse their memory
+        # One NaN in one member spreads through alignment and normalisation to the whole map
+        # and would be written as 0 (= near): never a label.
+        bad = int((~torch.isfinite(depth)).sum()) + int((~torch.isfinite(unc)).sum())
+        if bad:
+            raise NonFiniteDepth(f"the model returned non-finite values: {bad} of {2 * depth.numel()} "
+                                 f"depth/uncertainty pixels of a {full[1]}x{full[0]} image are NaN or infinite")
         if self.plan.tiled:
             # Aligned tiles may step slightly outside the global view's [0,1] (a thin pole the
             # global view missed): renormalise rather than clip the detail away.

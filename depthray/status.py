@@ -33,6 +33,8 @@ def job_status(cfg: Config) -> dict[str, Any]:
         reasons.update(m.get("error_reasons") or {})
         hashes[m.get("config_hash")] += 1
     this_hash = cfg.hash()
+    # The job resolves dtype/device `auto` where its actors run: either kind is this config.
+    these = {cfg.hash("cpu"), cfg.hash("cuda")}
     return {
         "input": cfg.input.url,
         "output": cfg.output.url,
@@ -46,7 +48,7 @@ def job_status(cfg: Config) -> dict[str, Any]:
         "config_hash": this_hash,
         # Shards labelled under other settings: a re-run skips them (delete their manifests,
         # or set output.overwrite, to relabel).
-        "shards_other_config": {h: n for h, n in hashes.items() if h != this_hash},
+        "shards_other_config": {h: n for h, n in hashes.items() if h not in these},
         "manifests_not_in_input": sorted(committed - set(names)),
         "last_run": _last_run(store),
     }

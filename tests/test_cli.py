@@ -58,3 +58,16 @@ def test_make_tiny_model(tmp_path):
     assert "LCMScheduler" in (tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text()
     again = _depthray("make-tiny-model", str(tmp_path / "m"))
     assert again.returncode != 0 and "already holds a checkpoint" in again.stderr
+
+
+def test_predict_never_overwrites_files_that_share_a_stem(tiny_model_dir, tmp_path):
+    rng = np.random.default_rng(1)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / folder / "x.png")
+    out = _depthray("predict", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"),
+                    "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                    "--set", "model.processing_resolution=32", "--set", "inference.ensemble_size=1")
+    assert out.returncode == 0, out.stderr
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.depth.png"))
+    assert len(written) == 2 and all(n.startswith("x-") for n in written), written

@@ -63,3 +63,15 @@ def test_yaml_on_off_words_for_tiling_mode(tmp_path):
     assert load_config(None, ["inference.tiling.mode=on"], require_io=False).inference.tiling.mode == "on"
     with pytest.raises(ConfigError, match="expected bool"):
         config_from_dict({"output": {"overwrite": "yes"}})
+
+
+def test_hash_resolves_auto_dtype_and_device_for_where_the_model_runs():
+    """A CPU float32 run and a GPU bfloat16 run of `dtype: auto` give different depths, so
+    they must not share a config hash; explicit settings hash the same wherever they run."""
+    auto = config_from_dict({})
+    assert auto.hash("cpu") != auto.hash("cuda")
+    assert auto.hash() == auto.hash("cpu")
+    explicit = config_from_dict({"model": {"dtype": "float32", "device": "cpu"}})
+    assert explicit.hash("cuda") == explicit.hash("cpu") == auto.hash("cpu")
+    gpu = config_from_dict({"model": {"dtype": "bfloat16", "device": "cuda:1"}})
+    assert gpu.hash() == auto.hash("cuda")

@@ -118,3 +118,20 @@ def test_plan_measures_seconds_per_evaluation_with_the_real_model(tiny_model_dir
     views, members, evals, gpu = row.split()[-4:]
     assert int(evals) == int(views) * 2 * 2
     assert float(gpu) == pytest.approx(int(evals) * measured, rel=0.05)
+
+
+def test_measure_encodes_each_view_once_as_a_job_does(tiny_model_dir):
+    """plan --measure times a batch shaped like a job's: members of a view share one encode."""
+    from depthray.models.marigold import MarigoldDepthModel
+    from depthray.plan import measure_seconds_per_evaluation
+
+    encoded = []
+    real = MarigoldDepthModel.encode
+    MarigoldDepthModel.encode = lambda self, images: encoded.append(images.shape[0]) or real(self, images)
+    try:
+        cfg = config_from_dict({"model": {"path": str(tiny_model_dir), "processing_resolution": 32},
+                                "inference": {"ensemble_size": 4, "batch_size": 8, "num_inference_steps": 1}})
+        assert measure_seconds_per_evaluation(cfg, repeats=1) > 0
+    finally:
+        MarigoldDepthModel.encode = real
+    assert encoded and max(encoded) == 2, encoded  # 8 requests = 2 views x 4 members: 2 encodes per call

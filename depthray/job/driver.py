@@ -59,17 +59,19 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({describe_error(e)})") from e
     log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
     store = ManifestStore(cfg.output.url, cfg.storage)
-    static = {"config_hash": cfg.hash(), "model": model_label(cfg), "run_id": run_id,
-              "depthray_version": __version__}
-    ledger = ShardLedger({s.name: s.url for s in resume.todo}, store.write, static, log_every_s)
-    stages: list[str] = []
     res = None
-    job_error = None
-    # 2. Stream the graph; the driver only sees acknowledgements.
     if resume.todo:
         init_ray(address or cfg.compute.address, num_cpus=num_cpus)
         res = resolve_resources(cfg)
-        ds = build_dataset(job_stages(cfg, run_id), resume.todo, cfg, res)
+    device_kind = ("cuda" if res.gpus_per_actor > 0 else "cpu") if res else None
+    static = {"config_hash": cfg.hash(device_kind), "model": model_label(cfg), "run_id": run_id,
+              "depthray_version": __version__}
+    ledger = ShardLedger({s.name: s.url for s in resume.todo}, store.write, static, log_every_s)
+    stages: list[str] = []
+    job_error = None
+    # 2. Stream the graph; the driver only sees acknowledgements.
+    if res is not None:
+        ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for ack in batch.to_pylist():

@@ -74,13 +74,26 @@ def shard_tables(shards: list[Shard]) -> Iterator[pa.Table]:
         yield pa.Table.from_pylist([item])
 
 
-def file_rows(paths: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, SAMPLE row) for local image files: key = file stem, as an image folder reads."""
+def file_keys(paths: list[str]) -> list[str]:
+    """A key per file: its stem, as an image folder reads; files that share a stem (`a/x.jpg`,
+    `b/x.png`) get a hash of their path appended, so no output overwrites another."""
+    import hashlib
+    from collections import Counter
     from pathlib import Path
 
-    for p in paths:
+    stems = [Path(p).stem for p in paths]
+    repeated = {s for s, n in Counter(stems).items() if n > 1}
+    return [f"{s}-{hashlib.sha1(str(Path(p).resolve()).encode()).hexdigest()[:8]}" if s in repeated else s
+            for s, p in zip(stems, paths)]
+
+
+def file_rows(paths: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, SAMPLE row) for local image files, keyed by `file_keys`."""
+    from pathlib import Path
+
+    for p, key in zip(paths, file_keys(paths)):
         path = Path(p)
-        row: dict[str, Any] = {"source": str(path.parent), "key": path.stem, "ext": path.suffix.lstrip(".").lower()}
+        row: dict[str, Any] = {"source": str(path.parent), "key": key, "ext": path.suffix.lstrip(".").lower()}
         try:
             row["data"] = path.read_bytes()
         except OSError as e:  # unreadable: an error row, like a reader's
@@ -91,8 +104,9 @@ def file_rows(paths: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
 def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict], None] | None = None) -> int:
     """Depth for local image files through the job's decode -> infer -> encode stages.
 
-    Writes `{stem}.depth.png` (the encode stage's bytes: what a job writes for the same image
-    and config) and `{stem}.preview.png` (input | colourised depth) per image; calls
+    Writes `{key}.depth.png` (the encode stage's bytes: what a job writes for the same image
+    and config) and `{key}.preview.png` (input | colourised depth) per image, key = the file
+    stem (made unique, see `file_keys`); calls
     `on_done(path, row)` for every file, an error row included. Returns the error count.
     """
     from pathlib import Path

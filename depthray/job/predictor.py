@@ -89,22 +89,22 @@ class DepthPredictor:
 
     def _predict(self, rows: list[dict]) -> list:
         """Depth for `rows`; on GPU out-of-memory, retry with half the views per model call
-        (down to 1) instead of failing the batch."""
+        (down to 1) instead of failing the batch. The smaller size is kept for the calls
+        that follow (the image-by-image retry, later batches): the GPU will not grow."""
         from depthray.predict import predict_images
 
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3).copy() for r in rows]
-        inference = self.inference
         while True:
             try:
-                return predict_images(images, self.model, inference)
+                return predict_images(images, self.model, self.inference)
             except Exception as e:
-                if not is_out_of_memory(e) or inference.batch_size <= 1:
+                if not is_out_of_memory(e) or self.inference.batch_size <= 1:
                     raise
                 _release_gpu_memory()
-                smaller = max(1, inference.batch_size // 2)
-                log.warning("out of memory with %d views per call on %d image(s); retrying with %d",
-                            inference.batch_size, len(images), smaller)
-                inference = dataclasses.replace(inference, batch_size=smaller)
+                smaller = max(1, self.inference.batch_size // 2)
+                log.warning("out of memory with %d views per call on %d image(s); %d from now on",
+                            self.inference.batch_size, len(images), smaller)
+                self.inference = dataclasses.replace(self.inference, batch_size=smaller)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -133,11 +133,14 @@ class DepthPredictor:
         if inflight is not None:
             inflight.done()
         share = (time.perf_counter() - t0) / max(len(todo), 1)
+        from depthray.predict import NonFiniteDepth
+
         out = [r for r in rows if records.is_trailer(r) or r.get("error") is not None]
         for r, res in results:
             if isinstance(res, Exception):
                 reason = ("timeout" if isinstance(res, WorkerHung)
-                          else "crashed" if isinstance(res, WorkerCrashed) else "infer")
+                          else "crashed" if isinstance(res, WorkerCrashed)
+                          else "non_finite" if isinstance(res, NonFiniteDepth) else "infer")
                 out.append(records.error_row(r, "infer", reason, f"{type(res).__name__}: {res}"))
                 continue
             r.update(depth_f32=res.depth.astype(np.float32).tobytes(),

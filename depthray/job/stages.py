@@ -45,8 +45,9 @@ def model_label(cfg: Config) -> str:
     return cfg.model.factory or cfg.model.path
 
 
-def job_stages(cfg: Config, run_id: str = "") -> list[Stage]:
-    """The five stages of a job described by `cfg`, in order."""
+def job_stages(cfg: Config, run_id: str = "", device_kind: str | None = None) -> list[Stage]:
+    """The five stages of a job described by `cfg`, in order; `device_kind` ("cpu" | "cuda")
+    is where the infer stage runs (it resolves `auto` settings in the config hash)."""
     keep_input = cfg.output.format == "webdataset" and cfg.output.include_image
     return [
         Stage("read", read_shards, {"cfg": cfg.input, "storage": cfg.storage}, batch_size=1),
@@ -56,7 +57,7 @@ def job_stages(cfg: Config, run_id: str = "") -> list[Stage]:
               batch_size=cfg.compute.images_per_batch, stateful=True),
         Stage("encode", encode_batch, {"quality": cfg.quality}),
         Stage("write", write_batch, {"cfg": cfg.output, "storage": cfg.storage, "model": model_label(cfg),
-                                     "config_hash": cfg.hash()}, batch_size=cfg.output.rows_per_part),
+                                     "config_hash": cfg.hash(device_kind)}, batch_size=cfg.output.rows_per_part),
     ]
 
 

@@ -22,13 +22,14 @@ class FaultyModel:
       so the restarted actor's retry of the batch succeeds;
     - `oom_above`: calls with more views than this raise torch.OutOfMemoryError;
     - `die_if_white`: any all-white view kills the process, every time (a poison image);
-    - `hang_if_white`: any all-white view blocks the call for an hour (a hung GPU call).
+    - `hang_if_white`: any all-white view blocks the call for an hour (a hung GPU call);
+    - `nan_if_black`: an all-black view gets a 4x4 NaN patch (a float16 VAE that overflowed).
     """
 
     def __init__(self, processing_resolution: int = 32, sleep_s: float = 0.0,
                  die_once_marker: str | None = None, die_on_call: int = 1,
                  oom_above: int | None = None, calls_log: str | None = None, die_if_white: bool = False,
-                 hang_if_white: bool = False, device: str = "cpu"):
+                 hang_if_white: bool = False, device: str = "cpu", nan_if_black: bool = False):
         torch.set_num_threads(1)
         self.processing_resolution = processing_resolution
         self.sleep_s = sleep_s
@@ -38,6 +39,7 @@ class FaultyModel:
         self.calls_log = calls_log
         self.die_if_white = die_if_white
         self.hang_if_white = hang_if_white
+        self.nan_if_black = nan_if_black
         self.device = torch.device(device)  # reported only: the double computes on the CPU
         self.calls = 0
 
@@ -67,7 +69,11 @@ class FaultyModel:
         if self.sleep_s:
             time.sleep(self.sleep_s)
         depth = views.mean(dim=1)  # [N,h,w]
-        return (depth - depth.amin(dim=(1, 2), keepdim=True)).clamp(0, 1)
+        depth = (depth - depth.amin(dim=(1, 2), keepdim=True)).clamp(0, 1)
+        if self.nan_if_black:
+            black = views.flatten(1).amax(dim=1) < 0.01  # [N]
+            depth[black, :4, :4] = float("nan")
+        return depth
 
 
 def make(**options) -> FaultyModel:

@@ -241,3 +241,64 @@ def test_batch_timeout_default_is_on_for_gpu_actors_only(device, configured, exp
     actor = DepthPredictor(spec, InferenceConfig(), StorageConfig(), timeout_s=configured)
     assert actor.model.device.type == device
     assert actor.timeout_s == expected
+
+
+def test_out_of_memory_keeps_the_smaller_batch_for_later_calls(tmp_path):
+    """After one out-of-memory fallback the predictor does not start from the full batch size
+    again: the image-by-image retry and later batches use the size that fitted."""
+    from depthray.config import StorageConfig, inference_config, model_config
+    from depthray.io import records
+    from depthray.job.predictor import DepthPredictor
+
+    calls = tmp_path / "calls.log"
+    spec = model_config({**double_model(oom_above=2, calls_log=str(calls)), "kind": "marigold", "path": ""})
+    actor = DepthPredictor(spec, inference_config({"ensemble_size": 4, "batch_size": 8, "tiling": {"mode": "off"}}),
+                           StorageConfig())
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        rows = [{"source": "s", "key": f"k{i}", "height": 16, "width": 16,
+                 "pixels": rng.integers(0, 255, (16, 16, 3), dtype=np.uint8).tobytes()} for i in range(n)]
+        return records.to_table(rows, records.DECODED)
+
+    first = actor(batch(2)).to_pylist()
+    assert all(r["error"] is None for r in first) and actor.inference.batch_size == 2
+    calls.write_text("")
+    second = actor(batch(2)).to_pylist()
+    assert all(r["error"] is None for r in second)
+    sizes = [int(ln.split()[1]) for ln in calls.read_text().splitlines()]
+    assert sizes and max(sizes) <= 2, sizes  # no attempt at 8 views again
+
+
+def test_non_finite_model_output_is_an_error_row_never_a_label(ray_session, tmp_path, make_tar):
+    """A model that returns NaN for one image (a float16 VAE overflowing): that image becomes
+    an `infer` / `non_finite` error; its neighbours in the same batch are written."""
+    def png(value):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((24, 32, 3), value, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    noisy = np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, format="PNG")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "00000.tar").write_bytes(make_tar([("a.png", buf.getvalue()), ("black.png", png(0)),
+                                                          ("c.png", png(90))]))
+    cfg = job_config(str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out"),
+                     double_model(nan_if_black=True), inference={"ensemble_size": 2})
+    summary = run_job(cfg)
+    assert (summary["images"], summary["errors"]) == (2, 1), summary
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
+    assert [(e["key"], e["stage"], e["error"]) for e in errors] == [("black", "infer", "non_finite")]
+    assert "NaN" in errors[0]["message"]
+    assert_exactly_once({"00000": {"a", "black", "c"}}, outs, errors)
+
+
+def test_predict_image_refuses_non_finite_output():
+    from depthray.predict import NonFiniteDepth, predict_image
+    from tests.reliability.doubles import make
+
+    model = make(nan_if_black=True)
+    assert predict_image(np.full((20, 20, 3), 80, np.uint8), model, {"ensemble_size": 2}).depth.shape == (20, 20)
+    with pytest.raises(NonFiniteDepth, match="non-finite"):
+        predict_image(np.zeros((20, 20, 3), np.uint8), model, {"ensemble_size": 2})
