@@ -75,8 +75,11 @@ class OutputConfig:
     url: str = ""
     format: str = "parquet"  # parquet | webdataset
     include_image: bool = False  # webdataset: pass the input image through as {key}.jpg
-    overwrite: bool = False  # ignore manifests and redo every shard
+    overwrite: bool = False  # relabel every shard (one at a time; old parts go when new ones commit)
     rows_per_part: int = 512  # most rows in one part file (a shard is written as parts)
+    # A run's lease on the output (_jobs/lease.json) without heartbeat for this long is
+    # taken for a dead run's and taken over; a live one makes a second run stop at once.
+    lease_timeout_s: float = 300.0
 
 
 @dataclass
@@ -123,20 +126,24 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def hash(self, device_kind: str | None = None) -> str:
-        """Short hash of what determines the depth values (model + inference settings).
+    def settings(self, device_kind: str | None = None) -> dict[str, Any]:
+        """What determines the depth values, flat (`model.dtype`, `inference.ensemble_size`, ...).
 
-        `dtype: auto` and `device: auto` are hashed as what they resolve to on the kind of
+        `dtype: auto` and `device: auto` are given as what they resolve to on the kind of
         device the model runs on (`device_kind`: "cpu" | "cuda"; None = the kind model.device
-        names, else "cpu"): a CPU float32 run and a GPU bfloat16 run give different depths,
-        so they never share a hash.
+        names, else "cpu"): a CPU float32 run and a GPU bfloat16 run give different depths.
         """
         model = dataclasses.asdict(self.model)
         kind = model["device"].split(":")[0] if model["device"] != "auto" else (device_kind or "cpu")
         model["device"] = kind
         if model["dtype"] == "auto":  # as models/marigold.py pick_dtype resolves it
             model["dtype"] = "bfloat16" if kind == "cuda" else "float32"
-        payload = json.dumps({"model": model, "inference": dataclasses.asdict(self.inference)}, sort_keys=True)
+        return _flatten({"model": model, "inference": dataclasses.asdict(self.inference)})
+
+    def hash(self, device_kind: str | None = None) -> str:
+        """Short hash of `settings(device_kind)`: stored with every row and manifest, so two
+        configurations never mix unnoticed in one output."""
+        payload = json.dumps(self.settings(device_kind), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -242,6 +249,8 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("compute.batch_timeout_s: must be >= 0 (0 = off) or null (auto)")
     if cfg.output.rows_per_part < 1:
         errors.append("output.rows_per_part: must be >= 1")
+    if cfg.output.lease_timeout_s <= 0:
+        errors.append("output.lease_timeout_s: must be > 0 (seconds without heartbeat before a lease is taken over)")
     if require_io:
         if not cfg.input.url:
             errors.append("input.url: required (a glob, brace range, list file or folder)")

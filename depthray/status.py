@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from depthray.config import Config, ConfigError
-from depthray.io.manifest import ManifestStore
+from depthray.io.manifest import ManifestStore, why_not_done
 
 
 def job_status(cfg: Config) -> dict[str, Any]:
@@ -21,12 +21,19 @@ def job_status(cfg: Config) -> dict[str, Any]:
     shards = list_input_shards(cfg)
     store = ManifestStore(cfg.output.url, cfg.storage)
     try:
-        committed = store.completed()
+        listing = store.listing()
     except Exception as e:
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read it ({type(e).__name__}: {e})") from e
+    committed = ManifestStore.names_in(listing)
     names = [s.name for s in shards]
-    complete = [n for n in names if n in committed]
-    manifests = store.read_many(complete)
+    manifests = store.read_many([n for n in names if n in committed])
+    # A manifest proves a shard done only with its parts in place (a deleted or truncated
+    # part makes the next run redo the shard).
+    damaged = {s.name: why for s in shards if s.name in manifests
+               and (why := why_not_done(manifests[s.name], s, None, listing))}
+    for name in damaged:
+        manifests.pop(name)
+    complete = [n for n in names if n in manifests]
     reasons: Counter = Counter()
     hashes: Counter = Counter()
     for m in manifests.values():
@@ -40,7 +47,8 @@ def job_status(cfg: Config) -> dict[str, Any]:
         "output": cfg.output.url,
         "shards": len(names),
         "shards_complete": len(complete),
-        "shards_todo": [n for n in names if n not in committed],
+        "shards_todo": [n for n in names if n not in manifests],
+        "shards_damaged": damaged,
         "images": sum(int(m.get("outputs") or 0) for m in manifests.values()),
         "errors": sum(int(m.get("errors") or 0) for m in manifests.values()),
         "error_reasons": dict(reasons),
@@ -79,6 +87,8 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"config  {n} complete shard(s) were labelled with other settings "
                      f"(config hash {', '.join(h or '?' for h in st['shards_other_config'])}; this config: "
                      f"{st['config_hash']}); a re-run skips them: set output.overwrite to relabel")
+    for name, why in sorted(st["shards_damaged"].items())[:5]:
+        lines.append(f"damaged {name}: {why}; the next run redoes it")
     if st["manifests_not_in_input"]:
         lines.append(f"note    {len(st['manifests_not_in_input'])} manifest(s) for shards not in the input listing")
     run = st["last_run"]

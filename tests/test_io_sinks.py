@@ -80,7 +80,10 @@ def test_parquet_part_schema_and_errors(tmp_path):
     ack = acks[0]
     assert (ack["rows"], ack["outputs"], ack["errors"], ack["shard_total"]) == (4, 2, 1, 3)
     assert json.loads(ack["error_reasons"]) == {"decode:not_an_image": 1}
-    table = pq.read_table(tmp_path)  # plain pyarrow; _errors/ and _manifest/ are ignored
+    # Written parts wait in _staging/ until their shard commits: plain readers see nothing.
+    assert not [p for p in tmp_path.rglob("*.parquet") if "_staging" not in p.parts]
+    assert ack["part_bytes"] == [(tmp_path / "_staging" / ack["parts"][0]).stat().st_size]
+    table = pq.read_table(tmp_path / "_staging")  # plain pyarrow; _errors/ and _manifest/ are ignored
     assert sorted(table.column("key").to_pylist()) == ["a", "b"]
     assert {"key", "source", "width", "height", "depth", "uncertainty", "uncertainty_mean", "model",
             "config_hash", "ensemble_size", "num_views"} <= set(table.column_names)
@@ -92,12 +95,12 @@ def test_parquet_part_schema_and_errors(tmp_path):
     assert meta["quality"]["max_uncertainty_mean"] == 0.001
     assert meta["quality"]["uncertainty_mean"] == pytest.approx(0.01)
     assert "uncertainty_mean" in meta["quality"]["reasons"][0]
-    errs = pq.read_table(tmp_path / "_errors")
+    errs = pq.read_table(tmp_path / "_staging" / "_errors")
     assert errs.column_names == ["key", "source", "stage", "error", "message"]
     assert errs.column("key").to_pylist() == ["bad"]
     # A retried task writes the same part names: no duplicates.
     write_batch(encoded_batch(rows), cfg, STORAGE, "m", "h")
-    assert pq.read_table(tmp_path).num_rows == 2
+    assert pq.read_table(tmp_path / "_staging").num_rows == 2
 
 
 def test_webdataset_part_readable_with_webdataset(tmp_path):
@@ -105,7 +108,7 @@ def test_webdataset_part_readable_with_webdataset(tmp_path):
 
     cfg = OutputConfig(url=str(tmp_path), format="webdataset", include_image=True)
     ack = write_batch(encoded_batch(predicted_rows("s2", ["k1", "x/../k.2"])), cfg, STORAGE, "m", "h").to_pylist()[0]
-    part = tmp_path / ack["parts"][0]
+    part = tmp_path / "_staging" / ack["parts"][0]
     with tarfile.open(part) as tar:
         names = tar.getnames()
     assert all("/" not in n for n in names)
@@ -125,22 +128,35 @@ def test_write_atomic_local_leaves_no_temp(tmp_path):
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["f.bin"]
 
 
-def test_plan_skips_complete_and_clears_leftovers(tmp_path):
+def test_resume_skips_complete_shards_and_clears_leftovers(tmp_path):
+    from depthray.config import config_from_dict
+
     out = tmp_path / "out"
-    cfg = OutputConfig(url=str(out))
+    cfg = config_from_dict({"output": {"url": str(out)}, "input": {"url": "x"}})
     shards = [Shard("a", "file:///a.tar", "webdataset"), Shard("b", "file:///b.tar", "webdataset")]
     for name in ["a.part-0123456789abcdef.parquet", "b.part-0123456789abcdef.parquet",
-                 "_errors/b.part-fedcba9876543210.parquet", ".tmp-x-b.part-1.parquet"]:
+                 "_errors/b.part-fedcba9876543210.parquet", ".tmp-x-b.part-1.parquet",
+                 "_staging/b.part-aaaaaaaaaaaaaaaa.parquet"]:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(b"x")
-    ManifestStore(str(out), STORAGE).write("a", {"status": "complete"})
-    plan = resume_shards(shards, cfg, STORAGE)
+    manifest = {"status": "complete", "url": "file:///a.tar", "config_hash": cfg.hash(),
+                "parts": {"a.part-0123456789abcdef.parquet": 1}}
+    ManifestStore(str(out), STORAGE).write("a", manifest)
+    plan = resume_shards(shards, cfg)
     assert [s.name for s in plan.todo] == ["b"] and plan.skipped == ["a"]
-    assert plan.deleted_parts == 3
+    assert plan.deleted_parts == 4  # b's promoted, error and staged parts, and the temp file
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.json", "a.part-0123456789abcdef.parquet"]
-    # overwrite: everything is redone, manifests go too
-    plan = resume_shards(shards, OutputConfig(url=str(out), overwrite=True), STORAGE)
-    assert [s.name for s in plan.todo] == ["a", "b"] and not list(out.rglob("*.json"))
+    # A part of a committed shard that went missing (or changed size) makes it redo.
+    (out / "a.part-0123456789abcdef.parquet").write_bytes(b"xx")
+    plan = resume_shards(shards, cfg)
+    assert [s.name for s in plan.todo] == ["a", "b"] and "2 bytes, manifest says 1" in plan.redo["a"]
+    # overwrite: everything is redone, but old parts stay until their shard commits anew
+    ManifestStore(str(out), STORAGE).write("a", manifest)
+    (out / "a.part-0123456789abcdef.parquet").write_bytes(b"x")
+    over = config_from_dict({"output": {"url": str(out), "overwrite": True}, "input": {"url": "x"}})
+    plan = resume_shards(shards, over, run_id="r1")
+    assert [s.name for s in plan.todo] == ["a", "b"] and plan.replaced == {"a": ["a.part-0123456789abcdef.parquet"]}
+    assert (out / "a.part-0123456789abcdef.parquet").exists() and (out / "_manifest" / "a.json").exists()
 
 
 def test_manifest_store_on_s3(s3_bucket):

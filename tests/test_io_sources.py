@@ -40,7 +40,12 @@ def test_list_glob_brace_listfile_and_folder_local(tmp_path, make_tar, make_imag
     assert _names(folder) == ["000", "001", "sub/002"]
     listfile = tmp_path / "shards.txt"
     listfile.write_text(f"# inputs\n{d}/000.tar\n\n{d}/sub/002.tar\n")
-    assert _names(list_shards(InputConfig(url=str(listfile)), STORAGE)) == ["000", "sub/002"]
+    # A list file's entries are named relative to the list file's folder: stable whatever
+    # else the list holds (an entry from elsewhere never renames the others).
+    assert _names(list_shards(InputConfig(url=str(listfile)), STORAGE)) == ["in/000", "in/sub/002"]
+    listfile.write_text(f"{d}/000.tar\n{d}/sub/002.tar\n{tmp_path.parent}/elsewhere.tar\n")
+    (tmp_path.parent / "elsewhere.tar").write_bytes(make_tar([("k.jpg", make_image(16, 16))]))
+    assert _names(list_shards(InputConfig(url=str(listfile)), STORAGE)) == ["in/000", "in/sub/002", "up/elsewhere"]
 
 
 def test_image_folders_are_shards(tmp_path, make_image):
@@ -66,7 +71,7 @@ def test_list_on_s3(s3_bucket, make_tar, make_image):
     shards = list_shards(InputConfig(url=f"s3://{s3_bucket}/shards/*.tar"), STORAGE)
     assert _names(shards) == ["000", "001", "002"]
     assert shards[0].url == f"s3://{s3_bucket}/shards/000.tar"
-    assert _names(list_shards(InputConfig(url=f"s3://{s3_bucket}/list.txt"), STORAGE)) == ["000", "002"]
+    assert _names(list_shards(InputConfig(url=f"s3://{s3_bucket}/list.txt"), STORAGE)) == ["shards/000", "shards/002"]
     assert _names(list_shards(InputConfig(url=f"s3://{s3_bucket}/shards/"), STORAGE)) == ["000", "001", "002"]
 
 

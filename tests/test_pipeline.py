@@ -104,7 +104,7 @@ def test_webdataset_from_s3_to_parquet_with_errors_and_resume(ray_session, s3_bu
     m1 = manifests[1]
     assert (m1["status"], m1["inputs"], m1["outputs"], m1["errors"]) == ("complete", 6, 4, 2)
     assert len(m1["parts"]) >= 2  # rows_per_part=3: the shard was written as several parts
-    for p in m1["parts"] + m1["error_parts"]:
+    for p in [*m1["parts"], *m1["error_parts"]]:
         assert fs.exists(f"{s3_bucket}/out/{p}")
 
     # Crash simulation: shard 00001 lost its manifest (the commit) but its parts remain.

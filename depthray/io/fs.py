@@ -77,9 +77,69 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
-        with fs.open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the name does
         os.replace(tmp, path)
+        fsync_dir(parent)  # ... and the new name survives a power loss
     finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in `path` durable (local filesystems only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; nothing more to do there
+    finally:
+        os.close(fd)
+
+
+def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a finished file into place: an atomic, durable rename on local disk; a
+    server-side copy then delete on object stores (the copy appears whole or not at all)."""
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        fsync_dir(posixpath.dirname(dst))
+        return
+    fs.copy(src, dst)
+    fs.rm_file(src)
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Write `path` only if it does not exist; False if it does. Atomic where the store
+    supports it: O_EXCL on local disk, a conditional PUT (If-None-Match) on S3. Elsewhere
+    an exists-then-write, which two writers can race (docs/reliability.md says so)."""
+    if is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(posixpath.dirname(path))
+        return True
+    if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except Exception as e:  # 412 Precondition Failed: somebody created it first
+            if "PreconditionFailed" in repr(e) or "412" in repr(e) or isinstance(e, FileExistsError):
+                return False
+            raise
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True

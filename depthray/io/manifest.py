@@ -1,9 +1,19 @@
 """Per-shard manifests: the commit record that makes a job resumable and exactly-once.
 
-`{output}/_manifest/{shard}.json` is written by the driver, atomically, only after every
-row of the shard has landed in a part file; it lists those parts. On start, shards with a
-manifest are skipped, and part files of every other shard (left by a crashed or failed
-run) are deleted before the shard is redone, so no key is ever written twice.
+Commit protocol for one shard (depthray/job/ledger.py calls `ManifestStore.commit` once the
+write stage has acknowledged every row the reader announced):
+
+ 1. its parts already lie under `_staging/` (written there by depthray/io/sinks.py);
+ 2. they are moved to their final names (atomic rename on disk, server-side copy on S3);
+ 3. parts of the shard's previous manifest that the new one does not list are deleted
+    (an overwrite replaces a shard's data only once its new data is in place);
+ 4. `_manifest/{shard}.json` is written last, atomically.
+
+The manifest identifies the shard fully: input URL, size and ETag (or mtime), the config
+hash and settings, and every part with its size. `resume_shards` counts a shard as done
+only if all of that matches the input and a single listing of the output shows each part
+at its size; anything else is redone, and its leftovers (staged or promoted parts of an
+interrupted commit) are deleted first, so no key is ever written twice.
 """
 
 from __future__ import annotations
@@ -12,16 +22,18 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
+from typing import Any
 
-from depthray.config import OutputConfig, StorageConfig
-from depthray.io.fs import filesystem, join, write_atomic
-from depthray.io.sinks import PART_RE
+from depthray.config import Config, ConfigError, StorageConfig
+from depthray.io.fs import filesystem, join, move, write_atomic
+from depthray.io.sinks import ERRORS_DIR, PART_RE, STAGING_DIR
 from depthray.io.sources import Shard
 
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "_manifest"
 JOBS_DIR = "_jobs"
+OVERWRITE_FILE = "overwrite.json"  # under _jobs/: the overwrite in progress (its epoch)
 
 
 class ManifestStore:
@@ -31,17 +43,27 @@ class ManifestStore:
     def path(self, shard: str) -> str:
         return join(self.root, MANIFEST_DIR, f"{shard}.json")
 
+    def listing(self) -> dict[str, int]:
+        """Every file under the output, relative path -> size: one listing, fresh (object
+        store clients cache listings; a stale one could hide a deleted part)."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return {}
+        found = self.fs.find(self.root, detail=True)
+        base = self.root.rstrip("/")
+        return {posixpath.relpath(p, base): int(info.get("size") or 0) for p, info in found.items()
+                if info.get("type", "file") == "file"}
+
+    @staticmethod
+    def names_in(listing: dict[str, int]) -> set[str]:
+        """Shard names that have a manifest, from a listing."""
+        prefix = MANIFEST_DIR + "/"
+        return {rel[len(prefix): -len(".json")] for rel in listing
+                if rel.startswith(prefix) and rel.endswith(".json") and not posixpath.basename(rel).startswith(".")}
+
     def completed(self) -> set[str]:
         """Names of shards with a manifest (one listing, not one request per shard)."""
-        base = join(self.root, MANIFEST_DIR)
-        if not self.fs.exists(base):
-            return set()
-        names = set()
-        for p in self.fs.find(base):
-            rel = posixpath.relpath(p, base)
-            if rel.endswith(".json") and not posixpath.basename(rel).startswith("."):
-                names.add(rel[: -len(".json")])
-        return names
+        return self.names_in(self.listing())
 
     def read_many(self, shards: list[str]) -> dict[str, dict]:
         """Manifests of `shards` (which must exist); object stores fetch them concurrently."""
@@ -52,6 +74,18 @@ class ManifestStore:
 
     def write(self, shard: str, manifest: dict) -> None:
         write_atomic(self.fs, self.path(shard), json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+    def commit(self, shard: str, manifest: dict, replaced: list[str] | None = None) -> None:
+        """Promote the shard's staged parts, drop the parts they replace, write the manifest."""
+        new = set(manifest.get("parts") or {}) | set(manifest.get("error_parts") or {})
+        for rel in sorted(new):
+            move(self.fs, join(self.root, STAGING_DIR, rel), join(self.root, rel))
+        for rel in sorted(set(replaced or []) - new):
+            try:
+                self.fs.rm_file(join(self.root, rel))
+            except FileNotFoundError:
+                pass
+        self.write(shard, manifest)
 
     def write_job_summary(self, run_id: str, summary: dict) -> str:
         path = join(self.root, JOBS_DIR, f"{run_id}.json")
@@ -64,10 +98,34 @@ class ManifestStore:
         if not self.fs.exists(base):
             return []
         return sorted(p for p in self.fs.ls(base, detail=False)
-                      if p.endswith(".json") and not posixpath.basename(p).startswith("."))
+                      if p.endswith(".json") and not posixpath.basename(p).startswith(".")
+                      and posixpath.basename(p)[:1].isdigit())
 
     def read_job_summary(self, path: str) -> dict:
         return json.loads(self.fs.cat_file(path))
+
+    # -------------------------------------------------------------- overwrite epochs
+    def overwrite_epoch(self, run_id: str) -> str:
+        """The overwrite in progress (started by this or an interrupted earlier run)."""
+        path = join(self.root, JOBS_DIR, OVERWRITE_FILE)
+        if self.fs.exists(path):
+            return json.loads(self.fs.cat_file(path))["epoch"]
+        write_atomic(self.fs, path, json.dumps({"epoch": run_id}).encode())
+        return run_id
+
+    def end_overwrite(self) -> None:
+        path = join(self.root, JOBS_DIR, OVERWRITE_FILE)
+        if self.fs.exists(path):
+            self.fs.rm_file(path)
+
+
+def manifest_parts(manifest: dict) -> dict[str, int]:
+    """rel path -> size of every part a manifest lists (results and errors)."""
+    out: dict[str, int] = {}
+    for key in ("parts", "error_parts"):
+        value = manifest.get(key) or {}
+        out.update(value if isinstance(value, dict) else {p: -1 for p in value})
+    return out
 
 
 @dataclass
@@ -77,38 +135,132 @@ class Resume:
     todo: list[Shard]
     skipped: list[str] = field(default_factory=list)  # complete from an earlier run
     deleted_parts: int = 0
+    redo: dict[str, str] = field(default_factory=dict)  # shard with a manifest -> why it is redone
+    replaced: dict[str, list[str]] = field(default_factory=dict)  # shard -> old parts, dropped at commit
+    overwrite_epoch: str | None = None
 
 
-def resume_shards(shards: list[Shard], cfg: OutputConfig, storage: StorageConfig) -> Resume:
-    """Skip completed shards; delete leftovers of the rest (parts, temp files, manifests
-    when overwriting) so the shards can be redone from scratch."""
-    store = ManifestStore(cfg.url, storage)
-    done = set() if cfg.overwrite else store.completed()
-    todo = [s for s in shards if s.name not in done]
-    skipped = [s.name for s in shards if s.name in done]
-    redo = {s.name for s in todo}
+def why_not_done(m: dict, shard: Shard, fingerprint: dict | None, listing: dict[str, int]) -> str | None:
+    """Why a manifest does not prove `shard` done (None = it does)."""
+    if m.get("status") != "complete":
+        return "manifest not complete"
+    if fingerprint:
+        for k in ("size", "etag"):
+            if fingerprint.get(k) is not None and m.get(f"source_{k}") not in (None, fingerprint[k]):
+                return f"input changed ({k} {m.get(f'source_{k}')} -> {fingerprint[k]})"
+    for rel, size in sorted(manifest_parts(m).items()):
+        if rel not in listing:
+            return f"part {rel} is missing"
+        if size >= 0 and listing[rel] != size:
+            return f"part {rel} is {listing[rel]} bytes, manifest says {size}"
+    return None
+
+
+def config_difference(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict] | None = None,
+                  run_id: str = "") -> Resume:
+    """Which shards are done, which to (re)do; clears the leftovers of the ones to redo.
+
+    Refuses (ConfigError, before deleting anything) an output whose shards were labelled
+    with other settings unless `output.overwrite`, and an input whose shard names are
+    already taken in this output by shards from other URLs.
+    """
+    store = ManifestStore(cfg.output.url, cfg.storage)
     fs, root = store.fs, store.root
-    deleted = 0
-    if redo and fs.exists(root):
-        stale = []
-        for p in fs.find(root):
-            rel = posixpath.relpath(p, root)
-            base = posixpath.basename(rel)
-            if rel.startswith(MANIFEST_DIR + "/"):
-                if cfg.overwrite and rel[len(MANIFEST_DIR) + 1 : -len(".json")] in redo:
-                    stale.append(p)
-                continue
-            if base.startswith(".tmp-"):
-                stale.append(p)  # a write that died before its rename
-                continue
-            if rel.startswith("_errors/"):
-                rel = rel[len("_errors/") :]
-            m = PART_RE.match(rel)
-            if m and m.group("shard") in redo:
-                stale.append(p)
-        for p in stale:
-            fs.rm_file(p)
-        deleted = len(stale)
-        if deleted:
-            log.info("deleted %d leftover file(s) of %d unfinished shard(s)", deleted, len(redo))
-    return Resume(todo=todo, skipped=skipped, deleted_parts=deleted)
+    listing = store.listing()
+    have = ManifestStore.names_in(listing)
+    names = {s.name for s in shards}
+    manifests = store.read_many(sorted(have & names))
+    these = {cfg.hash("cpu"), cfg.hash("cuda")}  # the job resolves `auto` where its actors run
+    # 1. Identity: a shard name in this output belongs to one input URL.
+    for s in shards:
+        m = manifests.get(s.name)
+        if m is not None and m.get("url") not in (None, s.url):
+            raise ConfigError(
+                f"output.url {cfg.output.url!r} already holds shard {s.name!r} from {m['url']}; this input "
+                f"has {s.name!r} at {s.url}. Two inputs with the same shard names need two outputs.")
+    # 2. Settings: one configuration per output, unless overwriting.
+    other = {n: m for n, m in manifests.items() if m.get("config_hash") not in these}
+    if other and not cfg.output.overwrite:
+        name, m = sorted(other.items())[0]
+        diff = config_difference(m.get("settings") or {}, cfg.settings())
+        raise ConfigError(
+            f"output.url {cfg.output.url!r}: {len(other)} shard(s) were labelled with other settings "
+            f"(e.g. {name}: {'; '.join(diff) if diff else 'config hash ' + str(m.get('config_hash'))}). "
+            "Use another output, or set output.overwrite: true to relabel them (shard by shard, resumable).")
+    epoch = store.overwrite_epoch(run_id) if cfg.output.overwrite else None
+    resume = Resume(todo=[], overwrite_epoch=epoch)
+    for s in shards:
+        m = manifests.get(s.name)
+        why = None if m is None else why_not_done(m, s, (fingerprints or {}).get(s.url), listing)
+        if m is not None and why is None and epoch is not None and (
+                m.get("overwrite_epoch") != epoch or m.get("config_hash") not in these):
+            why = "overwriting"
+        if m is not None and why is None:
+            resume.skipped.append(s.name)
+            continue
+        resume.todo.append(s)
+        if m is not None:
+            resume.redo[s.name] = why or ""
+            if why == "overwriting":
+                resume.replaced[s.name] = sorted(manifest_parts(m))
+    # 3. Leftovers of the shards to (re)do: staged parts, promoted parts of an interrupted
+    #    commit, temp files; parts an overwrite replaces stay until their shard commits.
+    redo = {s.name for s in resume.todo}
+    keep = {p for parts in resume.replaced.values() for p in parts}
+    stale = []
+    for rel in listing:
+        base = posixpath.basename(rel)
+        if base.startswith(".tmp-"):
+            stale.append(rel)  # a write that died before its rename
+            continue
+        if rel.startswith(MANIFEST_DIR + "/"):
+            name = rel[len(MANIFEST_DIR) + 1: -len(".json")]
+            if name in redo and name not in resume.replaced:
+                stale.append(rel)  # a manifest that no longer proves anything
+            continue
+        part = rel[len(STAGING_DIR) + 1:] if rel.startswith(STAGING_DIR + "/") else rel
+        if part.startswith(ERRORS_DIR + "/"):
+            part = part[len(ERRORS_DIR) + 1:]
+        m = PART_RE.match(part)
+        if m and m.group("shard") in redo and rel not in keep:
+            stale.append(rel)
+    for rel in stale:
+        fs.rm_file(join(root, rel))
+    resume.deleted_parts = len(stale)
+    if stale:
+        log.info("deleted %d leftover file(s) of %d shard(s) to redo", len(stale), len(redo))
+    for name, why in sorted(resume.redo.items()):
+        if why != "overwriting":
+            log.warning("shard %s has a manifest but is redone: %s", name, why)
+    return resume
+
+
+def input_fingerprints(shards: list[Shard], storage: StorageConfig) -> dict[str, dict[str, Any]]:
+    """url -> {size, etag} of shard files, from one listing per folder (not a request per
+    shard). Image-folder shards have none; an unlistable folder gives none (not an error:
+    the reader reports a missing shard)."""
+    by_dir: dict[str, list[Shard]] = {}
+    for s in shards:
+        if s.format != "images":
+            by_dir.setdefault(s.url.rsplit("/", 1)[0], []).append(s)
+    out: dict[str, dict[str, Any]] = {}
+    for folder, members in by_dir.items():
+        fs, path = filesystem(folder, storage)
+        try:
+            entries = fs.ls(path, detail=True)
+        except (OSError, ValueError):
+            continue
+        info = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
+        for s in members:
+            e = info.get(s.url.rsplit("/", 1)[-1])
+            if e is not None:
+                etag = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified")
+                out[s.url] = {"size": int(e.get("size") or 0),
+                              "etag": str(etag).strip('"') if etag is not None else None}
+    return out

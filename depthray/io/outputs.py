@@ -29,6 +29,7 @@ import numpy as np
 from depthray.config import StorageConfig
 from depthray.io.codecs import decode_depth, decode_uncertainty_png16
 from depthray.io.decode import IMAGE_EXTS, decode_rgb
+from depthray.io.manifest import MANIFEST_DIR, manifest_parts
 from depthray.io.fs import filesystem
 from depthray.io.tar_samples import iter_samples
 
@@ -62,10 +63,28 @@ def list_files(url: str, storage: StorageConfig | None = None) -> tuple[object, 
     elif fs.isfile(path):
         return fs, [path]
     elif fs.isdir(path):
-        files, root = fs.find(path), path.rstrip("/")
+        root = path.rstrip("/")
+        committed = _committed_parts(fs, root)
+        if committed is not None:  # a job's output: committed shards only, never in-flight ones
+            return fs, sorted(f"{root}/{rel}" for rel in committed if not _is_hidden(rel, ""))
+        files = fs.find(path)
     else:
         raise FileNotFoundError(f"{url}: no such file or folder")
     return fs, sorted(p for p in files if not _is_hidden(p, root))
+
+
+def _committed_parts(fs, root: str) -> list[str] | None:
+    """Parts listed by the output's manifests (relative paths), or None for a folder that is
+    not a job output (no `_manifest/`). Parts of shards still in flight, or left by a crash
+    mid-commit, are in no manifest, so they are not read."""
+    base = f"{root}/{MANIFEST_DIR}"
+    if not fs.exists(base):
+        return None
+    paths = [p for p in fs.find(base) if p.endswith(".json") and not posixpath.basename(p).startswith(".")]
+    parts: set[str] = set()
+    for data in fs.cat(paths).values() if paths else []:
+        parts.update(manifest_parts(json.loads(data)))
+    return sorted(parts)
 
 
 def detect_format(files: list[str]) -> str:

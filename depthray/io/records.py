@@ -78,8 +78,10 @@ ACK = pa.schema(
         ("errors", pa.int64()),
         ("shard_total", pa.int64()),  # from the trailer when this batch held it
         ("shard_error", pa.string()),  # trailer's error: the shard could not be read
-        ("parts", pa.list_(pa.string())),
+        ("parts", pa.list_(pa.string())),  # staged, relative to the output (see io/sinks.py)
+        ("part_bytes", pa.list_(pa.int64())),
         ("error_parts", pa.list_(pa.string())),
+        ("error_part_bytes", pa.list_(pa.int64())),
         ("error_reasons", pa.string()),  # JSON {reason: count}
         ("infer_s", pa.float64()),
     ]

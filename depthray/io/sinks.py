@@ -6,6 +6,10 @@ hold, so a retried write task rewrites the same file instead of adding a duplica
 
     {output}/{shard}.part-{hash}.parquet|.tar      depth results
     {output}/_errors/{shard}.part-{hash}.parquet    error records (any output format)
+
+Parts are written under `{output}/_staging/` (readers skip `_` folders: pyarrow's dataset
+discovery, `*.tar` globs, depthray's own readers) and moved to the names above only when
+their shard commits (depthray/io/manifest.py), so nobody reads a shard still in flight.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from depthray.io.fs import filesystem, join, write_atomic
 from depthray.io.tar_samples import tar_bytes
 
 ERRORS_DIR = "_errors"
+STAGING_DIR = "_staging"
 PART_RE = re.compile(r"^(?P<shard>.+)\.part-(?P<hash>[0-9a-f]{16})\.(?P<ext>parquet|tar)$")
 
 OUTPUT_SCHEMA = pa.schema(
@@ -70,13 +75,15 @@ class Sink:
     def encode(self, rows: list[dict[str, Any]]) -> bytes:
         raise NotImplementedError
 
-    def write(self, shard: str, rows: list[dict[str, Any]], digest: str) -> str:
-        """Write `rows` (all from input shard `shard`) as one part; returns its relative path."""
+    def write(self, shard: str, rows: list[dict[str, Any]], digest: str) -> tuple[str, int]:
+        """Write `rows` (all from input shard `shard`) as one staged part; returns its path
+        relative to the output (where it goes on commit) and its size in bytes."""
         rel = f"{shard}.part-{digest}.{self.extension}"
         rel = f"{self.subdir}/{rel}" if self.subdir else rel
         fs, root = filesystem(self.url, self.storage)
-        write_atomic(fs, join(root, rel), self.encode(rows))
-        return rel
+        data = self.encode(rows)
+        write_atomic(fs, join(root, STAGING_DIR, rel), data)
+        return rel, len(data)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -152,6 +159,8 @@ def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, mode
         outputs = [r for r in rows if not records.is_trailer(r) and r.get("error") is None]
         errors = [r for r in rows if records.is_error(r)]
         digest = part_hash([r["key"] for r in outputs + errors])
+        part = sink.write(shard, outputs, digest) if outputs else None
+        error_part = errors_sink.write(shard, errors, digest) if errors else None
         acks.append(
             {
                 "source": shard,
@@ -160,8 +169,10 @@ def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, mode
                 "errors": len(errors),
                 "shard_total": trailer["shard_total"] if trailer else None,
                 "shard_error": trailer.get("message") if trailer and trailer.get("error") else None,
-                "parts": [sink.write(shard, outputs, digest)] if outputs else [],
-                "error_parts": [errors_sink.write(shard, errors, digest)] if errors else [],
+                "parts": [part[0]] if part else [],
+                "part_bytes": [part[1]] if part else [],
+                "error_parts": [error_part[0]] if error_part else [],
+                "error_part_bytes": [error_part[1]] if error_part else [],
                 "error_reasons": json.dumps(Counter(f"{r['stage']}:{r['error']}" for r in errors)),
                 "infer_s": float(sum(r.get("infer_s") or 0.0 for r in outputs)),
             }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -74,10 +75,11 @@ def _strip_ext(rel: str) -> str:
 
 
 def safe_name(rel: str) -> str:
-    """A shard name usable as a relative output path: no '..', no leading '/'."""
+    """A shard name usable as a relative output path: no '..', no leading '/', and no part
+    starting with '_' or '.' (readers skip those: pyarrow discovery would hide the shard)."""
     parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
-    parts = ["__" if p == ".." else re.sub(r"[^\w.\-=+@]", "_", p) for p in parts]
-    return "/".join(parts) or "shard"
+    parts = ["up" if p == ".." else re.sub(r"[^\w.\-=+@]", "_", p) for p in parts]
+    return "/".join(f"x{p}" if p.startswith(("_", ".")) else p for p in parts) or "shard"
 
 
 def _name_shards(urls: list[str], formats: list[str], base: str | None = None) -> list[Shard]:
@@ -125,17 +127,21 @@ def list_shards(cfg: InputConfig, storage: StorageConfig) -> list[Shard]:
     per shard); a missing shard is reported by the reader and retried on the next run.
     """
     url = cfg.url
+    list_base = None
     if url.lower().endswith(LIST_FILE_EXTS):
         fs, path = filesystem(url, storage)
         lines = fs.cat_file(path).decode().splitlines()
         patterns = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        # A list file's entries are named relative to the list file's own folder, never to
+        # whatever folder they happen to share: an entry added from elsewhere renames nothing.
+        list_base = posixpath.dirname(path)
     else:
         patterns = [url]
     urls: list[str] = []
     formats: list[str] = []
     # Names are relative to the fixed part of input.url (the folder before any wildcard or
     # brace), not to whatever happened to match, so they stay the same from run to run
-    # (resume depends on it). A list file's entries are named relative to their common folder.
+    # (resume depends on it).
     base = None
     if len(patterns) == 1:
         fixed = re.split(r"[*?\[{]", patterns[0], maxsplit=1)[0]
@@ -166,20 +172,55 @@ def list_shards(cfg: InputConfig, storage: StorageConfig) -> list[Shard]:
         paths = [u.split("://", 1)[-1].rstrip("/") for u in urls]
         if base in paths:  # images directly in the folder given: one shard named after it
             base = posixpath.dirname(base)
-    return _name_shards(urls, formats, base)
+    return _name_shards(urls, formats, list_base if list_base is not None else base)
 
 
 # ---------------------------------------------------------------------------- readers
+
+
+def is_transient(e: BaseException) -> bool:
+    """A failure that reading again may not meet: a dropped or timed-out connection, a 5xx
+    or throttling answer, from any storage client (aiohttp's ClientPayloadError is not an
+    OSError; botocore's errors are neither). Missing files and refused permissions are not."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        name = type(e).__name__
+        module = type(e).__module__ or ""
+        if isinstance(e, (ConnectionError, TimeoutError)) or name in _TRANSIENT_NAMES:
+            return True
+        if module.startswith(("aiohttp", "botocore", "urllib3", "requests", "http.client")) and \
+                "Credential" not in name and "ParamValidation" not in name:
+            code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
+            return not code or code in _TRANSIENT_CODES or code.startswith("5")
+        if isinstance(e, OSError) and getattr(e, "errno", None) in _TRANSIENT_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+_TRANSIENT_NAMES = {"FSTimeoutError", "ClientPayloadError", "ServerDisconnectedError", "IncompleteRead",
+                    "ReadTimeoutError", "ProtocolError", "ResponseStreamingError", "ContentLengthError"}
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "503", "500"}
+_TRANSIENT_ERRNOS = {5, 32, 104, 110, 111, 113}  # EIO, EPIPE, ECONNRESET, ETIMEDOUT, ECONNREFUSED, EHOSTUNREACH
 
 
 class Reader:
     """Turns one shard into sample rows; subclasses implement `samples`.
 
     The base class batches rows into Arrow blocks (bounded by rows and bytes, so a shard
-    never sits in memory whole), appends the trailer, and classifies failures: storage
-    errors (OSError: missing file, network, permissions) mark the shard failed so the next
-    run retries it; corrupt data (bad tar, bad Parquet) becomes a shard-level error record
-    and the shard still completes, since re-reading would not help.
+    never sits in memory whole), appends the trailer, and classifies failures:
+    - transient (dropped connection, timeout, 5xx): the shard is read again from the start,
+      skipping the samples already emitted, up to `storage.retries` times; if it keeps
+      failing the shard is marked failed (no manifest; the next run redoes it), never
+      committed short;
+    - missing file, refused permission: the shard is marked failed at once;
+    - anything else (bad tar, bad Parquet): read once more to rule out a transport glitch
+      that looked like bad data; if it fails again at the same sample it is corrupt: a
+      shard-level error row naming the last good key, and the shard completes with what
+      was read (re-reading would not help).
     """
 
     def __init__(self, cfg: InputConfig, storage: StorageConfig, rows_per_block: int = 32,
@@ -195,29 +236,49 @@ class Reader:
 
     def read(self, shard: Shard) -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
-        size = 0
-        total = 0
+        size = total = 0
         shard_error = None
-        try:
-            fs, path = filesystem(shard.url, self.storage)
-            for row in self.samples(fs, path):
-                row["source"] = shard.name
-                if row.get("error"):
-                    row["stage"] = "read"
-                rows.append(row)
+        last_key: str | None = None
+        retries, corrupt_at = 0, None
+        while True:
+            try:
+                fs, path = filesystem(shard.url, self.storage)
+                for i, row in enumerate(self.samples(fs, path)):
+                    if i < total:  # emitted before the break: the reader is deterministic
+                        continue
+                    row["source"] = shard.name
+                    if row.get("error"):
+                        row["stage"] = "read"
+                    rows.append(row)
+                    total += 1
+                    last_key = row.get("key", last_key)
+                    size += len(row.get("data") or b"")
+                    if len(rows) >= self.rows_per_block or size >= self.bytes_per_block:
+                        yield records.to_table(rows, records.SAMPLE)
+                        rows, size = [], 0
+                break
+            except Exception as e:
+                what = f"{type(e).__name__}: {e}"
+                transient = is_transient(e)
+                if transient and retries < max(1, self.storage.retries):
+                    retries += 1
+                    log.warning("shard %s: read broke after %d samples (%s); reading again (%d/%d)",
+                                shard.name, total, what, retries, max(1, self.storage.retries))
+                    time.sleep(min(0.2 * 2 ** retries, 5.0))
+                    continue
+                if transient or isinstance(e, OSError):
+                    shard_error = f"{what} (after {retries} retries)" if transient else what
+                    log.warning("shard %s could not be read (the next run retries it): %s", shard.name, shard_error)
+                    break
+                if corrupt_at != total:  # first sight of bad data here: rule out a glitch
+                    corrupt_at = total
+                    log.warning("shard %s: bad data after %d samples (%s); reading once more", shard.name, total, what)
+                    continue
+                after = f"after key {last_key!r}" if last_key is not None else "before its first sample"
+                rows.append({"source": shard.name, "key": SHARD_KEY, "stage": "read", "error": "corrupt_shard",
+                             "message": f"{what} ({after}; {total} sample(s) read)"})
                 total += 1
-                size += len(row.get("data") or b"")
-                if len(rows) >= self.rows_per_block or size >= self.bytes_per_block:
-                    yield records.to_table(rows, records.SAMPLE)
-                    rows, size = [], 0
-        except OSError as e:
-            shard_error = f"{type(e).__name__}: {e}"
-            log.warning("shard %s could not be read (will be retried on the next run): %s",
-                        shard.name, shard_error)
-        except Exception as e:  # corrupt container: record it, keep what was read
-            rows.append({"source": shard.name, "key": SHARD_KEY, "stage": "read",
-                         "error": "corrupt_shard", "message": f"{type(e).__name__}: {e}"})
-            total += 1
+                break
         rows.append({"source": shard.name, "key": None, "shard_total": total,
                      "error": "read_failed" if shard_error else None, "message": shard_error})
         yield records.to_table(rows, records.SAMPLE)

@@ -62,19 +62,12 @@ def describe_error(e: BaseException, limit: int = 500) -> str:
     return text[:limit]
 
 
-def check_storage(cfg: Config, shards: list[Shard], run_id: str) -> None:
-    """Fail fast, naming the URL, when the output cannot be written or the input's folder
-    or bucket does not exist / is forbidden. A single missing shard is not fatal: its reader
-    reports it and the next run retries it."""
-    from depthray.io.fs import filesystem, join, write_atomic
+def check_input(cfg: Config, shards: list[Shard]) -> None:
+    """Fail fast, naming the URL, when the input's folder or bucket does not exist or is
+    forbidden. A single missing shard is not fatal: its reader reports it and the next run
+    retries it. (That the output is writable is proven by taking its lease.)"""
+    from depthray.io.fs import filesystem
 
-    fs, root = filesystem(cfg.output.url, cfg.storage)
-    probe = join(root, "_jobs", f".probe-{run_id}")
-    try:
-        write_atomic(fs, probe, b"")
-        fs.rm_file(probe)
-    except Exception as e:
-        raise ConfigError(f"output.url {cfg.output.url!r}: not writable ({describe_error(e)})") from e
     first = shards[0].url
     fs, path = filesystem(first, cfg.storage)
     try:

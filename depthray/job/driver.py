@@ -18,8 +18,9 @@ from typing import Any
 
 from depthray import __version__
 from depthray.config import Config, ConfigError
-from depthray.io.manifest import ManifestStore, resume_shards
-from depthray.job.checks import check_paths, check_storage, describe_error, list_input_shards
+from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
+from depthray.job.checks import check_input, check_paths, describe_error, list_input_shards
+from depthray.job.lease import OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.ray_graph import build_dataset, resolve_resources
 from depthray.job.stages import job_stages, model_label
@@ -52,9 +53,28 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     #    cannot be reached or written (403, missing bucket) stops the job here, by URL.
     shards = list_input_shards(cfg)
     check_paths(cfg, shards)
-    check_storage(cfg, shards, run_id)
+    # One writer per output: nothing is deleted or written before this run holds the lease.
+    lease = OutputLease(cfg.output.url, cfg.storage, run_id, cfg.output.lease_timeout_s)
     try:
-        resume = resume_shards(shards, cfg.output, cfg.storage)
+        lease.acquire()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"output.url {cfg.output.url!r}: not writable ({describe_error(e)})") from e
+    try:
+        return _run(cfg, run_id, shards, log_every_s, address, num_cpus)
+    finally:
+        lease.release()
+
+
+def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: str | None,
+         num_cpus: int | None) -> dict[str, Any]:
+    check_input(cfg, shards)
+    try:
+        fingerprints = input_fingerprints(shards, cfg.storage)
+        resume = resume_shards(shards, cfg, fingerprints, run_id)
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({describe_error(e)})") from e
     log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
@@ -66,7 +86,11 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     device_kind = ("cuda" if res.gpus_per_actor > 0 else "cpu") if res else None
     static = {"config_hash": cfg.hash(device_kind), "model": model_label(cfg), "run_id": run_id,
               "depthray_version": __version__}
-    ledger = ShardLedger({s.name: s.url for s in resume.todo}, store.write, static, log_every_s)
+    identities = {s.name: {"url": s.url, **{f"source_{k}": v for k, v in fingerprints.get(s.url, {}).items()}}
+                  for s in resume.todo}
+    manifest_fields = {**static, "settings": cfg.settings(device_kind), "overwrite_epoch": resume.overwrite_epoch}
+    ledger = ShardLedger(identities, lambda name, m: store.commit(name, m, resume.replaced.get(name)),
+                         manifest_fields, log_every_s)
     stages: list[str] = []
     job_error = None
     # 2. Stream the graph; the driver only sees acknowledgements.
@@ -97,7 +121,10 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
         "job_error": job_error,
         **static,
     }
+    summary["shards_redone"] = resume.redo
     summary["summary_path"] = store.write_job_summary(run_id, summary)
+    if resume.overwrite_epoch and not summary["shards_unfinished"]:
+        store.end_overwrite()  # every shard relabelled: the overwrite is over
     if summary["shards_unfinished"]:
         log.warning("%d shard(s) unfinished; re-run the same command to retry them: %s",
                     len(summary["shards_unfinished"]), summary["shards_unfinished"])

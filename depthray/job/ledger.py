@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class ShardState:
     url: str
+    identity: dict[str, Any] = field(default_factory=dict)  # source size/etag, recorded in the manifest
     rows: int = 0  # rows written so far, trailer included
     total: int | None = None  # rows the reader emitted, trailer excluded
     failed: str | None = None
     outputs: int = 0
     errors: int = 0
-    parts: list[str] = field(default_factory=list)
-    error_parts: list[str] = field(default_factory=list)
+    parts: dict[str, int] = field(default_factory=dict)  # staged part -> bytes
+    error_parts: dict[str, int] = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
     infer_s: float = 0.0
     started: float = field(default_factory=time.time)
@@ -39,10 +40,13 @@ class ShardState:
 
 
 class ShardLedger:
-    def __init__(self, shards: dict[str, str], commit: Callable[[str, dict], None],
+    def __init__(self, shards: dict[str, str | dict[str, Any]], commit: Callable[[str, dict], None],
                  static: dict[str, Any], log_every_s: float = 10.0):
-        self.states = {name: ShardState(url=url) for name, url in shards.items()}
-        self.commit = commit  # writes a shard's manifest
+        """`shards`: name -> input URL, or -> {"url", "source_size", "source_etag"}."""
+        self.states = {name: ShardState(url=v, identity={}) if isinstance(v, str)
+                       else ShardState(url=v["url"], identity={k: x for k, x in v.items() if k != "url"})
+                       for name, v in shards.items()}
+        self.commit = commit  # promotes a shard's parts and writes its manifest
         self.static = static  # fields every manifest carries (config hash, model, ...)
         self.log_every_s = log_every_s
         self.start = time.time()
@@ -60,8 +64,9 @@ class ShardLedger:
         st.rows += ack["rows"]
         st.outputs += ack["outputs"]
         st.errors += ack["errors"]
-        st.parts += ack["parts"] or []
-        st.error_parts += ack["error_parts"] or []
+        st.parts.update(zip(ack["parts"] or [], ack.get("part_bytes") or [-1] * len(ack["parts"] or [])))
+        st.error_parts.update(zip(ack["error_parts"] or [],
+                                  ack.get("error_part_bytes") or [-1] * len(ack["error_parts"] or [])))
         st.reasons.update(json.loads(ack["error_reasons"] or "{}"))
         st.infer_s += ack["infer_s"] or 0.0
         if ack["shard_total"] is not None:
@@ -81,12 +86,13 @@ class ShardLedger:
         manifest = {
             "shard": name,
             "url": st.url,
+            **st.identity,
             "status": "complete",
             "inputs": st.total,
             "outputs": st.outputs,
             "errors": st.errors,
-            "parts": sorted(st.parts),
-            "error_parts": sorted(st.error_parts),
+            "parts": dict(sorted(st.parts.items())),
+            "error_parts": dict(sorted(st.error_parts.items())),
             "error_reasons": dict(st.reasons),
             "infer_seconds": round(st.infer_s, 3),
             "wall_seconds": round(time.time() - st.started, 3),

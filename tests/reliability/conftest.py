@@ -67,14 +67,16 @@ def read_outputs(fs, root: str, fmt: str = "parquet") -> tuple[list[dict], list[
     """(output rows, error rows) under `root`, read with stock pyarrow / tarfile.
 
     Output rows: {source, key, width, height, meta(dict), name(file name stem)}.
-    Only files under final names are read (temporary names start with '.').
+    Read as a plain reader does: files under final names only (temporary names start with
+    '.'), nothing under `_` folders (`_staging/`, `_manifest/`, `_jobs/`; errors come from
+    `_errors/` separately).
     """
     fs.invalidate_cache()
     outs: list[dict] = []
     files = [p for p in fs.find(root) if not p.split("/")[-1].startswith(".")]
     for p in files:
         rel = p[len(root.rstrip("/")) + 1:]
-        if rel.startswith(("_errors/", "_manifest/", "_jobs/")):
+        if any(part.startswith("_") for part in rel.split("/")):
             continue
         if fmt == "parquet" and p.endswith(".parquet"):
             with fs.open(p, "rb") as f:
@@ -178,6 +180,9 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                if action == "cut":  # promise the whole body, send half, hang up
+                    self._forward(body, cut=True)
+                    return
                 if isinstance(action, int):
                     code = {403: "AccessDenied", 404: "NoSuchBucket", 503: "SlowDown"}.get(action, "InternalError")
                     payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
@@ -191,7 +196,7 @@ class FaultProxy:
                     return
                 self._forward(body)
 
-            def _forward(self, body: bytes):
+            def _forward(self, body: bytes, cut: bool = False):
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 if body or "content-length" in {k.lower() for k in headers}:
@@ -207,6 +212,12 @@ class FaultProxy:
                 length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
+                if cut:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
@@ -230,6 +241,18 @@ class FaultProxy:
             if count[0] < budget and match(method, path) and rng.random() < fraction:
                 count[0] += 1
                 return actions[count[0] % len(actions)]
+            return None
+
+        self.rule = rule
+
+    def cut_bodies(self, budget: int, match: Callable[[str, str], bool]) -> None:
+        """The first `budget` matching requests get half their body, then a closed connection."""
+        count = [0]
+
+        def rule(method, path):
+            if count[0] < budget and match(method, path):
+                count[0] += 1
+                return "cut"
             return None
 
         self.rule = rule
