@@ -28,6 +28,20 @@ class OutputBusy(ConfigError):
     """Another run holds this output's lease."""
 
 
+def _dead_here(holder: dict) -> bool:
+    """The holder ran on this host and its process is gone (a killed `depthray run`): its
+    lease needs no timeout to be known stale."""
+    if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
 class OutputLease:
     def __init__(self, output_url: str, storage, run_id: str, timeout_s: float = 300.0,
                  heartbeat_s: float | None = None):
@@ -61,13 +75,14 @@ class OutputLease:
             if other is None:
                 continue  # released between our attempt and the read: try again
             age = time.time() - float(other.get("heartbeat") or 0)
-            if age < self.timeout_s:
+            if age < self.timeout_s and not _dead_here(other):
                 raise OutputBusy(
                     f"output.url {self.url!r} is being written by run {other.get('run_id')} on "
                     f"{other.get('host', '?')} (pid {other.get('pid', '?')}, heartbeat {age:.0f} s ago); "
                     f"one run per output. Wait for it, or stop it; a lease without heartbeat for "
                     f"output.lease_timeout_s={self.timeout_s:g} s is taken over.")
-            log.warning("taking over the lease of run %s (no heartbeat for %.0f s)", other.get("run_id"), age)
+            log.warning("taking over the lease of run %s (%s)", other.get("run_id"),
+                        "its process on this host is gone" if _dead_here(other) else f"no heartbeat for {age:.0f} s")
             try:
                 self.fs.rm_file(self.path)
             except FileNotFoundError:

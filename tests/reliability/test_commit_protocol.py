@@ -149,15 +149,41 @@ def test_second_run_on_a_busy_output_stops_at_once_and_readers_see_committed_sha
     seen = plain_reader_keys(out)  # after the crash: committed shards only, no duplicates
     assert len(seen) == len(set(seen)) and set(seen) == committed_keys(out)
     assert {s for s, _ in seen} == committed
-    # The dead run's lease has no heartbeat: with a short timeout the next run takes it over.
-    cfg = load_config(config, ["output.lease_timeout_s=1"])
-    time.sleep(1.5)
-    summary = run_job(cfg)
+    # The killed run's lease names a process that is gone from this host: the next run takes
+    # it over at once (on another host it would wait for output.lease_timeout_s).
+    assert json.loads((out / "_jobs" / "lease.json").read_text())["run_id"] == holder["run_id"]
+    t0 = time.monotonic()
+    summary = run_job(load_config(config))
+    assert summary["run_id"] != holder["run_id"]
     assert summary["shards_skipped"] == len(committed) and not summary["shards_unfinished"], summary
     outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
     assert_exactly_once(expected, outs, errors)
     assert_no_partial_files(fsspec.filesystem("file"), str(out))
     assert not (out / "_jobs" / "lease.json").exists(), "a finished run releases its lease"
+    assert time.monotonic() - t0 < 120
+
+
+def test_a_lease_without_heartbeat_is_taken_over_a_live_one_is_not(tmp_path):
+    from depthray.config import StorageConfig
+    from depthray.job.lease import OutputLease
+
+    out = tmp_path / "out"
+    (out / "_jobs").mkdir(parents=True)
+    lease = out / "_jobs" / "lease.json"
+    lease.write_text(json.dumps({"run_id": "other-host-run", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
+    with pytest.raises(OutputBusy, match="other-host-run"):
+        OutputLease(str(out), StorageConfig(), "me", timeout_s=30).acquire()
+    lease.write_text(json.dumps({"run_id": "other-host-run", "host": "elsewhere", "pid": 1,
+                                 "heartbeat": time.time() - 60}))
+    held = OutputLease(str(out), StorageConfig(), "me", timeout_s=30, heartbeat_s=0.2).acquire()
+    try:
+        first = json.loads(lease.read_text())
+        assert first["run_id"] == "me"
+        time.sleep(0.7)
+        assert json.loads(lease.read_text())["heartbeat"] > first["heartbeat"]  # it beats
+    finally:
+        held.release()
+    assert not lease.exists()
 
 
 def test_changed_config_is_refused_and_overwrite_relabels_shard_by_shard(ray_session, tmp_path, make_image):
@@ -228,3 +254,19 @@ def test_two_inputs_with_equal_shard_names_into_one_output_are_refused(ray_sessi
     assert run_job(job_config(str(tmp_path / "x" / "*.tar"), str(out), double_model()))["shards_complete"] == 2
     with pytest.raises(ConfigError, match=r"already holds shard '00000' from .*x/00000.tar"):
         run_job(job_config(str(tmp_path / "y" / "*.tar"), str(out), double_model()))
+
+
+def test_the_lease_is_exclusive_on_s3_too(s3_bucket):
+    """On S3 the lease is created with a conditional PUT (If-None-Match): of two runs, one
+    gets it, the other is refused; released, it can be taken again."""
+    from depthray.config import StorageConfig
+    from depthray.job.lease import OutputLease
+
+    url = f"s3://{s3_bucket}/out"
+    first = OutputLease(url, StorageConfig(), "run-a").acquire()
+    try:
+        with pytest.raises(OutputBusy, match="run-a"):
+            OutputLease(url, StorageConfig(), "run-b").acquire()
+    finally:
+        first.release()
+    OutputLease(url, StorageConfig(), "run-b").acquire().release()
