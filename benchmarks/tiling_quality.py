@@ -1,8 +1,17 @@
-"""Tiled vs global-only depth on synthetic scenes with known depth (CPU, a few minutes).
+"""Tiled vs global-only depth on scenes with known depth (CPU, a few minutes).
 
     .venv/bin/python benchmarks/tiling_quality.py [--scenes 3] [--size 1536x2048] [--res 384]
+    .venv/bin/python benchmarks/tiling_quality.py --ratios 4 8 16 --families yard street indoor \
+        [--motorcycle-dir DIR] [--max-tiles N] [--variants "global only" pyramid pyramid-split]
+    .venv/bin/python benchmarks/tiling_quality.py --quick     # smoke run, ~2-3 minutes
 
-Scenes come from depthray.samples (ground, slanted walls, boxes, 1-3 px poles and wires).
+Scenes come from depthray.samples (families yard: ground, slanted walls, boxes, 1-3 px poles
+and wires; street: a picket fence, a lattice, many poles and wires; indoor: a room with
+furniture, tables on thin legs, shelves) and, with `--families motorcycle`, the Middlebury
+2014 motorcycle disparity map shipped in scikit-image's wheel (the only real disparity map
+found in a package; 741x500, evaluated on its valid pixels). --ratios sets the double's
+processing resolution to the image's long side / ratio. The last line is one JSON object:
+per (family, ratio) and variant the ratios against global only and which targets are met.
 The model is a test double of the depth model interface that stands in for Marigold: it
 reads depth from what it sees (channel 0 of the image carries the normalised GT depth), so
 everything it misses is what a model at its processing resolution cannot see. Like
@@ -326,12 +335,18 @@ def main(argv: list[str] | None = None) -> int:
                 m = means[name]
                 print(f"| {name} | {views[name]} | {m['absrel']:.4f} | {m['delta1']:.4f} | {m['edge_absrel']:.4f} "
                       f"| {m['seam']:.2f} | {m['seam_grad']:.4f} | {times[name] / len(scenes):.1f} |", flush=True)
-    # Tiled vs global only, per (family, ratio): the issue's targets are edge AbsRel <= 0.3 x
-    # global's, AbsRel <= 0.5 x, and seam grad (the error's roughness on tile borders) <= 0.5 x.
+    # Tiled vs global only, per (family, ratio). Targets (issue 15, item 8): edge AbsRel <= 0.3 x
+    # global's, AbsRel <= 0.5 x, and no seams. "Seams at most half of global's" cannot be read
+    # literally: the global pass has no tile borders, so its seam score (~1, +-0.1 per scene)
+    # is the no-seam baseline and half of it (or of its excess over 1, which is noise around
+    # 0) is not a reachable level. The seam target used here: the tiled seam score exceeds
+    # global's on the same lines by at most 0.1 (unfeathered tiles read +0.3 to +0.4).
+    # seam grad / global (the error's absolute roughness on the borders) is printed too; it is
+    # > 1 wherever tiles add detail-scale error everywhere, borders or not.
     summary = []
     if "global only" in variants:
         print("\n| family | ratio | res | variant | edge AbsRel / global | AbsRel / global | seam grad / global "
-              "| seam score | targets met |")
+              "| seam score (global) | targets met |")
         print("|---|---:|---:|---|---:|---:|---:|---:|---|")
         for r in results:
             g = r["means"]["global only"]
@@ -344,13 +359,16 @@ def main(argv: list[str] | None = None) -> int:
                        "edge_abs_rel_ratio": round(m["edge_absrel"] / g["edge_absrel"], 4),
                        "abs_rel_ratio": round(m["absrel"] / g["absrel"], 4),
                        "seam_grad_ratio": round(m["seam_grad"] / g["seam_grad"], 4),
-                       "seam_score": round(m["seam"], 3), "global_seam_score": round(g["seam"], 3)}
-                row["targets_met"] = (row["edge_abs_rel_ratio"] <= 0.3 and row["abs_rel_ratio"] <= 0.5
-                                      and row["seam_grad_ratio"] <= 0.5)
+                       "seam_score": round(m["seam"], 3), "global_seam_score": round(g["seam"], 3),
+                       "seam_excess_vs_global": round(m["seam"] - g["seam"], 3)}
+                row["targets_met"] = {"edge_abs_rel": row["edge_abs_rel_ratio"] <= 0.3,
+                                      "abs_rel": row["abs_rel_ratio"] <= 0.5,
+                                      "seams": row["seam_excess_vs_global"] <= 0.1}
                 summary.append(row)
                 print(f"| {row['family']} | {row['ratio']} | {row['res']} | {name} | {row['edge_abs_rel_ratio']:.3f} "
                       f"| {row['abs_rel_ratio']:.3f} | {row['seam_grad_ratio']:.3f} | {row['seam_score']:.2f} "
-                      f"| {'yes' if row['targets_met'] else 'no'} |")
+                      f"({row['global_seam_score']:.2f}) | "
+                      f"{', '.join(k for k, ok in row['targets_met'].items() if ok) or 'none'} |")
     elapsed = time.perf_counter() - t_start
     print(f"\ntotal {elapsed:.0f} s")
     print(json.dumps({"default_fusion": default_fusion, "seconds": round(elapsed, 1), "summary": summary,
