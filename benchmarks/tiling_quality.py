@@ -339,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     # global's, AbsRel <= 0.5 x, and no seams. "Seams at most half of global's" cannot be read
     # literally: the global pass has no tile borders, so its seam score (~1, +-0.1 per scene)
     # is the no-seam baseline and half of it (or of its excess over 1, which is noise around
-    # 0) is not a reachable level. The seam target used here: the tiled seam score exceeds
-    # global's on the same lines by at most 0.1 (unfeathered tiles read +0.3 to +0.4).
+    # 0) is not a reachable level. The seam target used here: the tiled seam score is at most
+    # max(global's on the same lines, 1.0) + 0.1 (1.0 = borders like anywhere else; the
+    # score's scene-to-scene noise is ~0.1; unfeathered tiles read 1.3-2.1).
     # seam grad / global (the error's absolute roughness on the borders) is printed too; it is
     # > 1 wherever tiles add detail-scale error everywhere, borders or not.
     summary = []
@@ -360,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
                        "abs_rel_ratio": round(m["absrel"] / g["absrel"], 4),
                        "seam_grad_ratio": round(m["seam_grad"] / g["seam_grad"], 4),
                        "seam_score": round(m["seam"], 3), "global_seam_score": round(g["seam"], 3),
-                       "seam_excess_vs_global": round(m["seam"] - g["seam"], 3)}
+                       "seam_excess": round(m["seam"] - max(g["seam"], 1.0), 3)}
                 row["targets_met"] = {"edge_abs_rel": row["edge_abs_rel_ratio"] <= 0.3,
                                       "abs_rel": row["abs_rel_ratio"] <= 0.5,
-                                      "seams": row["seam_excess_vs_global"] <= 0.1}
+                                      "seams": row["seam_excess"] <= 0.1}
                 summary.append(row)
                 print(f"| {row['family']} | {row['ratio']} | {row['res']} | {name} | {row['edge_abs_rel_ratio']:.3f} "
                       f"| {row['abs_rel_ratio']:.3f} | {row['seam_grad_ratio']:.3f} | {row['seam_score']:.2f} "
