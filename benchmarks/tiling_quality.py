@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/tiling_quality.py [--scenes 3] [--size 1536x2048] [--res 384]
     .venv/bin/python benchmarks/tiling_quality.py --ratios 4 8 16 --families yard street indoor \
         [--motorcycle-dir DIR] [--max-tiles N] [--variants "global only" pyramid pyramid-split]
-    .venv/bin/python benchmarks/tiling_quality.py --quick     # smoke run, ~2-3 minutes
+    .venv/bin/python benchmarks/tiling_quality.py --quick     # smoke run, ~1-2 minutes
 
 Scenes come from depthray.samples (families yard: ground, slanted walls, boxes, 1-3 px poles
 and wires; street: a picket fence, a lattice, many poles and wires; indoor: a room with
@@ -266,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ensemble-size", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 768x1024, ratios 4 8 16, one scene per synthetic family, "
-                             "global only vs the default fusion (~2-3 minutes on 2 shared cores)")
+                        help="smoke run: 768x1024, ratios 4 8 16, two scenes per synthetic family, "
+                             "global only vs the default fusion, max_tiles 1000 (~1-2 minutes on 2 "
+                             "shared cores)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.scenes = "768x1024", 1
+        args.size, args.scenes = "768x1024", 2
         args.ratios = args.ratios or [4, 8, 16]
+        args.max_tiles = 1000 if args.max_tiles is None else args.max_tiles
         if args.families == ["yard"]:
             args.families = list(SCENE_FAMILIES)
         if args.variants == list(VARIANTS):
