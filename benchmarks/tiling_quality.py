@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("%s ratio %s scene %d %-22s %s", family, ratio, seed, name, totals[name][-1])
             sh, sw = scenes[0][1].shape
             res = args.res if ratio is None else max(16, round(max(sh, sw) / ratio))
-            means = {name: {k: float(np.mean([getattr(s, k) for s in totals[name]])) for k in Scores.__dataclass_fields__}
-                     for name in variants}
+            means = {name: {k: float(np.mean([getattr(s, k) for s in totals[name]]))
+                            for k in Scores.__dataclass_fields__} for name in variants}
             results.append({"family": family, "ratio": ratio, "res": res, "size": [sh, sw], "scenes": len(scenes),
                             "views": views, "means": means,
                             "seconds_per_image": {n: times[n] / len(scenes) for n in variants}})
