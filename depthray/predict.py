@@ -29,10 +29,9 @@ from depthray.tiling import (
     TileBlender,
     TilePlan,
     align_tile,
+    fuse_frequencies,
     plan_tiles,
-    replace_low_frequencies,
     tile_weights,
-    uses_lowfreq,
 )
 
 
@@ -158,8 +157,7 @@ class _ImageJob:
     def finish_level(self) -> None:
         assert self.blender is not None and self.reference is not None
         fused, uncertainty = self.blender.result()  # [Hk,Wk] x2
-        if uses_lowfreq(self.plan.fusion):
-            fused = replace_low_frequencies(fused, self.reference)
+        fused = fuse_frequencies(fused, self.reference, self.plan, self.level)
         self.reference, self.uncertainty = fused, uncertainty
         self.level_pixels = self.blender = None
 

@@ -65,18 +65,29 @@ def _colour(base: np.ndarray, pattern: np.ndarray, contrast: float) -> np.ndarra
     return gain[..., None] * np.asarray(base, np.float32)[None, None, :]
 
 
-def make_scene(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+SCENE_FAMILIES = ("yard", "street", "indoor")
+
+
+def make_scene(height: int, width: int, seed: int = 0, family: str = "yard") -> tuple[np.ndarray, np.ndarray]:
     """Render one random scene: (rgb uint8 [H,W,3], depth float32 [H,W] in metres, > 0).
 
-    The same (height, width, seed) always gives the same scene; the layout is defined in
-    metres and scales with the image, except poles and wires, whose width is given in
-    pixels so they stay 1-3 px thin at any size.
+    The same (height, width, seed, family) always gives the same scene; the layout is
+    defined in metres and scales with the image, except poles, wires, fence pickets and
+    table legs, whose width is given in pixels so they stay 1-3 px thin at any size.
+
+    Families: ``yard`` (the default: ground, slanted walls, boxes, a few poles and wires),
+    ``street`` (outdoor, dominated by thin structures: a picket fence, a lattice, many
+    poles and a web of wires in front of distant facades), ``indoor`` (a room 3-8 m deep:
+    floor, ceiling, walls, furniture boxes, tables on thin legs, shelves, a door frame).
     """
     if height < 8 or width < 8:
         raise ValueError(f"scene must be at least 8x8 pixels, got {height}x{width}")
+    if family not in SCENE_FAMILIES:
+        raise ValueError(f"family must be one of {SCENE_FAMILIES}, got {family!r}")
     rng = np.random.default_rng(seed)
+    render = {"yard": _render, "street": _render_street, "indoor": _render_indoor}[family]
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _render(height, width, rng)
+        return render(height, width, rng)
 
 
 def _render(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +220,178 @@ def _draw_wire(canvas: _Canvas, rng, p1, p2) -> None:
     zz = np.broadcast_to(z[None, :], mask.shape).astype(np.float32)
     rgb = np.broadcast_to(np.array([0.05, 0.05, 0.05], np.float32), mask.shape + (3,)).copy()
     canvas.draw(slice(r0, r1), slice(c0, c1), zz, rgb, mask)
+
+
+def _finish(canvas: _Canvas, rng: np.random.Generator, haze_distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Haze with distance, mild sensor noise, 8 bits (as step 7 of `_render`)."""
+    depth = canvas.depth
+    haze = (1.0 - np.exp(-depth / haze_distance))[..., None]  # [H,W,1]
+    rgb = canvas.rgb
+    rgb += haze * (np.array([0.75, 0.8, 0.85], np.float32) - rgb)
+    rgb += 0.01 * rng.standard_normal(size=rgb.shape, dtype=np.float32)
+    rgb8 = (np.clip(rgb, 0.0, 1.0, out=rgb) * 255.0 + 0.5).astype(np.uint8)
+    return rgb8, depth.astype(np.float32)
+
+
+def _draw_plane_z(canvas: _Canvas, rows: slice, cols: slice, z: np.ndarray, rgb: np.ndarray, mask: np.ndarray) -> None:
+    canvas.draw(rows, cols, np.where(mask, z, np.inf).astype(np.float32), rgb, mask)
+
+
+def _draw_bar(canvas: _Canvas, rng, c0: int, r0: int, r1: int, wpx: int, z: float, base) -> None:
+    """A vertical bar wpx pixels wide at constant depth z over rows [r0, r1)."""
+    height, width = canvas.depth.shape
+    c0 = int(np.clip(c0, 0, width - wpx))
+    r0, r1 = int(np.clip(r0, 0, height - 1)), int(np.clip(r1, 1, height))
+    if r1 <= r0:
+        return
+    shade = np.linspace(0.6, 1.0, wpx, dtype=np.float32)[None, :].repeat(r1 - r0, 0)
+    zz = np.full((r1 - r0, wpx), z, np.float32)
+    canvas.draw(slice(r0, r1), slice(c0, c0 + wpx), zz, _colour(base, shade, 0.5), np.ones_like(zz, bool))
+
+
+def _draw_hbar(canvas: _Canvas, c0: int, c1: int, r0: int, hpx: int, z0: float, z1: float, base) -> None:
+    """A horizontal bar hpx pixels high over columns [c0, c1), depth linear from z0 to z1."""
+    height, width = canvas.depth.shape
+    c0, c1 = max(c0, 0), min(c1, width)
+    r0 = int(np.clip(r0, 0, height - hpx))
+    if c1 <= c0:
+        return
+    z = np.linspace(z0, z1, c1 - c0, dtype=np.float32)[None, :].repeat(hpx, 0)
+    shade = np.linspace(0.6, 1.0, hpx, dtype=np.float32)[:, None].repeat(c1 - c0, 1)
+    canvas.draw(slice(r0, r0 + hpx), slice(c0, c1), z, _colour(base, shade, 0.5), np.ones_like(z, bool))
+
+
+def _render_street(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Outdoor scene of thin structures: facades far away, a fence, a lattice, poles, wires."""
+    focal = width * rng.uniform(0.7, 0.9)
+    cx, cy = width / 2.0, height * rng.uniform(0.4, 0.5)
+    u, v = _pixel_rays(height, width, focal, cx, cy)
+    full = (slice(0, height), slice(0, width))
+    hc = CAMERA_HEIGHT
+    canvas = _Canvas(height, width, far=np.float32(1e4))
+    # Facades: a few far slanted planes side by side, at 30-80 m.
+    edges = np.sort(rng.uniform(0, width, int(rng.integers(2, 5))))
+    bounds = [0, *[int(e) for e in edges], width]
+    for c0, c1 in zip(bounds[:-1], bounds[1:]):
+        if c1 <= c0:
+            continue
+        zb, k = rng.uniform(30.0, 80.0), rng.uniform(-0.4, 0.4)
+        cols = slice(c0, c1)
+        z = np.broadcast_to(zb / (1.0 - k * u[:, cols]), (height, c1 - c0)).astype(np.float32)
+        pattern = _checker(u[:, cols] * z, v * z, 2.0) * 0.5 + 0.5 * _stripes(v * z, 3.0)
+        canvas.draw(full[0], cols, z, _colour(rng.uniform(0.4, 0.9, 3), pattern, 0.5), np.ones_like(z, bool))
+    # Ground.
+    z = np.broadcast_to(np.where(v > 1e-4, hc / np.maximum(v, 1e-4), np.inf), (height, width)).astype(np.float32)
+    x_w = u * z
+    canvas.draw(*full, z, _colour(rng.uniform(0.3, 0.6, 3), _checker(x_w, z, 1.5) * 0.5 + 0.5 * _stripes(z, 0.5), 0.5),
+                np.isfinite(z))
+    # A picket fence across the view at 6-15 m: pickets 1-3 px wide, a top rail.
+    zf = rng.uniform(6.0, 15.0)
+    fence_h = rng.uniform(0.8, 1.6)
+    r_top, r_bot = int(cy + focal * (hc - fence_h) / zf), int(np.ceil(cy + focal * hc / zf))
+    span = sorted(rng.uniform(0.0, 1.0, 2) * width)
+    pitch = max(4.0, focal * rng.uniform(0.08, 0.2) / zf)  # picket spacing in pixels
+    base = rng.uniform(0.5, 0.95, 3)
+    for c in np.arange(span[0], span[1], pitch):
+        _draw_bar(canvas, rng, int(c), r_top, r_bot, int(rng.integers(1, 4)), zf, base)
+    _draw_hbar(canvas, int(span[0]), int(span[1]), r_top, 2, zf, zf, base)
+    # A lattice (trellis) nearer: a grid of 1-2 px bars.
+    zl = rng.uniform(3.0, 6.0)
+    lc0, lr0 = int(rng.uniform(0.0, 0.6) * width), int(rng.uniform(0.1, 0.5) * height)
+    lw, lh = int(rng.uniform(0.15, 0.35) * width), int(rng.uniform(0.2, 0.4) * height)
+    step = max(5, int(focal * 0.25 / zl))
+    lbase = rng.uniform(0.2, 0.6, 3)
+    for c in range(lc0, lc0 + lw, step):
+        _draw_bar(canvas, rng, c, lr0, lr0 + lh, int(rng.integers(1, 3)), zl, lbase)
+    for r in range(lr0, lr0 + lh, step):
+        _draw_hbar(canvas, lc0, lc0 + lw, r, int(rng.integers(1, 3)), zl, zl, lbase)
+    # Many poles and a web of wires between their tops (and across to the next but one).
+    tops = [_draw_pole(canvas, rng, focal, cx, cy, hc) for _ in range(int(rng.integers(6, 12)))]
+    for (a, b) in zip(tops[:-1], tops[1:]):
+        _draw_wire(canvas, rng, a, b)
+    for (a, b) in zip(tops[:-2], tops[2:]):
+        _draw_wire(canvas, rng, a, b)
+    # A few boxes (parked things) for sharp, larger depth edges.
+    for _ in range(int(rng.integers(2, 5))):
+        _draw_box(canvas, rng, u, v, focal, cx, cy, hc)
+    return _finish(canvas, rng, 80.0)
+
+
+def _render_indoor(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A room: floor, ceiling, back and side walls, furniture boxes, tables on thin legs,
+    shelves and a door frame. Depth 0.8-9 m."""
+    focal = width * rng.uniform(0.55, 0.75)  # wider lens, as indoors
+    cx, cy = width / 2.0, height * rng.uniform(0.42, 0.55)
+    u, v = _pixel_rays(height, width, focal, cx, cy)
+    full = (slice(0, height), slice(0, width))
+    hc = rng.uniform(1.2, 1.6)
+    ceil_h = rng.uniform(2.5, 3.2)  # ceiling height above the floor
+    canvas = _Canvas(height, width, far=np.float32(1e4))
+    # Back wall, slanted.
+    zb, k = rng.uniform(5.0, 9.0), rng.uniform(-0.4, 0.4)
+    z = np.broadcast_to(zb / (1.0 - k * u), (height, width)).astype(np.float32)
+    canvas.draw(*full, z, _colour(rng.uniform(0.5, 0.9, 3), _stripes(u * z, 0.6), 0.3), np.ones_like(z, bool))
+    # Side walls X = x0 (full height).
+    for side in (-1.0, 1.0):
+        x0 = side * rng.uniform(1.8, 3.5)
+        z = np.broadcast_to(x0 / u, (height, width)).astype(np.float32)
+        mask = (z > 0.3) & np.isfinite(z)
+        pattern = _stripes(z, 0.7) * 0.4 + 0.6 * _checker(z, v * z, 0.45)
+        _draw_plane_z(canvas, *full, z, _colour(rng.uniform(0.4, 0.9, 3), pattern, 0.4), mask)
+    # Floor (Y = hc) and ceiling (Y = hc - ceil_h).
+    zf = np.broadcast_to(np.where(v > 1e-4, hc / np.maximum(v, 1e-4), np.inf), (height, width)).astype(np.float32)
+    canvas.draw(*full, zf, _colour(rng.uniform(0.3, 0.6, 3), _checker(u * zf, zf, 0.5), 0.5), np.isfinite(zf))
+    up = hc - ceil_h  # negative: above the camera
+    zc = np.broadcast_to(np.where(v < -1e-4, up / np.minimum(v, -1e-4), np.inf), (height, width)).astype(np.float32)
+    canvas.draw(*full, zc, _colour(rng.uniform(0.8, 0.95, 3), _stripes(u * zc, 1.2), 0.2), np.isfinite(zc))
+    # Door frame on the back wall: two posts and a lintel 2-3 px.
+    dc = int(rng.uniform(0.15, 0.8) * width)
+    dw = int(focal * rng.uniform(0.8, 1.0) / zb)
+    r_top, r_bot = int(cy + focal * (hc - 2.0) / zb), int(cy + focal * hc / zb)
+    dbase = rng.uniform(0.2, 0.5, 3)
+    zd = zb * 0.97
+    for c in (dc, dc + dw):
+        _draw_bar(canvas, rng, c, r_top, r_bot, 3, zd, dbase)
+    _draw_hbar(canvas, dc, dc + dw + 3, r_top, 3, zd, zd, dbase)
+    # Furniture: boxes (cupboards, sofa) on the floor.
+    for _ in range(int(rng.integers(3, 6))):
+        _draw_indoor_box(canvas, rng, focal, cx, cy, hc, rng.uniform(2.5, zb - 0.5))
+    # Tables: a top slab on four thin legs.
+    for _ in range(int(rng.integers(1, 3))):
+        zt = rng.uniform(1.5, 4.5)
+        xt = rng.uniform(-1.0, 1.0)
+        tw, td, th = rng.uniform(0.8, 1.6), rng.uniform(0.5, 0.9), rng.uniform(0.7, 0.8)
+        base = rng.uniform(0.3, 0.8, 3)
+        for zl, xl in ((zt, xt), (zt, xt + tw), (zt + td, xt), (zt + td, xt + tw)):
+            c = int(cx + focal * xl / zl)
+            _draw_bar(canvas, rng, c, int(cy + focal * (hc - th) / zl), int(np.ceil(cy + focal * hc / zl)),
+                      int(rng.integers(1, 4)), zl, base * 0.7)
+        top_r = int(cy + focal * (hc - th) / zt)
+        c0, c1 = int(cx + focal * xt / zt), int(cx + focal * (xt + tw) / zt)
+        _draw_hbar(canvas, c0, c1, top_r - 3, max(3, int(focal * 0.04 / zt)), zt, zt, base)
+    # Shelves on a side: thin horizontal boards at one depth.
+    zs = rng.uniform(2.0, 5.0)
+    sc0 = int(rng.uniform(0.0, 0.7) * width)
+    sbase = rng.uniform(0.3, 0.7, 3)
+    for level in np.linspace(0.3, 1.9, int(rng.integers(3, 6))):
+        _draw_hbar(canvas, sc0, sc0 + int(focal * 0.9 / zs), int(cy + focal * (hc - level) / zs), 2, zs, zs, sbase)
+    return _finish(canvas, rng, 30.0)
+
+
+def _draw_indoor_box(canvas: _Canvas, rng, focal, cx, cy, hc, zf) -> None:
+    """A fronto-parallel box face standing on the floor at depth zf."""
+    height, width = canvas.depth.shape
+    bw, bh = rng.uniform(0.3, 1.2), rng.uniform(0.4, 2.0)
+    xl = rng.uniform(-0.6, 0.6) * zf - bw / 2
+    c0, c1 = int(np.floor(cx + focal * xl / zf)), int(np.ceil(cx + focal * (xl + bw) / zf))
+    r0, r1 = int(np.floor(cy + focal * (hc - bh) / zf)), int(np.ceil(cy + focal * hc / zf))
+    c0, c1, r0, r1 = max(c0, 0), min(c1, width), max(r0, 0), min(r1, height)
+    if c0 >= c1 or r0 >= r1:
+        return
+    yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float32)
+    grain = _stripes(xx / focal * zf, 0.2) * 0.5 + 0.5 * _checker(xx / focal * zf, yy / focal * zf, 0.25)
+    z = np.full((r1 - r0, c1 - c0), zf, np.float32)
+    canvas.draw(slice(r0, r1), slice(c0, c1), z, _colour(rng.uniform(0.15, 0.9, 3), grain, 0.45), np.ones_like(z, bool))
 
 
 def write_sample_images(

@@ -14,6 +14,9 @@ Fusion variants (`tiling.fusion`; measured in benchmarks/tiling_quality.py, docs
 - ``pyramid``:  coarse-to-fine: intermediate levels at 2x, 4x, ... the processing resolution,
                 each level's tiles aligned to the fused level below.
 - ``pyramid-lowfreq``: ``pyramid``, and each level takes its low frequencies from the one below.
+- ``pyramid-split``: ``pyramid`` with a frequency split at the tile scale: each level keeps what
+                its tiles see at periods shorter than one tile and takes longer periods from
+                the level below (where a tile's own layout error lives; see `split_frequencies`).
 
 Sizes are (height, width) tuples throughout; tiles are given in pixels of their level.
 """
@@ -28,11 +31,12 @@ import torch.nn.functional as F
 
 from depthray.config import TilingConfig
 
-FUSIONS = ("align", "lowfreq", "pyramid", "pyramid-lowfreq")
+FUSIONS = ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split")
 
 
 def uses_lowfreq(fusion: str) -> bool:
-    return fusion.endswith("lowfreq")
+    """Whether a level takes low frequencies from the level below (`fuse_frequencies`)."""
+    return fusion.endswith("lowfreq") or fusion.endswith("split")
 
 
 @dataclass(frozen=True)
@@ -314,3 +318,34 @@ def replace_low_frequencies(fine: torch.Tensor, coarse: torch.Tensor, cutoff: fl
     correction = F.interpolate(down_coarse - down_fine, fine.shape, mode="bilinear",
                                align_corners=False)[0, 0]  # [H,W]
     return correction.add_(fine)
+
+
+def split_frequencies(fine: torch.Tensor, coarse: torch.Tensor, period: float) -> torch.Tensor:
+    """fine [H,W] with the periods longer than `period` (in fine pixels) taken from coarse [h,w].
+
+    The same operation as `replace_low_frequencies`, with the cut given on the fine map's own
+    pixel grid: both maps are area-averaged over cells of `period` x `period` fine pixels and
+    the difference is upsampled bilinearly and added. Cut at one tile (period = the tile
+    size), each tile keeps what it sees within its own extent (detail, depth edges), while the
+    tile's layout error, which spans the tile (a model's error tied to position in its view),
+    is replaced by the level below, which saw the same area in the middle of a larger view.
+    """
+    h, w = fine.shape
+    grid = (max(1, round(h / period)), max(1, round(w / period)))
+    down_fine = F.interpolate(fine[None, None], grid, mode="area")  # [1,1,gh,gw]
+    down_coarse = F.interpolate(coarse[None, None].float(), grid, mode="area")  # [1,1,gh,gw]
+    correction = F.interpolate(down_coarse - down_fine, fine.shape, mode="bilinear",
+                               align_corners=False)[0, 0]  # [H,W]
+    return correction.add_(fine)
+
+
+def fuse_frequencies(fused: torch.Tensor, reference: torch.Tensor, plan: TilePlan, k: int) -> torch.Tensor:
+    """A finished level k's fused map [Hk,Wk], with low frequencies from `reference` [h,w] (the
+    level below) as the plan's fusion asks: unchanged for align / pyramid, below a grid 4x
+    coarser than the reference for the *lowfreq modes, below one tile for pyramid-split."""
+    if plan.fusion.endswith("split"):
+        tile = plan.levels[k].tiles[0]
+        return split_frequencies(fused, reference, max(tile.height, tile.width))
+    if uses_lowfreq(plan.fusion):
+        return replace_low_frequencies(fused, reference)
+    return fused
