@@ -21,7 +21,8 @@ CONFIG = {
     "input": {"format": "webdataset"},
     "output": {"format": "parquet"},
     "model": {"factory": "depthray.demo:tiny_model", "options": {"processing_resolution": 64}},
-    "inference": {"ensemble_size": 3, "batch_size": 8, "seed": 0},
+    # fusion pinned: the golden guards the plumbing, not the tiling default (which moves on purpose)
+    "inference": {"ensemble_size": 3, "batch_size": 8, "seed": 0, "tiling": {"fusion": "pyramid"}},
     "compute": {"images_per_batch": 4},
 }
 
