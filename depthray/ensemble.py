@@ -11,8 +11,17 @@ objective is a quadratic form in p = (s, t), so instead of scipy BFGS with numer
 gradients (hundreds of full-resolution medians) we solve it in closed form: it only needs
 the members' Gram matrix, one [E,P]x[P,E] product. The trivial solution s = 0 and the two
 gauge directions (a common scale and shift of all members) are fixed by the constraints
-mean(s) = 1 and mean(t) = 0; diffusers fixes the same gauge with its [0,1] regulariser, and
-both finish by normalising the fused depth to [0,1], so the gauge never reaches the output.
+sum(s_i sd_i) = sum(sd_i) and mean(t) = 0, sd_i the standard deviation of x_i: the aligned
+members keep the normalised members' average spread. Weighting by sd_i matters: with a
+plain mean(s) = 1 a constant member (x_i = 0, its s_i free) takes all the scale and every
+other member collapses to s = 0, a zero-cost but meaningless solution. diffusers fixes the
+gauge with its [0,1] regulariser instead; both finish by normalising the fused depth to
+[0,1], so the gauge never reaches the output.
+
+Fusion: the median is a true median (mean of the two middle members at even E; torch.median
+would return the lower one, which biases even ensembles towards near and makes the MAD 0 at
+E = 2); the mean comes with the unbiased standard deviation, as in diffusers. Why and where
+this differs from diffusers: docs/ensembling.md.
 """
 
 from __future__ import annotations
@@ -44,7 +53,8 @@ def solve_alignment(members: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.T
     """Closed-form joint scale/shift per member that makes members agree.
 
     members: [V,E,h,w] (already normalised). Returns scale, shift: [V,E] each, with
-    mean(scale) = 1 and mean(shift) = 0 per view.
+    sum(scale * sd) = sum(sd) (sd: each member's standard deviation) and mean(shift) = 0
+    per view. Members that are all alike have equal sd, so then mean(scale) = 1.
     """
     v, e = members.shape[:2]
     x = members.flatten(2).to(torch.float64)  # [V,E,P]
@@ -68,28 +78,48 @@ def solve_alignment(members: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.T
     q = e * d - k  # [V,2E,2E], positive semi-definite
     q = q + ridge * torch.eye(2 * e, dtype=torch.float64, device=members.device)
 
-    # KKT system of: minimise p^T q p  subject to  sum(s) = E, sum(t) = 0.
+    # KKT system of: minimise p^T q p  subject to  sum(s*sd) = sum(sd), sum(t) = 0.
+    sd = (torch.diagonal(gram, dim1=1, dim2=2) - mu**2).clamp_min(0).sqrt()  # [V,E]
+    # A view whose members are all constant has no spread to keep: fall back to mean(s) = 1.
+    sd = torch.where(sd.sum(dim=1, keepdim=True) > 1e-12, sd, torch.ones_like(sd))
     c = torch.zeros(v, 2, 2 * e, dtype=torch.float64, device=members.device)
-    c[:, 0, :e] = 1.0
+    c[:, 0, :e] = sd
     c[:, 1, e:] = 1.0
     kkt = torch.zeros(v, 2 * e + 2, 2 * e + 2, dtype=torch.float64, device=members.device)
     kkt[:, : 2 * e, : 2 * e] = 2 * q
     kkt[:, : 2 * e, 2 * e :] = c.transpose(1, 2)
     kkt[:, 2 * e :, : 2 * e] = c
     rhs = torch.zeros(v, 2 * e + 2, 1, dtype=torch.float64, device=members.device)
-    rhs[:, 2 * e, 0] = float(e)
+    rhs[:, 2 * e, 0] = sd.sum(dim=1)
     p = torch.linalg.solve(kkt, rhs)[:, : 2 * e, 0]  # [V,2E]
     return p[:, :e].to(members.dtype), p[:, e:].to(members.dtype)
 
 
+def middle(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """True median along dim: the middle value for an odd count, the mean of the two
+    middle values for an even count (torch.median returns the lower one)."""
+    n = x.shape[dim]
+    if n % 2:
+        return x.median(dim=dim).values
+    both = x.topk(n // 2 + 1, dim=dim, largest=False).values.narrow(dim, n // 2 - 1, 2)  # two middles
+    return both.mean(dim=dim)
+
+
 def fuse(aligned: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fuse aligned members [V,E,h,w] -> depth, uncertainty [V,h,w]."""
+    """Fuse aligned members [V,E,h,w] -> depth, uncertainty [V,h,w].
+
+    median: depth = true median (mean of the two middle members at even E), uncertainty
+    = median absolute deviation from it (no 1.4826 consistency factor, like diffusers).
+    mean: depth = mean, uncertainty = unbiased standard deviation (like diffusers).
+    """
+    if aligned.shape[1] < 2:
+        raise ValueError(f"fuse needs at least 2 members, got {aligned.shape[1]}")
     if reduction == "median":
-        depth = aligned.median(dim=1).values  # [V,h,w]
-        uncertainty = (aligned - depth.unsqueeze(1)).abs().median(dim=1).values
+        depth = middle(aligned, dim=1)  # [V,h,w]
+        uncertainty = middle((aligned - depth.unsqueeze(1)).abs(), dim=1)  # [V,h,w]
     elif reduction == "mean":
-        depth = aligned.mean(dim=1)
-        uncertainty = aligned.std(dim=1, unbiased=False)
+        depth = aligned.mean(dim=1)  # [V,h,w]
+        uncertainty = aligned.std(dim=1, correction=1)  # [V,h,w]
     else:
         raise ValueError(f"ensemble_reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return depth, uncertainty

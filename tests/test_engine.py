@@ -243,3 +243,67 @@ def test_compile_keeps_results_and_handles_new_shapes(tiny_model_dir):
     v = _views(2, 64, 24)
     torch.testing.assert_close(compiled(v, [3, 4]), eager(v, [3, 4]), atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_predict_images_matches_diffusers_marigold_pipeline(tiny_model_dir, model, steps):
+    """The job's path (depthray.predict_images, one member, tiling off, the image's long side
+    at the processing resolution so neither side resizes) is diffusers' pipeline with
+    ensemble_size=1 fed the noise predict_images draws for member 0 of view 0."""
+    from diffusers import MarigoldDepthPipeline
+
+    from depthray.predict import member_seed
+
+    pipe = MarigoldDepthPipeline.from_pretrained(tiny_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    image = _views(1, 48, RES, seed=3)  # [1,3,48,64]
+    seed = 11
+    processed, _ = model.preprocess(image)
+    noise = initial_noise([member_seed(seed, 0, 0)], (4, processed.shape[-2] // 8, processed.shape[-1] // 8))
+
+    cfg = {"ensemble_size": 1, "seed": seed, "num_inference_steps": steps, "tiling": {"mode": "off"}}
+    res = depthray.predict_images([image[0].permute(1, 2, 0).numpy()], model, cfg)[0]
+    ref = pipe(image, processing_resolution=RES, ensemble_size=1, latents=noise,
+               num_inference_steps=steps, output_type="pt").prediction  # [1,1,h,w]
+
+    assert res.depth.shape == (48, RES) and res.num_views == 1
+    assert res.depth.std() > 1e-4, "a constant output would make parity meaningless"
+    torch.testing.assert_close(torch.from_numpy(res.depth), ref[0, 0].float(), atol=1e-5, rtol=1e-5)
+    assert float(np.abs(res.uncertainty).max()) == 0.0  # one member: no spread, like diffusers
+
+
+def test_multistep_lcm_noise_draws_are_all_independent(tmp_path, monkeypatch):
+    """Every noise draw of a multi-step LCM job (each member's initial latent, each member's
+    re-noise at each step) differs from every other: member seeds are consecutive, and a
+    step generator seeded seed + 1 repeated the next member's initial noise."""
+    import diffusers.schedulers.scheduling_lcm as lcm
+
+    import depthray.models.marigold as marigold
+    from depthray.models.tiny import build_tiny_marigold
+
+    ckpt = build_tiny_marigold(tmp_path / "lcm", scheduler="lcm")
+    m = depthray.load_model({"kind": "marigold", "path": str(ckpt), "processing_resolution": RES})
+    draws: list[torch.Tensor] = []
+
+    def record(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            draws.extend(out.detach().float().cpu().flatten(1))  # one row per member
+            return out
+        return wrapped
+
+    monkeypatch.setattr(marigold, "initial_noise", record(marigold.initial_noise))
+    monkeypatch.setattr(lcm, "randn_tensor", record(lcm.randn_tensor))
+    e, steps = 4, 3
+    cfg = {"ensemble_size": e, "seed": 0, "num_inference_steps": steps, "tiling": {"mode": "off"}}
+    image = _views(1, 48, RES, seed=4)[0].permute(1, 2, 0).numpy()
+    depthray.predict_images([image], m, cfg)
+
+    # e initial latents + e re-noises at every step but the last.
+    assert len(draws) == e + e * (steps - 1)
+    x = torch.stack(draws)  # [D,4*h*w]
+    x = (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True)
+    corr = (x @ x.T) / x.shape[1]  # [D,D]
+    off = corr[~torch.eye(len(draws), dtype=torch.bool)]
+    # 256 values per draw: independent draws correlate ~N(0, 1/16); equal ones at 1.
+    assert float(off.abs().max()) < 0.4, corr

@@ -33,9 +33,11 @@ def test_alignment_recovers_relative_parameters_on_raw_members():
     gt = _scene().unsqueeze(0).unsqueeze(0)  # [1,1,h,w]
     members = torch.cat([gt, 2 * gt + 1], dim=1)  # member 1 = 2*member 0 + 1
     scale, shift = solve_alignment(members)
-    # s0*g + t0 == s1*(2g+1) + t1 with mean(s)=1, mean(t)=0 -> s0 = 4/3, s1 = 2/3, t0 = 1/3, t1 = -1/3
-    torch.testing.assert_close(scale[0], torch.tensor([4 / 3, 2 / 3]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(shift[0], torch.tensor([1 / 3, -1 / 3]), atol=1e-4, rtol=0)
+    # s0*g + t0 == s1*(2g+1) + t1 -> s0 = 2*s1, t0 - t1 = s1. Gauge: sum(s*sd) = sum(sd) with
+    # sd = (sd_g, 2 sd_g) -> s0 + 2 s1 = 3, and mean(t) = 0 -> s = (3/2, 3/4), t = (3/8, -3/8).
+    torch.testing.assert_close(scale[0, 0] / scale[0, 1], torch.tensor(2.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scale[0], torch.tensor([3 / 2, 3 / 4]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(shift[0], torch.tensor([3 / 8, -3 / 8]), atol=1e-4, rtol=0)
 
 
 def test_median_and_mad_by_hand():
@@ -52,7 +54,53 @@ def test_mean_and_std_by_hand():
     members = torch.tensor([[[[1.0]], [[2.0]], [[6.0]]]])  # [1,3,1,1]
     depth, unc = fuse(members, "mean")
     assert float(depth) == pytest.approx(3.0)
-    assert float(unc) == pytest.approx((((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 3) ** 0.5)
+    # Unbiased (E - 1) standard deviation, as diffusers' torch.std: sqrt(14 / 2), not sqrt(14 / 3).
+    assert float(unc) == pytest.approx((((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) ** 0.5)
+
+
+def test_even_median_is_the_mean_of_the_two_middle_members():
+    # E = 2: depth halfway between the members (not the nearer one), MAD = half the gap.
+    members = torch.tensor([[0.2, 0.9], [0.6, 0.1]]).reshape(2, 1, 1, 2).transpose(0, 1)  # [1,2,1,2]
+    depth, unc = fuse(members, "median")
+    torch.testing.assert_close(depth[0, 0], torch.tensor([0.4, 0.5]))
+    torch.testing.assert_close(unc[0, 0], torch.tensor([0.2, 0.4]))
+    # E = 4: values 0, .1, .5, .9 -> median .3 (torch.median would say .1, biased near);
+    # deviations .3, .2, .2, .6 -> MAD .25.
+    members = torch.tensor([0.9, 0.0, 0.5, 0.1]).reshape(1, 4, 1, 1)
+    depth, unc = fuse(members, "median")
+    assert float(depth) == pytest.approx(0.3)
+    assert float(unc) == pytest.approx(0.25)
+
+
+def test_two_noisy_members_give_a_real_depth_and_uncertainty():
+    gen = torch.Generator().manual_seed(1)
+    gt = _scene()
+    a = gt + 0.03 * torch.randn(gt.shape, generator=gen)
+    b = 2 * (gt + 0.03 * torch.randn(gt.shape, generator=gen)) + 1
+    res = ensemble_depth(torch.stack([a, b])[None], "median")
+    x = normalize_members(torch.stack([a, b])[None])
+    aligned = x * res.scale[:, :, None, None] + res.shift[:, :, None, None]  # [1,2,h,w]
+    mid = aligned.mean(dim=1)[0]
+    expected = (mid - mid.min()) / (mid.max() - mid.min())
+    torch.testing.assert_close(res.depth[0], expected, atol=1e-5, rtol=0)  # not the nearer member
+    assert float((aligned[0, 0] - aligned[0, 1]).abs().mean()) > 0.01
+    assert float(res.uncertainty.min()) >= 0.0
+    assert float(res.uncertainty.mean()) > 0.005  # E = 2 disagreement shows up
+
+
+def test_constant_member_does_not_take_the_scale():
+    """A constant member normalises to 0 and its scale is free; a plain mean(s) = 1 gauge let
+    it take all the scale and collapse every other member to s = 0."""
+    gen = torch.Generator().manual_seed(2)
+    gt = _scene()
+    real = torch.stack([gt * s + t + 0.01 * torch.randn(gt.shape, generator=gen)
+                        for s, t in [(1, 0), (2, 1), (0.5, -2), (3, 0.2)]])  # [4,h,w]
+    members = torch.cat([real, torch.full((1, *gt.shape), 0.7)])[None]  # [1,5,h,w]
+    res = ensemble_depth(members, "mean")
+    assert float(res.scale[0, :4].min()) > 0.8
+    assert float(res.scale[0, 4].abs()) < 1e-3
+    gtn = (gt - gt.min()) / (gt.max() - gt.min())
+    assert float((res.depth[0] - gtn).abs().mean()) < 0.02
 
 
 def test_noisy_members_fuse_closer_than_any_member():

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +50,20 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor
     for i, seed in enumerate(seeds):
         out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
     return out
+
+
+_STEP_TAG = 0x5EED57E9  # separates step streams from any other use of a SeedSequence on the seed
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the noise one member's scheduler draws at one denoising step (multi-step LCM).
+
+    A hash of (seed, step) through numpy's SeedSequence, not seed + k: member seeds are
+    consecutive integers (predict.member_seed), so any small offset would give one member's
+    step noise the next member's initial noise and correlate the ensemble.
+    """
+    state = np.random.SeedSequence([int(seed), _STEP_TAG, int(step)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) % (2**63)
 
 
 def to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -278,11 +293,12 @@ class MarigoldDepthModel:
         """DDIM/LCM steps on the depth latent: [B,4,h,w] x2 -> [B,4,h,w]."""
         b = image_latent.shape[0]
         text = self.empty_text_embedding.expand(b, -1, -1)  # [B,2,D]
-        # Per-member generators keep stochastic schedulers (multi-step LCM) independent of batching.
-        gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
         latent = to_device(noise, self.device, self.dtype)
         self.scheduler.set_timesteps(self.steps(num_inference_steps), device=self.device)
-        for t in self.scheduler.timesteps:
+        for k, t in enumerate(self.scheduler.timesteps):
+            # Stochastic schedulers (multi-step LCM) draw from one generator per member and
+            # step: independent of batching, of the other members and of the other steps.
+            gens = [torch.Generator().manual_seed(step_seed(s, k)) for s in seeds]
             x = torch.cat([image_latent, latent], dim=1)  # [B,8,h,w]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
