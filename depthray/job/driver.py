@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` (a cluster, "auto") or start a local Ray; no-op if already connected."""
+    """Join `address` (a cluster, "auto"), or with `num_cpus` start a local Ray of that size
+    (never a stray `ray start` cluster's); no-op if already connected."""
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "logging_level": logging.WARNING}
     if address is None and num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
+        kwargs.update(address="local", num_cpus=num_cpus)
     ray.init(**kwargs)
 
 

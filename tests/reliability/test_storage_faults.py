@@ -42,7 +42,7 @@ def secret_ray(s3_endpoint):
     saved = os.environ["AWS_SECRET_ACCESS_KEY"]
     os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray._private.worker._global_node.get_session_dir_path()
     finally:
