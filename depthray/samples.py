@@ -22,47 +22,26 @@ from pathlib import Path
 
 import numpy as np
 
+from depthray.scene_parts import (
+    CAMERA_HEIGHT,
+    Canvas,
+    checker,
+    colour,
+    draw_bar,
+    draw_box,
+    draw_hbar,
+    draw_indoor_box,
+    draw_plane_z,
+    draw_pole,
+    draw_wire,
+    finish,
+    pixel_rays,
+    stripes,
+)
+
 log = logging.getLogger(__name__)
 
-CAMERA_HEIGHT = 1.6  # metres above the ground plane
 DEPTH_PNG_SCALE = 1000.0  # GT PNG value = depth in metres * DEPTH_PNG_SCALE (millimetres)
-
-
-class _Canvas:
-    """Z-buffer: nearest surface wins; colour is written with it."""
-
-    def __init__(self, height: int, width: int, far: float):
-        self.depth = np.full((height, width), far, dtype=np.float32)  # [H,W]
-        self.rgb = np.zeros((height, width, 3), dtype=np.float32)  # [H,W,3] linear in [0,1]
-
-    def draw(self, rows: slice, cols: slice, depth: np.ndarray, rgb: np.ndarray, mask: np.ndarray) -> None:
-        """Composite a surface given on the window (rows, cols); mask marks where it exists."""
-        cur = self.depth[rows, cols]
-        win = mask & (depth < cur) & (depth > 0)
-        np.copyto(cur, depth, where=win)
-        np.copyto(self.rgb[rows, cols], rgb, where=win[..., None])
-
-
-def _pixel_rays(height: int, width: int, focal: float, cx: float, cy: float):
-    """Normalised ray coordinates u = (x-cx)/f (right), v = (y-cy)/f (down): [1,W], [H,1]."""
-    u = ((np.arange(width, dtype=np.float32) + 0.5 - cx) / focal)[None, :]
-    v = ((np.arange(height, dtype=np.float32) + 0.5 - cy) / focal)[:, None]
-    return u, v
-
-
-def _stripes(a: np.ndarray, period: float) -> np.ndarray:
-    """Soft stripes in [0,1] along coordinate `a` (period in the coordinate's units)."""
-    return 0.5 + 0.5 * np.sin(a * (2 * np.pi / period))
-
-
-def _checker(a: np.ndarray, b: np.ndarray, period: float) -> np.ndarray:
-    return ((np.floor(a / period) + np.floor(b / period)) % 2).astype(np.float32)
-
-
-def _colour(base: np.ndarray, pattern: np.ndarray, contrast: float) -> np.ndarray:
-    """Base RGB modulated by a [h,w] pattern in [0,1] -> [h,w,3]."""
-    gain = ((1.0 - contrast) + contrast * pattern).astype(np.float32)  # in [0,1]: no clip needed
-    return gain[..., None] * np.asarray(base, np.float32)[None, None, :]
 
 
 SCENE_FAMILIES = ("yard", "street", "indoor")
@@ -94,23 +73,23 @@ def _render(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarr
     # 1. Camera: ~60-70 degree horizontal field of view, horizon a bit above the centre.
     focal = width * rng.uniform(0.75, 0.95)
     cx, cy = width / 2.0, height * rng.uniform(0.35, 0.45)
-    u, v = _pixel_rays(height, width, focal, cx, cy)
+    u, v = pixel_rays(height, width, focal, cx, cy)
     full = (slice(0, height), slice(0, width))
     hc = CAMERA_HEIGHT
 
     # 2. Back wall: a plane z = zb + k*X, i.e. z = zb / (1 - k*u); slanted by k.
     zb, k = rng.uniform(18.0, 30.0), rng.uniform(-0.6, 0.6)
-    canvas = _Canvas(height, width, far=np.float32(1e4))
+    canvas = Canvas(height, width, far=np.float32(1e4))
     z = np.broadcast_to(zb / (1.0 - k * u), (height, width)).astype(np.float32)
     x_w, y_w = u * z, v * z
-    bricks = _checker(x_w + 0.3 * (np.floor(y_w / 0.4) % 2), y_w, 0.8) * 0.5 + 0.5 * _stripes(y_w, 0.4)
-    canvas.draw(*full, z, _colour(rng.uniform(0.4, 0.9, 3), bricks, 0.5), np.ones_like(z, bool))
+    bricks = checker(x_w + 0.3 * (np.floor(y_w / 0.4) % 2), y_w, 0.8) * 0.5 + 0.5 * stripes(y_w, 0.4)
+    canvas.draw(*full, z, colour(rng.uniform(0.4, 0.9, 3), bricks, 0.5), np.ones_like(z, bool))
 
     # 3. Ground plane Y = hc below the camera: z = hc / v for rays looking down.
     z = np.broadcast_to(np.where(v > 1e-4, hc / np.maximum(v, 1e-4), np.inf), (height, width)).astype(np.float32)
     x_w = u * z
-    tiles = _checker(x_w, z, 1.0) * 0.6 + 0.4 * _stripes(x_w + z, 0.37)
-    canvas.draw(*full, z, _colour(rng.uniform(0.3, 0.7, 3), tiles, 0.6), np.isfinite(z))
+    tiles = checker(x_w, z, 1.0) * 0.6 + 0.4 * stripes(x_w + z, 0.37)
+    canvas.draw(*full, z, colour(rng.uniform(0.3, 0.7, 3), tiles, 0.6), np.isfinite(z))
 
     # 4. Side walls: planes X = x0 + a*z of limited height, slanted towards the back.
     for side in (-1.0, 1.0):
@@ -119,20 +98,20 @@ def _render(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarr
         z = np.broadcast_to(x0 / (u - a), (height, width)).astype(np.float32)
         y_w = v * z
         mask = (z > 0.5) & (y_w <= hc) & (y_w >= hc - wall_h) & np.isfinite(z)
-        pattern = _stripes(z, 0.9) * 0.5 + 0.5 * _checker(z, y_w, 0.5)
+        pattern = stripes(z, 0.9) * 0.5 + 0.5 * checker(z, y_w, 0.5)
         z = np.where(mask, z, np.inf).astype(np.float32)
-        canvas.draw(*full, z, _colour(rng.uniform(0.3, 0.9, 3), pattern, 0.5), mask)
+        canvas.draw(*full, z, colour(rng.uniform(0.3, 0.9, 3), pattern, 0.5), mask)
 
     # 5. Boxes standing on the ground: a fronto-parallel face and a slanted side face.
     for _ in range(int(rng.integers(4, 8))):
-        _draw_box(canvas, rng, u, v, focal, cx, cy, hc)
+        draw_box(canvas, rng, u, v, focal, cx, cy, hc)
 
     # 6. Poles (1-3 px wide, any resolution) and wires sagging between pole tops.
     tops = []
     for _ in range(int(rng.integers(3, 7))):
-        tops.append(_draw_pole(canvas, rng, focal, cx, cy, hc))
+        tops.append(draw_pole(canvas, rng, focal, cx, cy, hc))
     for (x1, y1, z1), (x2, y2, z2) in zip(tops[:-1], tops[1:]):
-        _draw_wire(canvas, rng, (x1, y1, z1), (x2, y2, z2))
+        draw_wire(canvas, rng, (x1, y1, z1), (x2, y2, z2))
 
     # 7. Haze with distance (aerial perspective) and mild sensor noise, then 8 bits.
     depth = canvas.depth
@@ -144,131 +123,14 @@ def _render(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarr
     return rgb8, depth.astype(np.float32)
 
 
-def _draw_box(canvas: _Canvas, rng, u, v, focal, cx, cy, hc) -> None:
-    height, width = canvas.depth.shape
-    zf = rng.uniform(4.0, 16.0)  # depth of the front face
-    bw, bh, bd = rng.uniform(0.5, 2.5), rng.uniform(0.4, 2.2), rng.uniform(0.4, 2.0)
-    xl = rng.uniform(-0.5, 0.5) * zf - bw / 2  # world X of the left edge
-    base = rng.uniform(0.15, 0.95, 3)
-    # Front face: X in [xl, xl+bw], Y in [hc-bh, hc] at depth zf -> a rectangle in pixels.
-    c0, c1 = int(np.floor(cx + focal * xl / zf)), int(np.ceil(cx + focal * (xl + bw) / zf))
-    r0, r1 = int(np.floor(cy + focal * (hc - bh) / zf)), int(np.ceil(cy + focal * hc / zf))
-    c0, c1, r0, r1 = max(c0, 0), min(c1, width), max(r0, 0), min(r1, height)
-    if c0 < c1 and r0 < r1:
-        rows, cols = slice(r0, r1), slice(c0, c1)
-        uu, vv = u[:, cols], v[rows, :]
-        x_w, y_w = uu * zf, vv * zf
-        z = np.full((r1 - r0, c1 - c0), zf, np.float32)
-        grain = _stripes(x_w + 0.05 * np.sin(y_w * 7.0), 0.12) * 0.6 + 0.4 * _checker(x_w, y_w, 0.3)
-        canvas.draw(rows, cols, z, _colour(base, grain, 0.45), np.ones_like(z, bool))
-    # Side face facing the camera's axis: plane X = xs for z in [zf, zf+bd], drawn on its
-    # bounding window only (a full-frame plane per box would dominate the render time).
-    if xl < 0 < xl + bw:
-        return  # the box straddles the axis: neither side face is visible
-    xs = xl + bw if xl + bw < 0 else xl
-    zb = zf + bd
-    cols_px = sorted([cx + focal * xs / zf, cx + focal * xs / zb])
-    c0, c1 = max(int(np.floor(cols_px[0])), 0), min(int(np.ceil(cols_px[1])) + 1, width)
-    top = min(cy + focal * (hc - bh) / zf, cy + focal * (hc - bh) / zb)
-    r0 = max(int(np.floor(top)), 0)
-    r1 = min(int(np.ceil(cy + focal * hc / zf)) + 1, height)
-    if c0 >= c1 or r0 >= r1:
-        return
-    rows, cols = slice(r0, r1), slice(c0, c1)
-    z = np.broadcast_to(xs / u[:, cols], (r1 - r0, c1 - c0)).astype(np.float32)
-    y_w = v[rows, :] * z
-    mask = (z >= zf) & (z <= zb) & (y_w >= hc - bh) & (y_w <= hc)
-    side = _stripes(z, 0.15) * 0.6 + 0.4 * _checker(z, y_w, 0.3)
-    canvas.draw(rows, cols, np.where(mask, z, np.inf).astype(np.float32), _colour(base * 0.6, side, 0.45), mask)
-
-
-def _draw_pole(canvas: _Canvas, rng, focal, cx, cy, hc) -> tuple[float, float, float]:
-    """A vertical pole of constant depth; returns its top (col, row, depth) in pixels."""
-    height, width = canvas.depth.shape
-    zp = rng.uniform(2.5, 14.0)
-    pole_h = rng.uniform(2.5, 6.0)
-    col = rng.uniform(0.05, 0.95) * width
-    wpx = int(rng.integers(1, 4))  # 1-3 px at full resolution, whatever the size
-    c0 = int(np.clip(round(col), 0, width - wpx))
-    r0 = int(np.clip(np.floor(cy + focal * (hc - pole_h) / zp), 0, height - 1))
-    r1 = int(np.clip(np.ceil(cy + focal * hc / zp), r0 + 1, height))
-    rows, cols = slice(r0, r1), slice(c0, c0 + wpx)
-    z = np.full((r1 - r0, wpx), zp, np.float32)
-    shade = np.linspace(0.6, 1.0, wpx, dtype=np.float32)[None, :].repeat(r1 - r0, 0)
-    rgb = _colour(np.array([0.12, 0.1, 0.08]) * rng.uniform(0.5, 1.5), shade, 0.5)
-    canvas.draw(rows, cols, z, rgb, np.ones_like(z, bool))
-    return c0 + wpx / 2.0, float(r0), zp
-
-
-def _draw_wire(canvas: _Canvas, rng, p1, p2) -> None:
-    """A 1-2 px sagging wire between two pole tops; depth varies linearly along it."""
-    height, width = canvas.depth.shape
-    (x1, y1, z1), (x2, y2, z2) = sorted([p1, p2])
-    c0, c1 = int(np.ceil(x1)), int(np.floor(x2))
-    if c1 - c0 < 2:
-        return
-    cols = np.arange(c0, c1, dtype=np.float32)
-    t = (cols - x1) / max(x2 - x1, 1e-6)
-    sag = rng.uniform(0.02, 0.08) * (x2 - x1)
-    row = y1 + (y2 - y1) * t + sag * 4 * t * (1 - t)  # [C] wire centre per column
-    z = (z1 + (z2 - z1) * t).astype(np.float32)  # [C]
-    thick = rng.uniform(0.6, 1.2)  # half-thickness in pixels -> 1-2 px wires
-    r0 = int(np.clip(np.floor(row.min() - thick), 0, height - 1))
-    r1 = int(np.clip(np.ceil(row.max() + thick) + 1, r0 + 1, height))
-    rr = np.arange(r0, r1, dtype=np.float32)[:, None] + 0.5  # [R,1]
-    mask = np.abs(rr - row[None, :]) <= thick  # [R,C]
-    zz = np.broadcast_to(z[None, :], mask.shape).astype(np.float32)
-    rgb = np.broadcast_to(np.array([0.05, 0.05, 0.05], np.float32), mask.shape + (3,)).copy()
-    canvas.draw(slice(r0, r1), slice(c0, c1), zz, rgb, mask)
-
-
-def _finish(canvas: _Canvas, rng: np.random.Generator, haze_distance: float) -> tuple[np.ndarray, np.ndarray]:
-    """Haze with distance, mild sensor noise, 8 bits (as step 7 of `_render`)."""
-    depth = canvas.depth
-    haze = (1.0 - np.exp(-depth / haze_distance))[..., None]  # [H,W,1]
-    rgb = canvas.rgb
-    rgb += haze * (np.array([0.75, 0.8, 0.85], np.float32) - rgb)
-    rgb += 0.01 * rng.standard_normal(size=rgb.shape, dtype=np.float32)
-    rgb8 = (np.clip(rgb, 0.0, 1.0, out=rgb) * 255.0 + 0.5).astype(np.uint8)
-    return rgb8, depth.astype(np.float32)
-
-
-def _draw_plane_z(canvas: _Canvas, rows: slice, cols: slice, z: np.ndarray, rgb: np.ndarray, mask: np.ndarray) -> None:
-    canvas.draw(rows, cols, np.where(mask, z, np.inf).astype(np.float32), rgb, mask)
-
-
-def _draw_bar(canvas: _Canvas, rng, c0: int, r0: int, r1: int, wpx: int, z: float, base) -> None:
-    """A vertical bar wpx pixels wide at constant depth z over rows [r0, r1)."""
-    height, width = canvas.depth.shape
-    c0 = int(np.clip(c0, 0, width - wpx))
-    r0, r1 = int(np.clip(r0, 0, height - 1)), int(np.clip(r1, 1, height))
-    if r1 <= r0:
-        return
-    shade = np.linspace(0.6, 1.0, wpx, dtype=np.float32)[None, :].repeat(r1 - r0, 0)
-    zz = np.full((r1 - r0, wpx), z, np.float32)
-    canvas.draw(slice(r0, r1), slice(c0, c0 + wpx), zz, _colour(base, shade, 0.5), np.ones_like(zz, bool))
-
-
-def _draw_hbar(canvas: _Canvas, c0: int, c1: int, r0: int, hpx: int, z0: float, z1: float, base) -> None:
-    """A horizontal bar hpx pixels high over columns [c0, c1), depth linear from z0 to z1."""
-    height, width = canvas.depth.shape
-    c0, c1 = max(c0, 0), min(c1, width)
-    r0 = int(np.clip(r0, 0, height - hpx))
-    if c1 <= c0:
-        return
-    z = np.linspace(z0, z1, c1 - c0, dtype=np.float32)[None, :].repeat(hpx, 0)
-    shade = np.linspace(0.6, 1.0, hpx, dtype=np.float32)[:, None].repeat(c1 - c0, 1)
-    canvas.draw(slice(r0, r0 + hpx), slice(c0, c1), z, _colour(base, shade, 0.5), np.ones_like(z, bool))
-
-
 def _render_street(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Outdoor scene of thin structures: facades far away, a fence, a lattice, poles, wires."""
     focal = width * rng.uniform(0.7, 0.9)
     cx, cy = width / 2.0, height * rng.uniform(0.4, 0.5)
-    u, v = _pixel_rays(height, width, focal, cx, cy)
+    u, v = pixel_rays(height, width, focal, cx, cy)
     full = (slice(0, height), slice(0, width))
     hc = CAMERA_HEIGHT
-    canvas = _Canvas(height, width, far=np.float32(1e4))
+    canvas = Canvas(height, width, far=np.float32(1e4))
     # Facades: a few far slanted planes side by side, at 30-80 m.
     edges = np.sort(rng.uniform(0, width, int(rng.integers(2, 5))))
     bounds = [0, *[int(e) for e in edges], width]
@@ -278,12 +140,12 @@ def _render_street(height: int, width: int, rng: np.random.Generator) -> tuple[n
         zb, k = rng.uniform(30.0, 80.0), rng.uniform(-0.4, 0.4)
         cols = slice(c0, c1)
         z = np.broadcast_to(zb / (1.0 - k * u[:, cols]), (height, c1 - c0)).astype(np.float32)
-        pattern = _checker(u[:, cols] * z, v * z, 2.0) * 0.5 + 0.5 * _stripes(v * z, 3.0)
-        canvas.draw(full[0], cols, z, _colour(rng.uniform(0.4, 0.9, 3), pattern, 0.5), np.ones_like(z, bool))
+        pattern = checker(u[:, cols] * z, v * z, 2.0) * 0.5 + 0.5 * stripes(v * z, 3.0)
+        canvas.draw(full[0], cols, z, colour(rng.uniform(0.4, 0.9, 3), pattern, 0.5), np.ones_like(z, bool))
     # Ground.
     z = np.broadcast_to(np.where(v > 1e-4, hc / np.maximum(v, 1e-4), np.inf), (height, width)).astype(np.float32)
     x_w = u * z
-    canvas.draw(*full, z, _colour(rng.uniform(0.3, 0.6, 3), _checker(x_w, z, 1.5) * 0.5 + 0.5 * _stripes(z, 0.5), 0.5),
+    canvas.draw(*full, z, colour(rng.uniform(0.3, 0.6, 3), checker(x_w, z, 1.5) * 0.5 + 0.5 * stripes(z, 0.5), 0.5),
                 np.isfinite(z))
     # A picket fence across the view at 6-15 m: pickets 1-3 px wide, a top rail.
     zf = rng.uniform(6.0, 15.0)
@@ -293,8 +155,8 @@ def _render_street(height: int, width: int, rng: np.random.Generator) -> tuple[n
     pitch = max(4.0, focal * rng.uniform(0.08, 0.2) / zf)  # picket spacing in pixels
     base = rng.uniform(0.5, 0.95, 3)
     for c in np.arange(span[0], span[1], pitch):
-        _draw_bar(canvas, rng, int(c), r_top, r_bot, int(rng.integers(1, 4)), zf, base)
-    _draw_hbar(canvas, int(span[0]), int(span[1]), r_top, 2, zf, zf, base)
+        draw_bar(canvas, rng, int(c), r_top, r_bot, int(rng.integers(1, 4)), zf, base)
+    draw_hbar(canvas, int(span[0]), int(span[1]), r_top, 2, zf, zf, base)
     # A lattice (trellis) nearer: a grid of 1-2 px bars.
     zl = rng.uniform(3.0, 6.0)
     lc0, lr0 = int(rng.uniform(0.0, 0.6) * width), int(rng.uniform(0.1, 0.5) * height)
@@ -302,19 +164,19 @@ def _render_street(height: int, width: int, rng: np.random.Generator) -> tuple[n
     step = max(5, int(focal * 0.25 / zl))
     lbase = rng.uniform(0.2, 0.6, 3)
     for c in range(lc0, lc0 + lw, step):
-        _draw_bar(canvas, rng, c, lr0, lr0 + lh, int(rng.integers(1, 3)), zl, lbase)
+        draw_bar(canvas, rng, c, lr0, lr0 + lh, int(rng.integers(1, 3)), zl, lbase)
     for r in range(lr0, lr0 + lh, step):
-        _draw_hbar(canvas, lc0, lc0 + lw, r, int(rng.integers(1, 3)), zl, zl, lbase)
+        draw_hbar(canvas, lc0, lc0 + lw, r, int(rng.integers(1, 3)), zl, zl, lbase)
     # Many poles and a web of wires between their tops (and across to the next but one).
-    tops = [_draw_pole(canvas, rng, focal, cx, cy, hc) for _ in range(int(rng.integers(6, 12)))]
+    tops = [draw_pole(canvas, rng, focal, cx, cy, hc) for _ in range(int(rng.integers(6, 12)))]
     for (a, b) in zip(tops[:-1], tops[1:]):
-        _draw_wire(canvas, rng, a, b)
+        draw_wire(canvas, rng, a, b)
     for (a, b) in zip(tops[:-2], tops[2:]):
-        _draw_wire(canvas, rng, a, b)
+        draw_wire(canvas, rng, a, b)
     # A few boxes (parked things) for sharp, larger depth edges.
     for _ in range(int(rng.integers(2, 5))):
-        _draw_box(canvas, rng, u, v, focal, cx, cy, hc)
-    return _finish(canvas, rng, 80.0)
+        draw_box(canvas, rng, u, v, focal, cx, cy, hc)
+    return finish(canvas, rng, 80.0)
 
 
 def _render_indoor(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -322,28 +184,28 @@ def _render_indoor(height: int, width: int, rng: np.random.Generator) -> tuple[n
     shelves and a door frame. Depth 0.8-9 m."""
     focal = width * rng.uniform(0.55, 0.75)  # wider lens, as indoors
     cx, cy = width / 2.0, height * rng.uniform(0.42, 0.55)
-    u, v = _pixel_rays(height, width, focal, cx, cy)
+    u, v = pixel_rays(height, width, focal, cx, cy)
     full = (slice(0, height), slice(0, width))
     hc = rng.uniform(1.2, 1.6)
     ceil_h = rng.uniform(2.5, 3.2)  # ceiling height above the floor
-    canvas = _Canvas(height, width, far=np.float32(1e4))
+    canvas = Canvas(height, width, far=np.float32(1e4))
     # Back wall, slanted.
     zb, k = rng.uniform(5.0, 9.0), rng.uniform(-0.4, 0.4)
     z = np.broadcast_to(zb / (1.0 - k * u), (height, width)).astype(np.float32)
-    canvas.draw(*full, z, _colour(rng.uniform(0.5, 0.9, 3), _stripes(u * z, 0.6), 0.3), np.ones_like(z, bool))
+    canvas.draw(*full, z, colour(rng.uniform(0.5, 0.9, 3), stripes(u * z, 0.6), 0.3), np.ones_like(z, bool))
     # Side walls X = x0 (full height).
     for side in (-1.0, 1.0):
         x0 = side * rng.uniform(1.8, 3.5)
         z = np.broadcast_to(x0 / u, (height, width)).astype(np.float32)
         mask = (z > 0.3) & np.isfinite(z)
-        pattern = _stripes(z, 0.7) * 0.4 + 0.6 * _checker(z, v * z, 0.45)
-        _draw_plane_z(canvas, *full, z, _colour(rng.uniform(0.4, 0.9, 3), pattern, 0.4), mask)
+        pattern = stripes(z, 0.7) * 0.4 + 0.6 * checker(z, v * z, 0.45)
+        draw_plane_z(canvas, *full, z, colour(rng.uniform(0.4, 0.9, 3), pattern, 0.4), mask)
     # Floor (Y = hc) and ceiling (Y = hc - ceil_h).
     zf = np.broadcast_to(np.where(v > 1e-4, hc / np.maximum(v, 1e-4), np.inf), (height, width)).astype(np.float32)
-    canvas.draw(*full, zf, _colour(rng.uniform(0.3, 0.6, 3), _checker(u * zf, zf, 0.5), 0.5), np.isfinite(zf))
+    canvas.draw(*full, zf, colour(rng.uniform(0.3, 0.6, 3), checker(u * zf, zf, 0.5), 0.5), np.isfinite(zf))
     up = hc - ceil_h  # negative: above the camera
     zc = np.broadcast_to(np.where(v < -1e-4, up / np.minimum(v, -1e-4), np.inf), (height, width)).astype(np.float32)
-    canvas.draw(*full, zc, _colour(rng.uniform(0.8, 0.95, 3), _stripes(u * zc, 1.2), 0.2), np.isfinite(zc))
+    canvas.draw(*full, zc, colour(rng.uniform(0.8, 0.95, 3), stripes(u * zc, 1.2), 0.2), np.isfinite(zc))
     # Door frame on the back wall: two posts and a lintel 2-3 px.
     dc = int(rng.uniform(0.15, 0.8) * width)
     dw = int(focal * rng.uniform(0.8, 1.0) / zb)
@@ -351,11 +213,11 @@ def _render_indoor(height: int, width: int, rng: np.random.Generator) -> tuple[n
     dbase = rng.uniform(0.2, 0.5, 3)
     zd = zb * 0.97
     for c in (dc, dc + dw):
-        _draw_bar(canvas, rng, c, r_top, r_bot, 3, zd, dbase)
-    _draw_hbar(canvas, dc, dc + dw + 3, r_top, 3, zd, zd, dbase)
+        draw_bar(canvas, rng, c, r_top, r_bot, 3, zd, dbase)
+    draw_hbar(canvas, dc, dc + dw + 3, r_top, 3, zd, zd, dbase)
     # Furniture: boxes (cupboards, sofa) on the floor.
     for _ in range(int(rng.integers(3, 6))):
-        _draw_indoor_box(canvas, rng, focal, cx, cy, hc, rng.uniform(2.5, zb - 0.5))
+        draw_indoor_box(canvas, rng, focal, cx, cy, hc, rng.uniform(2.5, zb - 0.5))
     # Tables: a top slab on four thin legs.
     for _ in range(int(rng.integers(1, 3))):
         zt = rng.uniform(1.5, 4.5)
@@ -364,34 +226,18 @@ def _render_indoor(height: int, width: int, rng: np.random.Generator) -> tuple[n
         base = rng.uniform(0.3, 0.8, 3)
         for zl, xl in ((zt, xt), (zt, xt + tw), (zt + td, xt), (zt + td, xt + tw)):
             c = int(cx + focal * xl / zl)
-            _draw_bar(canvas, rng, c, int(cy + focal * (hc - th) / zl), int(np.ceil(cy + focal * hc / zl)),
+            draw_bar(canvas, rng, c, int(cy + focal * (hc - th) / zl), int(np.ceil(cy + focal * hc / zl)),
                       int(rng.integers(1, 4)), zl, base * 0.7)
         top_r = int(cy + focal * (hc - th) / zt)
         c0, c1 = int(cx + focal * xt / zt), int(cx + focal * (xt + tw) / zt)
-        _draw_hbar(canvas, c0, c1, top_r - 3, max(3, int(focal * 0.04 / zt)), zt, zt, base)
+        draw_hbar(canvas, c0, c1, top_r - 3, max(3, int(focal * 0.04 / zt)), zt, zt, base)
     # Shelves on a side: thin horizontal boards at one depth.
     zs = rng.uniform(2.0, 5.0)
     sc0 = int(rng.uniform(0.0, 0.7) * width)
     sbase = rng.uniform(0.3, 0.7, 3)
     for level in np.linspace(0.3, 1.9, int(rng.integers(3, 6))):
-        _draw_hbar(canvas, sc0, sc0 + int(focal * 0.9 / zs), int(cy + focal * (hc - level) / zs), 2, zs, zs, sbase)
-    return _finish(canvas, rng, 30.0)
-
-
-def _draw_indoor_box(canvas: _Canvas, rng, focal, cx, cy, hc, zf) -> None:
-    """A fronto-parallel box face standing on the floor at depth zf."""
-    height, width = canvas.depth.shape
-    bw, bh = rng.uniform(0.3, 1.2), rng.uniform(0.4, 2.0)
-    xl = rng.uniform(-0.6, 0.6) * zf - bw / 2
-    c0, c1 = int(np.floor(cx + focal * xl / zf)), int(np.ceil(cx + focal * (xl + bw) / zf))
-    r0, r1 = int(np.floor(cy + focal * (hc - bh) / zf)), int(np.ceil(cy + focal * hc / zf))
-    c0, c1, r0, r1 = max(c0, 0), min(c1, width), max(r0, 0), min(r1, height)
-    if c0 >= c1 or r0 >= r1:
-        return
-    yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float32)
-    grain = _stripes(xx / focal * zf, 0.2) * 0.5 + 0.5 * _checker(xx / focal * zf, yy / focal * zf, 0.25)
-    z = np.full((r1 - r0, c1 - c0), zf, np.float32)
-    canvas.draw(slice(r0, r1), slice(c0, c1), z, _colour(rng.uniform(0.15, 0.9, 3), grain, 0.45), np.ones_like(z, bool))
+        draw_hbar(canvas, sc0, sc0 + int(focal * 0.9 / zs), int(cy + focal * (hc - level) / zs), 2, zs, zs, sbase)
+    return finish(canvas, rng, 30.0)
 
 
 def write_sample_images(

@@ -66,12 +66,20 @@ def decoded_pred(s: Sample) -> np.ndarray:
 
 
 def _noise_files(out: Path) -> None:
-    """What a job writes next to its outputs that readers must skip."""
+    """What a job writes next to its outputs that readers must skip, and the manifest that
+    commits the parts (a job's readers read only parts a manifest lists); a staged part of a
+    shard still in flight must stay invisible."""
     (out / "_errors").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"key": ["broken"], "source": ["s"], "stage": ["decode"],
                              "error": ["decode"], "message": ["x"]}), out / "_errors" / "s.part-0.parquet")
+    parts = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file() and ".part-" in p.name}
+    (out / "_staging").mkdir(exist_ok=True)
+    for name in parts:  # a half-done shard's part, staged: same format, never to be read
+        (out / "_staging" / name.replace("shard", "inflight")).write_bytes((out / name).read_bytes())
     (out / "_manifest").mkdir(exist_ok=True)
-    (out / "_manifest" / "s.json").write_text("{}")
+    (out / "_manifest" / "s.json").write_text(json.dumps({
+        "status": "complete", "parts": parts,
+        "error_parts": {"_errors/s.part-0.parquet": (out / "_errors" / "s.part-0.parquet").stat().st_size}}))
 
 
 def write_parquet(out: Path, samples: list[Sample], parts: int = 2) -> Path:
