@@ -44,6 +44,20 @@ def _auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _submit_when_ready(client, attempts: int = 30, **job) -> str:
+    """submit_job, retried while a freshly started head has no job agent yet (Ray answers
+    500 "No available agent to submit job, please try again later")."""
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == attempts - 1:
+                raise
+            log.info("the cluster's job agent is not up yet; retrying in 2 s")
+            time.sleep(2.0)
+    raise AssertionError("unreachable")
+
+
 def job_config(cfg: Config) -> dict:
     data = cfg.to_dict()
     data["input"]["url"] = _absolute_local(cfg.input.url)
@@ -72,11 +86,10 @@ def submit(config_path: str, overrides: list[str] | None = None, address: str | 
 
             runtime_env["py_modules"] = [str(Path(depthray.__file__).parent)]
         client = JobSubmissionClient(address, headers=_auth_headers())
-        job_id = client.submit_job(
-            entrypoint="python -m depthray run job.yaml",
-            runtime_env=runtime_env,
-            metadata={"depthray_config": Path(config_path).name, "config_hash": cfg.hash()},
-        )
+        job_id = _submit_when_ready(client, entrypoint="python -m depthray run job.yaml",
+                                    runtime_env=runtime_env,
+                                    metadata={"depthray_config": Path(config_path).name,
+                                              "config_hash": cfg.hash()})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # uploaded by submit_job already
     echo(f"submitted job {job_id} to {address}")

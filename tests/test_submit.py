@@ -44,7 +44,11 @@ def ray_head():
     dash = _free_port()
     cmd = [os.path.join(bindir, "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
-           f"--ray-client-server-port={_free_port()}", "--include-dashboard=true"]
+           f"--ray-client-server-port={_free_port()}", "--include-dashboard=true",
+           # Every agent on its own free port: another Ray on this machine (a developer's, a
+           # test's) must not leave the head without a job agent ("No available agent").
+           f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+           f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
