@@ -38,7 +38,9 @@ class TilingConfig:
 @dataclass
 class InferenceConfig:
     ensemble_size: int = 5
-    ensemble_reduction: str = "median"  # median (uncertainty = MAD) | mean (uncertainty = std)
+    # median (true median: mean of the two middle members at even sizes; uncertainty = MAD)
+    # | mean (uncertainty = unbiased std); docs/ensembling.md
+    ensemble_reduction: str = "median"
     seed: int = 0
     num_inference_steps: int | None = None  # None = checkpoint default
     batch_size: int = 8  # views per model call

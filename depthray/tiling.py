@@ -312,12 +312,7 @@ def replace_low_frequencies(fine: torch.Tensor, coarse: torch.Tensor, cutoff: fl
     map's blurred edges would be copied into the sharp tiles.
     """
     h, w = coarse.shape
-    grid = (max(1, round(h / cutoff)), max(1, round(w / cutoff)))
-    down_fine = F.interpolate(fine[None, None], grid, mode="area")  # [1,1,gh,gw]
-    down_coarse = F.interpolate(coarse[None, None].float(), grid, mode="area")  # [1,1,gh,gw]
-    correction = F.interpolate(down_coarse - down_fine, fine.shape, mode="bilinear",
-                               align_corners=False)[0, 0]  # [H,W]
-    return correction.add_(fine)
+    return _swap_below_grid(fine, coarse, (max(1, round(h / cutoff)), max(1, round(w / cutoff))))
 
 
 def split_frequencies(fine: torch.Tensor, coarse: torch.Tensor, period: float) -> torch.Tensor:
@@ -331,7 +326,11 @@ def split_frequencies(fine: torch.Tensor, coarse: torch.Tensor, period: float) -
     is replaced by the level below, which saw the same area in the middle of a larger view.
     """
     h, w = fine.shape
-    grid = (max(1, round(h / period)), max(1, round(w / period)))
+    return _swap_below_grid(fine, coarse, (max(1, round(h / period)), max(1, round(w / period))))
+
+
+def _swap_below_grid(fine: torch.Tensor, coarse: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """fine [H,W] + upsampled (area-mean of coarse - area-mean of fine) over `grid` cells."""
     down_fine = F.interpolate(fine[None, None], grid, mode="area")  # [1,1,gh,gw]
     down_coarse = F.interpolate(coarse[None, None].float(), grid, mode="area")  # [1,1,gh,gw]
     correction = F.interpolate(down_coarse - down_fine, fine.shape, mode="bilinear",
