@@ -117,6 +117,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         **totals,
         "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
         "actors": res.num_actors if res else 0,
+        "actors_max": (res.max_actors if res.max_actors is not None else "cluster limit") if res else 0,
         "stages": stages,
         "job_error": job_error,
         **static,
