@@ -102,10 +102,14 @@ def build_dataset(stages: list[Stage], shards: list[Shard], cfg: Config, res: Re
             # Work travels in blocks of one actor batch, not whole shards: a shard's rows
             # spread over every actor (the ledger still commits the shard as one unit), and
             # at the tail no actor sits on a shard's worth of queued rows while others idle.
+            # Each block is one call (batch_size=None): Ray would otherwise bundle a short
+            # last block of one shard with the next shard's rows and change which images
+            # share a model batch.
             ds = ds.repartition(target_num_rows_per_block=max(1, st.batch_size or 1))
         kw = dict(resources.get(st.name, {}))
         if st.stateful:
-            ds = ds.map_batches(st.fn, batch_size=st.batch_size, batch_format="pyarrow",
+            ds = ds.map_batches(st.fn, batch_size=None if st.name == "infer" else st.batch_size,
+                                batch_format="pyarrow",
                                 fn_constructor_kwargs=st.kwargs, **kw)
         else:
             ds = ds.map_batches(st.fn, batch_size=st.batch_size, batch_format="pyarrow",
