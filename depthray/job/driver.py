@@ -81,7 +81,12 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
     store = ManifestStore(cfg.output.url, cfg.storage)
     res = None
     if resume.todo:
-        init_ray(address or cfg.compute.address, num_cpus=num_cpus)
+        try:
+            init_ray(address or cfg.compute.address, num_cpus=num_cpus)
+        except Exception as e:  # a node start-up timeout under load, a wrong address: one line, exit 2
+            where = address or cfg.compute.address or "a local Ray"
+            raise ConfigError(f"Ray did not start ({where}): {describe_error(e)}; nothing was run, "
+                              "re-run the same command once Ray can start") from e
         res = resolve_resources(cfg)
     device_kind = ("cuda" if res.gpus_per_actor > 0 else "cpu") if res else None
     static = {"config_hash": cfg.hash(device_kind), "model": model_label(cfg), "run_id": run_id,
