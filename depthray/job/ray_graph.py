@@ -102,13 +102,16 @@ def build_dataset(stages: list[Stage], shards: list[Shard], cfg: Config, res: Re
             # Work travels in blocks of one actor batch, not whole shards: a shard's rows
             # spread over every actor (the ledger still commits the shard as one unit), and
             # at the tail no actor sits on a shard's worth of queued rows while others idle.
-            # Each block is one call (batch_size=None): Ray would otherwise bundle a short
-            # last block of one shard with the next shard's rows and change which images
-            # share a model batch.
+            # On CPU actors each block is one call (batch_size=None): Ray would otherwise
+            # bundle a shard's short last block with the next shard's rows, which moves
+            # depth values by ~1e-5 (which images share a model batch). Ray insists on a
+            # batch_size for GPU actors; there a batch may span two shards, which the
+            # crash bookkeeping allows (rows are named by shard and key).
             ds = ds.repartition(target_num_rows_per_block=max(1, st.batch_size or 1))
         kw = dict(resources.get(st.name, {}))
         if st.stateful:
-            ds = ds.map_batches(st.fn, batch_size=None if st.name == "infer" else st.batch_size,
+            per_block = st.name == "infer" and res.gpus_per_actor == 0
+            ds = ds.map_batches(st.fn, batch_size=None if per_block else st.batch_size,
                                 batch_format="pyarrow",
                                 fn_constructor_kwargs=st.kwargs, **kw)
         else:

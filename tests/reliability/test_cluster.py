@@ -149,7 +149,7 @@ def test_autoscaling_pool_grows_onto_new_gpu_nodes(tmp_path, make_image):
     expected = write_shards(tmp_path / "in", make_image, shards=4, per=20)
     calls = tmp_path / "calls.log"
     cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"),
-                     double_model(sleep_s=0.4, calls_log=str(calls)),
+                     double_model(sleep_s=0.8, calls_log=str(calls)),
                      compute={"num_gpus_per_actor": 1, "num_cpus_per_actor": 0.5, "max_actors": 3,
                               "images_per_batch": 2})
     cluster = LocalCluster(head_cpus=2, autoscale_workers={
@@ -166,8 +166,11 @@ def test_autoscaling_pool_grows_onto_new_gpu_nodes(tmp_path, make_image):
     sizes = pool_sizes(log)
     print(f"autoscaling job: {wall:.1f} s, nodes used {len(nodes)}, actors {len({c[0] for c in log})}, "
           f"busy pool size over time {sizes}")
+    print(f"summary: pool_sizes {summary['pool_sizes']}, node_rampup_s {summary['node_rampup_s']}")
     assert summary["shards_complete"] == 4 and not summary["job_error"]
     assert len(nodes) >= 2, f"the job ran on one node only: {nodes}"
+    assert summary["pool_max"] >= 2 and len(summary["node_rampup_s"]) >= 2, summary
+    assert summary["pool_sizes"][0][1] <= 1  # the pool starts small and grows
     assert max(n for _, n in sizes) >= 2
     outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))
     assert not errors
