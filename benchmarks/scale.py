@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------ 1. planning
 def _plan_child(root: str) -> None:
     from depthray.config import config_from_dict
-    from depthray.io.manifest import input_fingerprints, resume_shards
+    from depthray.job.driver import input_fingerprints, resume_shards  # what run_job plans with
     from depthray.job.checks import check_paths, list_input_shards
 
     cfg = config_from_dict({"input": {"url": f"{root}/in/", "format": "webdataset"},
@@ -171,14 +171,10 @@ def encoder_table(maps) -> list[dict]:
 def host_per_image(maps, tmp: Path) -> dict:
     """CPU seconds of read + decode + encode + write per image, with the job's stages."""
     import pyarrow as pa
+    from PIL import Image
 
     from depthray.config import config_from_dict
-    from depthray.io import records
-    from depthray.io.codecs import encode_batch
-    from depthray.io.decode import decode_batch
-    from depthray.io.sinks import write_batch
-    from depthray.io.sources import read_shards
-    from PIL import Image
+    from depthray.job.stages import job_stages, stage
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -192,31 +188,33 @@ def host_per_image(maps, tmp: Path) -> dict:
     (tmp / "in" / "s0.tar").write_bytes(buf.getvalue())
     cfg = config_from_dict({"input": {"url": f"{tmp}/in/s0.tar"}, "output": {"url": f"{tmp}/out"},
                             "model": {"factory": "x:y"}}, require_io=True)
+    stages = job_stages(cfg)  # the job's own stage functions (infer is not built: no model)
+    read, decode, encode, write = (stage(stages, n).make() for n in ("read", "decode", "encode", "write"))
     times = {}
     t0 = time.process_time()
     items = pa.Table.from_pylist([{"name": "s0", "url": f"file://{tmp}/in/s0.tar", "format": "webdataset"}])
-    samples = list(read_shards(items, cfg.input, cfg.storage))
+    samples = list(read(items))
     times["read"] = time.process_time() - t0
     t0 = time.process_time()
-    decoded = [decode_batch(t, cfg.input, keep_input=False) for t in samples]
+    decoded = [decode(t) for t in samples]
     times["decode"] = time.process_time() - t0
     predicted = []
     by_key = {f"img{i:05d}": m for i, m in enumerate(maps)}
     for t in decoded:  # the instant model: the realistic maps stand in for its output
         rows = []
         for r in t.to_pylist():
-            if not records.is_trailer(r) and r.get("error") is None:
+            if r.get("key") is not None and r.get("error") is None:  # not the trailer, not an error
                 _, d, u = by_key[r["key"]]
                 r.update(depth_f32=d.tobytes(), uncertainty_f32=u.tobytes(), num_views=1, ensemble_size=1,
                          infer_s=0.0)
                 r.pop("pixels", None)
             rows.append(r)
-        predicted.append(records.to_table(rows, records.PREDICTED))
+        predicted.append(pa.Table.from_pylist(rows))
     t0 = time.process_time()
-    encoded = [encode_batch(t, cfg.quality) for t in predicted]
+    encoded = [encode(t) for t in predicted]
     times["encode"] = time.process_time() - t0
     t0 = time.process_time()
-    acks = [write_batch(t, cfg.output, cfg.storage, "x:y", "h") for t in encoded]
+    acks = [write(t) for t in encoded]
     times["write"] = time.process_time() - t0
     out_bytes = sum(b for a in acks for r in a.to_pylist() for b in r["part_bytes"])
     n = len(maps)
