@@ -87,7 +87,9 @@ class OutputConfig:
 @dataclass
 class ComputeConfig:
     address: str | None = None  # Ray address; None = start or join a local Ray
-    num_actors: int | None = None  # GPU actor pool size; None = one per GPU (1 on CPU)
+    num_actors: int | None = None  # fixed actor pool size; None = autoscaling min_actors..max_actors
+    min_actors: int = 1  # autoscaling pool: actors kept even when idle
+    max_actors: int | None = None  # autoscaling pool: most actors; None = as many as the cluster can reach
     num_gpus_per_actor: float | None = None  # None = 1 when GPUs exist, else 0
     num_cpus_per_actor: float = 1.0
     images_per_batch: int = 4  # images handed to an inference actor at once
@@ -247,6 +249,8 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("model.processing_resolution: must be >= 8 or null")
     if cfg.model.factory is not None and ":" not in cfg.model.factory:
         errors.append(f"model.factory: expected 'package.module:callable', got {cfg.model.factory!r}")
+    if cfg.compute.min_actors < 1 or (cfg.compute.max_actors is not None and cfg.compute.max_actors < cfg.compute.min_actors):
+        errors.append("compute.min_actors/max_actors: need 1 <= min_actors <= max_actors")
     if cfg.compute.batch_timeout_s is not None and cfg.compute.batch_timeout_s < 0:
         errors.append("compute.batch_timeout_s: must be >= 0 (0 = off) or null (auto)")
     if cfg.output.rows_per_part < 1:

@@ -100,3 +100,18 @@ def test_flop_arithmetic_counts_the_real_modules(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     sd2 = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sd2["per_view_tflop"]["unet"] > 1.0  # SD2 widths at 768x576: ~1.5 TFLOP per UNet call
+
+
+def test_scale_benchmark_smoke_ends_with_its_json_keys():
+    """benchmarks/scale.py at toy sizes: planning counts the shards it made, the encoder
+    table checks each contender losslessly, and the last line carries the four keys."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--shards", "50", "--images", "2"],
+                         cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("planning_s_100k", "driver_rss_mb_100k", "host_ms_per_image", "bytes_per_image"):
+        assert last[key] is not None and last[key] > 0, key
+    assert last["planning"]["50"]["shards"] == 50 and last["planning"]["50"]["skipped"] == 25

@@ -22,6 +22,7 @@ from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shard
 from depthray.job.checks import check_input, check_paths, describe_error, list_input_shards
 from depthray.job.lease import OutputLease
 from depthray.job.ledger import ShardLedger
+from depthray.job.pool_watch import PoolWatch
 from depthray.job.ray_graph import build_dataset, resolve_resources
 from depthray.job.stages import job_stages, model_label
 
@@ -82,7 +83,12 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
     store = ManifestStore(cfg.output.url, cfg.storage)
     res = None
     if resume.todo:
-        init_ray(address or cfg.compute.address, num_cpus=num_cpus)
+        try:
+            init_ray(address or cfg.compute.address, num_cpus=num_cpus)
+        except Exception as e:  # a node start-up timeout under load, a wrong address: one line, exit 2
+            where = address or cfg.compute.address or "a local Ray"
+            raise ConfigError(f"Ray did not start ({where}): {describe_error(e)}; nothing was run, "
+                              "re-run the same command once Ray can start") from e
         res = resolve_resources(cfg)
     device_kind = ("cuda" if res.gpus_per_actor > 0 else "cpu") if res else None
     static = {"config_hash": cfg.hash(device_kind), "model": model_label(cfg), "run_id": run_id,
@@ -94,13 +100,16 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
                          manifest_fields, log_every_s)
     stages: list[str] = []
     job_error = None
+    watch = None
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
         ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
+        watch = PoolWatch()
         try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for ack in batch.to_pylist():
-                    ledger.update(ack)
+            with watch:
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for ack in batch.to_pylist():
+                        ledger.update(ack)
         except Exception as e:  # a stage failed past Ray's retries: report, don't lose the summary
             job_error = describe_error(e)
             log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -118,7 +127,9 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         **totals,
         "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
         "actors": res.num_actors if res else 0,
+        "actors_max": (res.max_actors if res.max_actors is not None else "cluster limit") if res else 0,
         "stages": stages,
+        **(watch.summary() if watch is not None else {}),
         "job_error": job_error,
         **static,
     }

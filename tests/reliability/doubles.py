@@ -47,7 +47,7 @@ class FaultyModel:
         self.calls += 1
         if self.calls_log:
             with open(self.calls_log, "a") as f:
-                f.write(f"{os.getpid()} {views.shape[0]}\n")
+                f.write(f"{os.getpid()} {views.shape[0]} {_node_id()} {time.time():.3f}\n")
         if self.die_once_marker and self.calls >= self.die_on_call:
             marker = Path(self.die_once_marker)
             try:
@@ -74,6 +74,15 @@ class FaultyModel:
             black = views.flatten(1).amax(dim=1) < 0.01  # [N]
             depth[black, :4, :4] = float("nan")
         return depth
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
+    except Exception:
+        return "-"
 
 
 def make(**options) -> FaultyModel:

@@ -89,3 +89,14 @@ def test_io_problems_are_reported_before_any_work(tmp_path, make_image, monkeypa
     for n in needles:
         assert n.lower() in str(err.value).lower(), (n, str(err.value))
     assert not (tmp_path / "model-ran").exists()
+
+
+def test_ray_that_fails_to_start_is_one_line_exit_2(tmp_path, make_image):
+    """A Ray that cannot start (here: a local Ray refused for -1 CPUs; on a loaded cluster
+    a node start-up timeout) ends with the one-line error every other failure gets."""
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(base(tmp_path, make_image)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-m", "depthray.cli", "run", str(config), "--num-cpus", "-1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=100)
+    check(res, tmp_path, "Ray did not start")
