@@ -47,7 +47,7 @@ class InferenceConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "marigold"
+    kind: str = "marigold"  # marigold | marigold-e2e | transformers (docs/models.md)
     path: str = "prs-eth/marigold-depth-v1-1"  # local dir | hub id | s3:// or any fsspec URL
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     variant: str | None = None  # checkpoint file variant: fp16 | bf16 | None
@@ -152,6 +152,7 @@ _CHOICES = {
     "inference.tiling.mode": ("auto", "on", "off"),
     "inference.tiling.fusion": ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split"),
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "model.kind": ("marigold", "marigold-e2e", "transformers"),
     "input.format": ("auto", "webdataset", "parquet", "images"),
     "output.format": ("parquet", "webdataset"),
 }
@@ -245,6 +246,15 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("model.processing_resolution: must be >= 8 or null")
     if cfg.model.factory is not None and ":" not in cfg.model.factory:
         errors.append(f"model.factory: expected 'package.module:callable', got {cfg.model.factory!r}")
+    if cfg.model.factory is None and cfg.model.kind == "transformers":
+        extra = sorted(set(cfg.model.options) - {"output_space"})
+        if extra:
+            errors.append(f"model.options: kind transformers takes only output_space, got {', '.join(extra)}")
+        if cfg.model.options.get("output_space", "depth") not in ("depth", "disparity"):
+            errors.append("model.options.output_space: must be depth or disparity, got "
+                          f"{cfg.model.options['output_space']!r}")
+    if cfg.model.factory is None and cfg.model.kind != "transformers" and cfg.model.options:
+        errors.append(f"model.options: only read for model.factory and kind transformers, not kind {cfg.model.kind}")
     if cfg.compute.batch_timeout_s is not None and cfg.compute.batch_timeout_s < 0:
         errors.append("compute.batch_timeout_s: must be >= 0 (0 = off) or null (auto)")
     if cfg.output.rows_per_part < 1:
