@@ -185,6 +185,18 @@ def test_model_kinds_run_through_the_job(kind, ray_session, tmp_path, tiny_da_di
         depth = decode_depth_png16(r["depth"])
         assert depth.shape == (r["height"], r["width"]) and depth.max() > 0.5
         assert decode_uncertainty_png16(r["uncertainty"], r["uncertainty_scale"]).mean() > 0
+    if kind == "transformers":  # a disparity label is never scored as depth
+        from depthray.evaluate import evaluate
+
+        (tmp_path / "gt").mkdir()
+        for r in rows:
+            np.save(tmp_path / "gt" / f"{r['key']}.npy", np.full((r["height"], r["width"]), 2.0, np.float32)
+                    + np.linspace(0, 1, r["width"], dtype=np.float32)[None])
+        as_depth = evaluate(str(tmp_path / "out"), str(tmp_path / "gt"), space="depth")
+        assert len(as_depth.rows) == 3 and all(row.metrics is None for row in as_depth.rows)
+        assert all("holds disparity" in row.error for row in as_depth.rows)
+        as_disp = evaluate(str(tmp_path / "out"), str(tmp_path / "gt"), space="disparity")
+        assert all(row.metrics is not None for row in as_disp.rows)
 
 
 def test_augmentation_ensembles_rank_errors_of_a_deterministic_double():
