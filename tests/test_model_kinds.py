@@ -212,3 +212,15 @@ def test_augmentation_ensembles_rank_errors_of_a_deterministic_double():
         sys.path.pop(0)
     row = bench.run_setting("detail", 12, (64, 96), 4, (0.0, 0.0), (0.0, 0.0), 0)
     assert row["spearman"] > 0.4 and row["abs_rel_dropped_25pct"] > row["abs_rel_kept_75pct"]
+
+
+def test_plan_reads_the_model_kinds_settings(tiny_da_dir):
+    from depthray.plan import model_settings
+
+    cfg = config_from_dict({"model": {"kind": "transformers", "path": str(tiny_da_dir)}})
+    assert model_settings(cfg)[:2] == (56, 1)  # preprocessor size, one forward
+    cfg = config_from_dict({"model": {"kind": "transformers", "path": "org/remote"}})
+    with pytest.raises(ValueError, match="processing_resolution"):
+        model_settings(cfg)
+    cfg = config_from_dict({"model": {"kind": "marigold-e2e", "path": "org/remote"}})
+    assert model_settings(cfg)[1] == 1
