@@ -49,7 +49,7 @@ class InferenceConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "marigold"
+    kind: str = "marigold"  # marigold | marigold-e2e | transformers (docs/models.md)
     path: str = "prs-eth/marigold-depth-v1-1"  # local dir | hub id | s3:// or any fsspec URL
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     variant: str | None = None  # checkpoint file variant: fp16 | bf16 | None
@@ -156,6 +156,7 @@ _CHOICES = {
     "inference.tiling.mode": ("auto", "on", "off"),
     "inference.tiling.fusion": ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split"),
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "model.kind": ("marigold", "marigold-e2e", "transformers"),
     "input.format": ("auto", "webdataset", "parquet", "images"),
     "output.format": ("parquet", "webdataset"),
 }
@@ -251,6 +252,15 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append(f"model.factory: expected 'package.module:callable', got {cfg.model.factory!r}")
     if cfg.compute.min_actors < 1 or (cfg.compute.max_actors is not None and cfg.compute.max_actors < cfg.compute.min_actors):
         errors.append("compute.min_actors/max_actors: need 1 <= min_actors <= max_actors")
+    if cfg.model.factory is None and cfg.model.kind == "transformers":
+        extra = sorted(set(cfg.model.options) - {"output_space"})
+        if extra:
+            errors.append(f"model.options: kind transformers takes only output_space, got {', '.join(extra)}")
+        if cfg.model.options.get("output_space", "depth") not in ("depth", "disparity"):
+            errors.append("model.options.output_space: must be depth or disparity, got "
+                          f"{cfg.model.options['output_space']!r}")
+    if cfg.model.factory is None and cfg.model.kind != "transformers" and cfg.model.options:
+        errors.append(f"model.options: only read for model.factory and kind transformers, not kind {cfg.model.kind}")
     if cfg.compute.batch_timeout_s is not None and cfg.compute.batch_timeout_s < 0:
         errors.append("compute.batch_timeout_s: must be >= 0 (0 = off) or null (auto)")
     if cfg.output.rows_per_part < 1:

@@ -157,6 +157,10 @@ def evaluate(
             continue
         seen.add(rec.key)
         try:
+            held = rec.meta.get("output_space", space)  # what the label holds, as its row says
+            if held != space:
+                raise ValueError(f"the prediction holds {held} (meta.output_space) but is scored as "
+                                 f"{space}: evaluate with space={held!r}")
             gt = decode_gt(gt_fs.cat_file(gt_files[rec.key]), gt_files[rec.key], gt_png_scale)
             if gt_is_disparity:
                 with np.errstate(divide="ignore"):

@@ -50,6 +50,19 @@ def model_settings(cfg: Config) -> tuple[int, int, str]:
     if res is not None and steps is not None:
         return int(res), int(steps), "config"
     local = cfg.model.path if "://" not in cfg.model.path else None
+    if cfg.model.kind == "marigold-e2e":
+        steps = 1  # end-to-end checkpoints take exactly one step (models/marigold_e2e.py)
+    if cfg.model.kind == "transformers":
+        # One forward, no steps; the input size its preprocessor_config.json registers.
+        pre = Path(local) / "preprocessor_config.json" if local else None
+        if res is None and pre is not None and pre.is_file():
+            size = json.loads(pre.read_text()).get("size") or {}
+            size = {"height": size, "width": size} if isinstance(size, int) else size
+            res = size.get("shortest_edge") or max(size.get("height", 0), size.get("width", 0)) or None
+        if res is None:
+            raise ValueError(f"model.path {cfg.model.path!r}: no local preprocessor_config.json; "
+                             "set model.processing_resolution for a transformers model's plan")
+        return int(res), 1, f"config + {pre if pre is not None and pre.is_file() else 'config'}"
     found = registered(local)
     return (int(res or found.processing_resolution), int(steps or found.denoising_steps),
             f"config + {found.source}")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from depthray import augment
 from depthray.config import InferenceConfig, inference_config
 from depthray.ensemble import ensemble_depth
 from depthray.models.base import DepthModel, step_arguments
@@ -47,6 +48,10 @@ class DepthResult:
     num_views: int  # global view + tiles
     ensemble_size: int
     model_evaluations: int  # views x members (each runs the model's denoising steps)
+    # what `depth` holds: "depth" (0 = near) or "disparity" (relative inverse depth, 1 = near),
+    # as the model declares it (`output_space`; Marigold: depth)
+    output_space: str = "depth"
+    members: str = "seeds"  # how ensemble members differ: "seeds" | "augmentations" (deterministic models)
 
 
 def image_to_tensor(image: Any) -> torch.Tensor:
@@ -161,7 +166,7 @@ class _ImageJob:
         self.reference, self.uncertainty = fused, uncertainty
         self.level_pixels = self.blender = None
 
-    def result(self, cfg: InferenceConfig) -> DepthResult:
+    def result(self, cfg: InferenceConfig, output_space: str = "depth", members: str = "seeds") -> DepthResult:
         assert self.reference is not None and self.uncertainty is not None
         full = tuple(self.image.shape[1:])
         shrink = self.reference.shape[0] > full[0]
@@ -187,6 +192,8 @@ class _ImageJob:
             num_views=self.plan.num_views,
             ensemble_size=cfg.ensemble_size,
             model_evaluations=self.plan.num_views * cfg.ensemble_size,
+            output_space=output_space,
+            members=members,
         )
 
 
@@ -209,11 +216,17 @@ def _stream_members(
     pending: dict[int, list[torch.Tensor | None]] = {}
     distinct_views = hasattr(model, "predict_views")
     steps = step_arguments(model, cfg.num_inference_steps)  # {} = the model's default
+    augmented = uses_augmentations(model, cfg)
     for start in range(0, len(requests), cfg.batch_size):
         chunk = requests[start : start + cfg.batch_size]
         for group in _group_by_shape(chunk, views):
             seeds = [member_seed(cfg.seed, views[i].view_index, m) for i, m in group]
-            if distinct_views:  # each view once; members stay on the model's device
+            if augmented:  # member m = the view under augmentation m, undone on the way out
+                augs = [augment.augmentation(m) for _, m in group]
+                batch = torch.stack([augment.apply(pixels(views[i])[None], a)[0] for (i, _), a in zip(group, augs)])
+                out = model(batch, seeds, **steps)  # [B,h,w]
+                out = torch.cat([augment.undo(o[None].float(), a) for o, a in zip(out, augs)])
+            elif distinct_views:  # each view once; members stay on the model's device
                 order = list(dict.fromkeys(i for i, _ in group))
                 where = {i: u for u, i in enumerate(order)}
                 batch = torch.stack([pixels(views[i]) for i in order])  # [U,3,h,w]
@@ -224,6 +237,12 @@ def _stream_members(
                 pending.setdefault(i, [None] * e)[m] = depth.float()
         for i in [i for i, ms in pending.items() if all(m is not None for m in ms)]:
             yield views[i], torch.stack(pending.pop(i))  # type: ignore[arg-type]  # [E,h,w]
+
+
+def uses_augmentations(model: DepthModel, cfg: InferenceConfig) -> bool:
+    """Members of a deterministic model (``model.deterministic``: no seed changes its output)
+    would all be equal: its ensembles vary test-time augmentations instead (depthray/augment.py)."""
+    return bool(getattr(model, "deterministic", False)) and cfg.ensemble_size > 1
 
 
 def _group_by_shape(chunk: list[tuple[int, int]], views: Sequence[_View]):
@@ -281,7 +300,11 @@ def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConf
         for job in active:
             job.finish_level()
     # 5. Back to the image size.
-    return [job.result(cfg) for job in jobs]
+    space = getattr(model, "output_space", "depth")
+    if space not in ("depth", "disparity"):
+        raise ValueError(f"{type(model).__name__}.output_space must be 'depth' or 'disparity', got {space!r}")
+    members = "augmentations" if uses_augmentations(model, cfg) else "seeds"
+    return [job.result(cfg, space, members) for job in jobs]
 
 
 def predict_image(

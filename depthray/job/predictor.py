@@ -11,6 +11,7 @@ then narrows the batch down to the image that hangs or crashes).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -143,6 +144,13 @@ class DepthPredictor:
                           else "non_finite" if isinstance(res, NonFiniteDepth) else "infer")
                 out.append(records.error_row(r, "infer", reason, f"{type(res).__name__}: {res}"))
                 continue
+            # What the map holds (depth | disparity) and how its members differed: a reader must
+            # never take a disparity map for depth.
+            meta = json.loads(r.get("meta") or "{}")
+            meta["output_space"] = res.output_space
+            if res.members != "seeds":
+                meta["ensemble_members"] = res.members
+            r["meta"] = json.dumps(meta)
             r.update(depth_f32=res.depth.astype(np.float32).tobytes(),
                      uncertainty_f32=res.uncertainty.astype(np.float32).tobytes(),
                      num_views=res.num_views, ensemble_size=res.ensemble_size, infer_s=share)

@@ -34,7 +34,9 @@ def load_model(spec: ModelConfig | Mapping[str, Any],
     """Build the depth model described by the YAML `model:` section (dict or ModelConfig).
 
     ``{"kind": "marigold", "path": ...}`` loads a Marigold checkpoint (local folder, hub id,
-    or fsspec URL); ``{"factory": "pkg.mod:fn", "options": {...}}`` calls any importable
+    or fsspec URL); ``kind: marigold-e2e`` one of the end-to-end fine-tuned single-step
+    checkpoints (zero noise, one UNet call at t=999; recognised by name too);
+    ``kind: transformers`` any ``AutoModelForDepthEstimation`` checkpoint; ``{"factory": "pkg.mod:fn", "options": {...}}`` calls any importable
     callable that returns an object with the model interface.
     """
     cfg: ModelConfig = model_config(spec)
@@ -46,11 +48,25 @@ def load_model(spec: ModelConfig | Mapping[str, Any],
                 "model interface (processing_resolution and __call__(views, seeds))"
             )
         return model
-    if cfg.kind == "marigold":
+    if cfg.kind == "transformers":
+        from depthray.models.hf_depth import TransformersDepthModel
+
+        folder = resolve_checkpoint(cfg.path, cfg.cache_dir, None, storage_options)
+        return TransformersDepthModel.from_pretrained(
+            folder, dtype=cfg.dtype, device=cfg.device, processing_resolution=cfg.processing_resolution,
+            output_space=cfg.options.get("output_space"), name=cfg.path)
+    if cfg.kind in ("marigold", "marigold-e2e"):
         from depthray.models.marigold import MarigoldDepthModel
+        from depthray.models.marigold_e2e import MarigoldE2EModel, is_end_to_end
 
         folder = resolve_checkpoint(cfg.path, cfg.cache_dir, cfg.variant, storage_options)
-        return MarigoldDepthModel.from_pretrained(
+        engine = MarigoldDepthModel
+        if cfg.kind == "marigold-e2e" or is_end_to_end(cfg.path, folder):
+            if cfg.kind == "marigold":
+                log.info("%s is an end-to-end fine-tuned checkpoint: running it single-step, "
+                         "zero noise (model.kind marigold-e2e)", cfg.path)
+            engine = MarigoldE2EModel
+        return engine.from_pretrained(
             folder,
             dtype=cfg.dtype,
             variant=cfg.variant,
@@ -60,4 +76,5 @@ def load_model(spec: ModelConfig | Mapping[str, Any],
             compile=cfg.compile,
             name=cfg.path,
         )
-    raise ValueError(f"model.kind {cfg.kind!r} is unknown: use 'marigold', or set model.factory")
+    raise ValueError(f"model.kind {cfg.kind!r} is unknown: use 'marigold', 'marigold-e2e', "
+                     "'transformers', or set model.factory")

@@ -1,0 +1,79 @@
+"""End-to-end fine-tuned Marigold (Garcia, Zeng et al., "Fine-Tuning Image-Conditional
+Diffusion Models is Easier than You Think"; checkpoints such as GonzaloMG/marigold-e2e-ft-depth).
+
+Same architecture and diffusers layout as Marigold, but fine-tuned end to end for one
+deterministic step: the depth latent starts as zeros (no noise), the UNet is called once
+at the last training timestep (999), and its output is taken as the clean latent x0 as the
+scheduler's `prediction_type` defines it (Marigold's v_prediction: x0 = sqrt(a)*x_t -
+sqrt(1-a)*v, with x_t = 0; epsilon: x0 = (x_t - sqrt(1-a)*eps)/sqrt(a); sample: x0 = output).
+No DDIM update follows: the paper's fix is exactly to take that prediction directly.
+
+Members of one view are identical (nothing is random), so `deterministic = True`:
+predict.py ensembles such models over test-time augmentations (depthray/augment.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from depthray.models.marigold import MarigoldDepthModel, to_device
+
+# The published checkpoints: GonzaloMG/marigold-e2e-ft-depth, ...-normals, and copies of them.
+_E2E_NAME = re.compile(r"e2e[-_]?ft", re.IGNORECASE)
+
+
+def is_end_to_end(path: str, folder: str | Path | None = None) -> bool:
+    """Whether a checkpoint is an end-to-end fine-tuned one: its name says so (the published
+    repositories are named *e2e-ft*), or its model_index.json sets `"end_to_end": true`."""
+    if _E2E_NAME.search(str(path)) or (folder is not None and _E2E_NAME.search(Path(folder).name)):
+        return True
+    index = Path(folder) / "model_index.json" if folder is not None else None
+    if index is not None and index.is_file():
+        return bool(json.loads(index.read_text()).get("end_to_end", False))
+    return False
+
+
+class MarigoldE2EModel(MarigoldDepthModel):
+    """Single-step, zero-noise Marigold with the depthray model interface."""
+
+    deterministic = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        pred = getattr(self.scheduler.config, "prediction_type", "v_prediction")
+        if pred not in ("v_prediction", "epsilon", "sample"):
+            raise ValueError(f"{self.name}: scheduler prediction_type {pred!r} is not one an "
+                             "end-to-end checkpoint can be read with (v_prediction, epsilon, sample)")
+        self.prediction_type = pred
+        self.timestep = int(self.scheduler.config.num_train_timesteps) - 1  # 999
+        self.default_num_inference_steps = 1
+
+    def steps(self, num_inference_steps: int | None) -> int:
+        if num_inference_steps not in (None, 1):
+            raise ValueError(f"{self.name} is an end-to-end single-step checkpoint: "
+                             f"num_inference_steps={num_inference_steps} is not defined for it; use 1 or null")
+        return 1
+
+    @torch.no_grad()
+    def denoise(self, image_latent: torch.Tensor, noise: torch.Tensor, seeds: list[int],
+                num_inference_steps: int | None = None) -> torch.Tensor:
+        """One UNet call from zeros at t=999 -> x0 [B,4,h,w] (`noise` and `seeds` are unused)."""
+        self.steps(num_inference_steps)
+        b = image_latent.shape[0]
+        text = self.empty_text_embedding.expand(b, -1, -1)  # [B,2,D]
+        latent = torch.zeros_like(image_latent)  # x_t = 0
+        x = torch.cat([image_latent, latent], dim=1)  # [B,8,h,w]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.tensor(self.timestep, device=self.device)
+        out = self.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]  # [B,4,h,w]
+        a = to_device(self.scheduler.alphas_cumprod[self.timestep].reshape(1), self.device, torch.float32)
+        if self.prediction_type == "sample":
+            return out
+        if self.prediction_type == "v_prediction":
+            return (a.sqrt() * latent - (1 - a).sqrt() * out).to(out.dtype)
+        return ((latent - (1 - a).sqrt() * out) / a.sqrt()).to(out.dtype)
