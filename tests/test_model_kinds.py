@@ -136,7 +136,7 @@ def test_e2e_checkpoint_is_recognised_and_runs_single_step_zero_noise(tiny_e2e_d
     views = torch.rand(2, 3, 32, 48)
     a, b = model(views, [0, 1]), model(views, [5, 9])
     assert torch.equal(a, b)  # zero noise: seeds change nothing
-    # x0 from diffusers' own DDIM step at t=999 on a zero latent (the paper's "take the prediction")
+    # The authors' pipeline: the checkpoint's DDIM scheduler, one step (t=999) from a zero latent
     latent = model.encode(model.preprocess(views)[0])
     sched = DDIMScheduler.from_pretrained(tiny_e2e_dir, subfolder="scheduler")
     assert sched.config.prediction_type == "v_prediction"
@@ -145,8 +145,9 @@ def test_e2e_checkpoint_is_recognised_and_runs_single_step_zero_noise(tiny_e2e_d
     pred = model.unet(torch.cat([latent, zeros], 1), 999, encoder_hidden_states=text).sample
     sched.set_timesteps(1)
     assert int(sched.timesteps[0]) == 999
-    x0 = sched.step(pred, 999, zeros).pred_original_sample
+    x0 = sched.step(pred, 999, zeros).prev_sample
     assert torch.allclose(model.denoise(latent, torch.randn_like(latent), [0, 1]), x0, atol=1e-5)
+    assert x0.abs().max() > 1e-3  # a real latent, not the zero start
     # ... and not what a noisy DDIM Marigold would make of the same checkpoint
     plain = load_model({"path": str(tiny_model_dir), "device": "cpu"})
     assert not torch.allclose(plain(views, [0, 1]), a, atol=1e-4)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from depthray.models.marigold import MarigoldDepthModel, to_device
+from depthray.models.marigold import MarigoldDepthModel
 
 # The published checkpoints: GonzaloMG/marigold-e2e-ft-depth, ...-normals, and copies of them.
 _E2E_NAME = re.compile(r"e2e[-_]?ft", re.IGNORECASE)
@@ -49,7 +49,11 @@ class MarigoldE2EModel(MarigoldDepthModel):
             raise ValueError(f"{self.name}: scheduler prediction_type {pred!r} is not one an "
                              "end-to-end checkpoint can be read with (v_prediction, epsilon, sample)")
         self.prediction_type = pred
-        self.timestep = int(self.scheduler.config.num_train_timesteps) - 1  # 999
+        self.scheduler.set_timesteps(1)
+        self.timestep = int(self.scheduler.timesteps[0])  # 999 with trailing spacing, as published
+        if self.timestep != int(self.scheduler.config.num_train_timesteps) - 1:
+            raise ValueError(f"{self.name}: one scheduler step lands on t={self.timestep}, not the last "
+                             "training timestep; end-to-end checkpoints ship timestep_spacing: trailing")
         self.default_num_inference_steps = 1
 
     def steps(self, num_inference_steps: int | None) -> int:
@@ -69,11 +73,10 @@ class MarigoldE2EModel(MarigoldDepthModel):
         x = torch.cat([image_latent, latent], dim=1)  # [B,8,h,w]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        t = torch.tensor(self.timestep, device=self.device)
+        # Exactly the authors' pipeline: the checkpoint's scheduler set to one step (trailing
+        # spacing: t = 999) and its own step from the zero latent, so prediction_type and
+        # alpha settings are the checkpoint's, not ours.
+        self.scheduler.set_timesteps(1, device=self.device)
+        t = self.scheduler.timesteps[0]
         out = self.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]  # [B,4,h,w]
-        a = to_device(self.scheduler.alphas_cumprod[self.timestep].reshape(1), self.device, torch.float32)
-        if self.prediction_type == "sample":
-            return out
-        if self.prediction_type == "v_prediction":
-            return (a.sqrt() * latent - (1 - a).sqrt() * out).to(out.dtype)
-        return ((latent - (1 - a).sqrt() * out) / a.sqrt()).to(out.dtype)
+        return self.scheduler.step(out, t, latent).prev_sample
