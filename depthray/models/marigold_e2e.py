@@ -3,10 +3,9 @@ Diffusion Models is Easier than You Think"; checkpoints such as GonzaloMG/marigo
 
 Same architecture and diffusers layout as Marigold, but fine-tuned end to end for one
 deterministic step: the depth latent starts as zeros (no noise), the UNet is called once
-at the last training timestep (999), and its output is taken as the clean latent x0 as the
-scheduler's `prediction_type` defines it (Marigold's v_prediction: x0 = sqrt(a)*x_t -
-sqrt(1-a)*v, with x_t = 0; epsilon: x0 = (x_t - sqrt(1-a)*eps)/sqrt(a); sample: x0 = output).
-No DDIM update follows: the paper's fix is exactly to take that prediction directly.
+at the last training timestep (999, the checkpoint's trailing timestep spacing), and the
+checkpoint's own scheduler makes its single step from there, as the authors' pipeline does
+(its `prediction_type`, v_prediction for Marigold, decides how the output is read).
 
 Members of one view are identical (nothing is random), so `deterministic = True`:
 predict.py ensembles such models over test-time augmentations (depthray/augment.py).
