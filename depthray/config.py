@@ -65,7 +65,16 @@ class InputConfig:
     url: str = ""  # glob, brace range, list file (.txt) or folder; any fsspec URL
     format: str = "auto"  # auto | webdataset | parquet | images
     image_column: str = "image"  # parquet: column with encoded image bytes
-    key_column: str = "key"  # parquet: column with the sample key
+    # parquet: column with the sample key; None = "key" when the file has one, else the
+    # image struct's path, else "{shard}/{row}" (unique across the dataset). A column named
+    # here that the first file lacks stops the job before it starts.
+    key_column: str | None = None
+    # webdataset: which member is the image, as extensions in priority order. A multi-part
+    # extension ("seg.png") matches only an entry spelled that way, never "png". None = the
+    # photo formats below, and a sample holding more than one of them is an error row.
+    image_member: list | None = None
+    images_per_shard: int = 1000  # image folders: a folder is cut into sorted shards of this many
+    keep_columns: list = field(default_factory=list)  # parquet: input columns copied to every output row
     max_pixels: int = 64_000_000  # larger images are rejected as errors (decompression bombs)
     min_side: int = 8  # smaller images are rejected as errors
 
@@ -251,11 +260,27 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("output.rows_per_part: must be >= 1")
     if cfg.output.lease_timeout_s <= 0:
         errors.append("output.lease_timeout_s: must be > 0 (seconds without heartbeat before a lease is taken over)")
+    _validate_input(cfg.input, errors)
     if require_io:
         if not cfg.input.url:
             errors.append("input.url: required (a glob, brace range, list file or folder)")
         if not cfg.output.url:
             errors.append("output.url: required")
+
+
+def _validate_input(inp: InputConfig, errors: list[str]) -> None:
+    if isinstance(inp.image_member, str):
+        inp.image_member = [inp.image_member]
+    for name in ("image_member", "keep_columns"):
+        value = getattr(inp, name)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+            errors.append(f"input.{name}: expected a list of names, got {value!r}")
+    if isinstance(inp.image_member, list):
+        inp.image_member = [v.lower().lstrip(".") for v in inp.image_member]
+        if not inp.image_member:
+            errors.append("input.image_member: give at least one extension (e.g. [jpg, png]) or leave it out")
+    if inp.images_per_shard < 1:
+        errors.append("input.images_per_shard: must be >= 1")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,6 +6,7 @@ hold, so a retried write task rewrites the same file instead of adding a duplica
 
     {output}/{shard}.part-{hash}.parquet|.tar      depth results
     {output}/_errors/{shard}.part-{hash}.parquet    error records (any output format)
+    {output}/_errors/empty.parquet                   0 rows, so `_errors/` always reads
 
 Parts are written under `{output}/_staging/` (readers skip `_` folders: pyarrow's dataset
 discovery, `*.tar` globs, depthray's own readers) and moved to the names above only when
@@ -129,6 +130,20 @@ class WebDatasetSink(Sink):
             if self.include_image and r.get("data"):
                 ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
                 yield f"{name}.{ext}", r["data"]
+
+
+EMPTY_ERRORS = "empty.parquet"  # `_errors/empty.parquet`: 0 rows, the schema
+
+
+def ensure_errors_file(url: str, storage: StorageConfig) -> str:
+    """`_errors/` exists from a job's start, holding at least an empty Parquet file with
+    the error schema, so `pq.read_table("{output}/_errors/")` reads 0 rows instead of
+    failing when nothing failed. (Its name is no part name: resume never deletes it.)"""
+    fs, root = filesystem(url, storage)
+    path = join(root, ERRORS_DIR, EMPTY_ERRORS)
+    if not fs.exists(path):
+        write_atomic(fs, path, _parquet_bytes(records.to_table([], records.ERRORS)))
+    return path
 
 
 class ErrorSink(Sink):

@@ -7,10 +7,13 @@ the URL, raised before Ray starts. Nothing here imports Ray (`depthray status` u
 
 from __future__ import annotations
 
+import logging
 import re
 
 from depthray.config import Config, ConfigError
 from depthray.io.sources import Shard, list_shards
+
+log = logging.getLogger(__name__)
 
 
 def list_input_shards(cfg: Config) -> list[Shard]:
@@ -62,13 +65,41 @@ def describe_error(e: BaseException, limit: int = 500) -> str:
     return text[:limit]
 
 
+def check_columns(cfg: Config, shards: list[Shard]) -> None:
+    """Parquet inputs: the first file's schema holds input.image_column, the key_column
+    named (when one is) and input.keep_columns; else a ConfigError naming the columns that
+    exist (a wrong column would make every shard a corrupt one, or keys row numbers)."""
+    first = next((s for s in shards if s.format == "parquet"), None)
+    if first is None:
+        return
+    import pyarrow.parquet as pq
+
+    from depthray.io.fs import filesystem
+
+    try:
+        fs, path = filesystem(first.url, cfg.storage)
+        with fs.open(path, "rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except Exception as e:  # unreadable: the reader reports it per shard
+        log.debug("cannot read the schema of %s: %s", first.url, e)
+        return
+    inp = cfg.input
+    wanted = [("input.image_column", inp.image_column)] + \
+        ([("input.key_column", inp.key_column)] if inp.key_column else []) + \
+        [("input.keep_columns", c) for c in inp.keep_columns]
+    missing = [f"{where} {col!r}" for where, col in wanted if col not in names]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: no such column in {first.url} "
+                          f"(columns: {', '.join(names)})")
+
+
 def check_input(cfg: Config, shards: list[Shard]) -> None:
     """Fail fast, naming the URL, when the input's folder or bucket does not exist or is
     forbidden. A single missing shard is not fatal: its reader reports it and the next run
     retries it. (That the output is writable is proven by taking its lease.)"""
     from depthray.io.fs import filesystem
 
-    first = shards[0].url
+    first = shards[0].url.split("#", 1)[0]  # image shards: the folder (depthray/io/folders.py)
     fs, path = filesystem(first, cfg.storage)
     try:
         if fs.exists(path):

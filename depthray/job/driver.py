@@ -19,7 +19,8 @@ from typing import Any
 from depthray import __version__
 from depthray.config import Config, ConfigError
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
-from depthray.job.checks import check_input, check_paths, describe_error, list_input_shards
+from depthray.io.sinks import ensure_errors_file
+from depthray.job.checks import check_columns, check_input, check_paths, describe_error, list_input_shards
 from depthray.job.lease import OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.ray_graph import build_dataset, resolve_resources
@@ -53,6 +54,11 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     #    cannot be reached or written (403, missing bucket) stops the job here, by URL.
     shards = list_input_shards(cfg)
     check_paths(cfg, shards)
+    check_columns(cfg, shards)
+    skipped = getattr(shards, "skipped", {})
+    if skipped:
+        log.warning("input: %d file(s) skipped, not images: %s", sum(skipped.values()),
+                    ", ".join(f"{n} .{ext}" for ext, n in sorted(skipped.items())))
     # One writer per output: nothing is deleted or written before this run holds the lease.
     lease = OutputLease(cfg.output.url, cfg.storage, run_id, cfg.output.lease_timeout_s)
     try:
@@ -78,6 +84,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
     except Exception as e:
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({describe_error(e)})") from e
     log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
+    ensure_errors_file(cfg.output.url, cfg.storage)
     store = ManifestStore(cfg.output.url, cfg.storage)
     res = None
     if resume.todo:
@@ -114,6 +121,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         "shards_total": len(shards),
         "shards_skipped": len(resume.skipped),
         "leftover_files_deleted": resume.deleted_parts,
+        "input_files_skipped": dict(getattr(shards, "skipped", {})),
         **totals,
         "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
         "actors": res.num_actors if res else 0,
