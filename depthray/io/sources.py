@@ -267,7 +267,8 @@ class ImageFolderReader(Reader):
                 yield {"key": key, "error": "duplicate_key",
                        "message": f"{posixpath.basename(p)}: another file has the same name stem"}
                 continue
-            yield {"key": key, "data": fs.cat_file(p), "ext": _ext(p)}
+            yield {"key": key, "data": fs.cat_file(p), "ext": _ext(p),
+                   "meta": json.dumps({"source_url": fs.unstrip_protocol(p)})}
 
 
 READERS = {"webdataset": WebDatasetReader, "parquet": ParquetReader, "images": ImageFolderReader}
