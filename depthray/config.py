@@ -327,7 +327,10 @@ def load_config(
     """Read a YAML file (or nothing), apply ``--set`` overrides, validate."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

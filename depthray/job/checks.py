@@ -93,6 +93,49 @@ def check_columns(cfg: Config, shards: list[Shard]) -> None:
                           f"(columns: {', '.join(names)})")
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
+
+
+def check_model(cfg: Config) -> None:
+    """The model spec, before Ray starts (a worker would fail 40 s later, once per retry):
+    a factory must import and name a callable; otherwise the kind must be known and the
+    path a local folder holding model_index.json, a hub id `org/name`, or a URL with a
+    protocol fsspec knows. (Whether a hub id or URL exists is learnt when it is fetched.)"""
+    import importlib
+
+    m = cfg.model
+    if m.factory:
+        module_name, _, attr = m.factory.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise ConfigError(f"model.factory {m.factory!r}: cannot import {module_name!r} "
+                              f"({type(e).__name__}: {e})") from None
+        if not callable(getattr(module, attr, None)):
+            raise ConfigError(f"model.factory {m.factory!r}: {module_name!r} has no callable {attr!r}")
+        return
+    if m.kind != "marigold":
+        raise ConfigError(f"model.kind {m.kind!r} is unknown: use 'marigold', or set model.factory")
+    path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
+    if "://" in path:
+        import fsspec
+
+        proto = path.split("://", 1)[0]
+        if proto not in fsspec.available_protocols() or not path.split("://", 1)[1].strip("/"):
+            raise ConfigError(f"model.path {m.path!r}: not a usable URL (protocol {proto!r})")
+        return
+    import os
+
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "model_index.json")):
+            raise ConfigError(f"model.path {m.path!r}: a folder without model_index.json, not a Marigold "
+                              "checkpoint (make one with `depthray make-tiny-model`, or use a hub id)")
+        return
+    if path.startswith(("/", ".", "~")) or not _HUB_ID.match(path):
+        raise ConfigError(f"model.path {m.path!r}: no such folder, and not a hub id (org/name)")
+
+
 def check_input(cfg: Config, shards: list[Shard]) -> None:
     """Fail fast, naming the URL, when the input's folder or bucket does not exist or is
     forbidden. A single missing shard is not fatal: its reader reports it and the next run

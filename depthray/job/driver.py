@@ -20,7 +20,7 @@ from depthray import __version__
 from depthray.config import Config, ConfigError
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
 from depthray.io.sinks import ensure_errors_file
-from depthray.job.checks import check_columns, check_input, check_paths, describe_error, list_input_shards
+from depthray.job.checks import check_columns, check_input, check_model, check_paths, describe_error, list_input_shards
 from depthray.job.lease import OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.ray_graph import build_dataset, resolve_resources
@@ -55,6 +55,7 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     shards = list_input_shards(cfg)
     check_paths(cfg, shards)
     check_columns(cfg, shards)
+    check_model(cfg)
     skipped = getattr(shards, "skipped", {})
     if skipped:
         log.warning("input: %d file(s) skipped, not images: %s", sum(skipped.values()),

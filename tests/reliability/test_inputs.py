@@ -169,3 +169,41 @@ def test_wrong_columns_stop_before_ray(tmp_path, capsys):
         assert rc == 2 and time.monotonic() - start < 10
         assert message in err and "columns: img, id" in err, err
         assert not (tmp_path / "out" / "_manifest").exists()
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"path": "/no/such/checkpoint"}, "model.path '/no/such/checkpoint': no such folder"),
+    ({"path": "EMPTY_DIR"}, "without model_index.json"),
+    ({"path": "not a hub id"}, "not a hub id"),
+    ({"path": "nosuchproto://bucket/model"}, "not a usable URL"),
+    ({"kind": "marigld"}, "model.kind 'marigld' is unknown"),
+    ({"factory": "tests.reliability.nonexistent:make"}, "cannot import 'tests.reliability.nonexistent'"),
+    ({"factory": "tests.reliability.doubles:nothing"}, "has no callable 'nothing'"),
+])
+def test_bad_model_spec_is_one_line_before_ray(tmp_path, capsys, model, message):
+    """Item 8: a bad model.path / kind / factory is exit 2, one line, in seconds (it used
+    to surface 40-57 s later from inside Ray, four tracebacks, advising a re-run)."""
+    from depthray.cli import main as cli_main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "000.tar").write_bytes(tar_of([("a.jpg", enc(rgb(16, 16), "JPEG"))]))
+    (tmp_path / "EMPTY_DIR").mkdir()
+    model = {k: (str(tmp_path / v) if v == "EMPTY_DIR" else v) for k, v in model.items()}
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"input": {"url": str(tmp_path / "in")}, "output": {"url": str(tmp_path / "out")},
+                                      "model": model}))
+    capsys.readouterr()
+    start = time.monotonic()
+    rc = cli_main(["run", str(config)])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.monotonic() - start < 15, err
+    assert message in err and "Traceback" not in err and "re-run" not in err, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("depthray:")]) == 1
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    from depthray.cli import main as cli_main
+
+    rc = cli_main(["run", str(tmp_path / "nope.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.yaml: cannot read the config file" in err and "Traceback" not in err
