@@ -69,8 +69,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from depthray.job.driver import run_job
 
     cfg = load_config(args.config, args.set)
-    summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
+    try:
+        summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
+    except KeyboardInterrupt:  # before the job ran: nothing to summarise
+        print("depthray: interrupted before the job started; nothing was committed", file=sys.stderr)
+        return 130
     _print_summary(summary)
+    if summary.get("interrupted"):
+        print(f"interrupted: {summary['shards_complete']} shard(s) committed by this run, "
+              f"{summary['shards_skipped']} before it; re-run the same command to resume")
+        return 130
     return 1 if summary["shards_unfinished"] else 0
 
 

@@ -21,6 +21,7 @@ from depthray.config import Config, ConfigError
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
 from depthray.io.sinks import ensure_errors_file
 from depthray.job.checks import check_columns, check_input, check_model, check_paths, describe_error, list_input_shards
+from depthray.job.interrupt import DeferredInterrupt
 from depthray.job.lease import OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.ray_graph import build_dataset, resolve_resources
@@ -101,18 +102,26 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
                          manifest_fields, log_every_s)
     stages: list[str] = []
     job_error = None
+    interrupted = False
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
         ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
+        stop = DeferredInterrupt()
         try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for ack in batch.to_pylist():
-                    ledger.update(ack)
+            with stop.installed():
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    with stop.critical():  # Ctrl-C never lands inside a commit
+                        for ack in batch.to_pylist():
+                            ledger.update(ack)
+        except KeyboardInterrupt:  # Ctrl-C: stop, keep what committed, write the summary
+            interrupted, job_error = True, "interrupted (Ctrl-C)"
+            log.warning("interrupted: stopping; committed shards stay committed, a re-run resumes")
         except Exception as e:  # a stage failed past Ray's retries: report, don't lose the summary
             job_error = describe_error(e)
             log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
         ledger.maybe_log(force=True)
-        stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
+        if not interrupted:
+            stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
     # 3. Summary.
     totals = ledger.summary(job_error)
     summary = {
@@ -128,6 +137,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         "actors": res.num_actors if res else 0,
         "stages": stages,
         "job_error": job_error,
+        "interrupted": interrupted,
         **static,
     }
     summary["shards_redone"] = resume.redo

@@ -207,3 +207,59 @@ def test_missing_config_file_is_one_line(tmp_path, capsys):
     rc = cli_main(["run", str(tmp_path / "nope.yaml")])
     err = capsys.readouterr().err
     assert rc == 2 and "nope.yaml: cannot read the config file" in err and "Traceback" not in err
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
+    """Item 9: SIGINT to a real `depthray run`: exit 130, a summary written, the committed
+    shard count and the advice to re-run printed; the re-run finishes each key once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.reliability.conftest import REPO
+
+    (tmp_path / "in").mkdir()
+    expected = {}
+    for s in range(24):
+        (tmp_path / "in" / f"{s:03d}.tar").write_bytes(
+            tar_of([(f"s{s}k{i}.jpg", enc(rgb(12, 16), "JPEG")) for i in range(2)]))
+        expected[f"{s:03d}"] = {f"s{s}k{i}" for i in range(2)}
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"url": str(tmp_path / "in" / "*.tar")}, "output": {"url": str(out)},
+        "model": double_model(sleep_s=0.5), "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+        "compute": {"images_per_batch": 2}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "depthray.cli", "run", str(config), "--address", "local"],
+                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "Starting execution" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        time.sleep(3)  # mid-job: the model sleeps 0.5 s a call, 24 calls
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 130, text
+    assert "re-run the same command to resume" in text and "KeyboardInterrupt" not in text, text
+    summaries = [json.loads(p.read_text()) for p in (out / "_jobs").glob("2*.json")]
+    assert len(summaries) == 1 and summaries[0]["interrupted"] is True
+    committed = summaries[0]["shards_complete"]
+    assert committed == len(list((out / "_manifest").glob("*.json")))  # the count is exact
+    assert committed < 24 and f"interrupted: {committed} shard(s) committed" in text
+    second = run_job(job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(sleep_s=0.5),
+                                compute={"images_per_batch": 2}))
+    assert second["shards_skipped"] >= committed
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
+    assert_exactly_once(expected, outs, errors)
