@@ -16,10 +16,50 @@ from depthray.io.sources import Shard, list_shards
 log = logging.getLogger(__name__)
 
 
+def check_reachable(cfg: Config, timeout_s: float = 3.0) -> None:
+    """A custom S3 endpoint (MinIO, moto, ...) that refuses connections is named at once:
+    the storage client would retry with backoff for 15-20 s before saying so."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from depthray.io.fs import storage_options
+
+    seen = set()
+    for where, url in (("input.url", cfg.input.url), ("output.url", cfg.output.url)):
+        endpoint = storage_options(url, cfg.storage).get("endpoint_url") if url else None
+        if not endpoint or endpoint in seen:
+            continue
+        seen.add(endpoint)
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise ConfigError(f"{where} {url!r}: cannot connect to the storage endpoint {endpoint} "
+                              f"({e.strerror or type(e).__name__})") from None
+
+
+def check_bucket(url: str, where: str, cfg: Config) -> None:
+    """An object-store URL whose bucket does not exist is a ConfigError naming it."""
+    from depthray.io.fs import filesystem, is_local
+
+    fs, path = filesystem(url, cfg.storage)
+    if is_local(fs) or "://" not in url:
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception as e:
+        raise ConfigError(f"{where} {url!r}: cannot read it ({describe_error(e)})") from e
+    if not exists:
+        raise ConfigError(f"{where} {url!r}: bucket {bucket!r} does not exist")
+
+
 def list_input_shards(cfg: Config) -> list[Shard]:
     """The input's shards; any failure to list them is a ConfigError naming the URL.
     (Storage clients raise more than OSError: botocore's NoCredentialsError,
     EndpointConnectionError, ... all mean the URL cannot be used.)"""
+    check_reachable(cfg)
     try:
         return list_shards(cfg.input, cfg.storage)
     except ConfigError:

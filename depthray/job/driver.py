@@ -20,7 +20,7 @@ from depthray import __version__
 from depthray.config import Config, ConfigError
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
 from depthray.io.sinks import ensure_errors_file
-from depthray.job.checks import check_columns, check_input, check_model, check_paths, describe_error, list_input_shards
+from depthray.job.checks import check_bucket, check_columns, check_input, check_model, check_paths, describe_error, list_input_shards
 from depthray.job.interrupt import DeferredInterrupt
 from depthray.job.lease import OutputLease
 from depthray.job.ledger import ShardLedger
@@ -55,8 +55,9 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     #    cannot be reached or written (403, missing bucket) stops the job here, by URL.
     shards = list_input_shards(cfg)
     check_paths(cfg, shards)
+    check_bucket(cfg.output.url, "output.url", cfg)
     check_columns(cfg, shards)
-    check_model(cfg)
+    check_model(cfg)  # last: a factory's import may take seconds (torch)
     skipped = getattr(shards, "skipped", {})
     if skipped:
         log.warning("input: %d file(s) skipped, not images: %s", sum(skipped.values()),

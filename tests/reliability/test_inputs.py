@@ -263,3 +263,41 @@ def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
     assert second["shards_skipped"] >= committed
     outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
     assert_exactly_once(expected, outs, errors)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the with-block ends: connections are refused
+
+
+@pytest.mark.parametrize("verb", ["run", "status"])
+def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, capsys, s3_bucket, verb):
+    """Item 10: a refused endpoint (closed 127.0.0.1 port) and a missing bucket (moto) are
+    named within 5 s, for run and status; status never lists a missing bucket's shards as to do."""
+    from depthray.cli import main as cli_main
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{s3_bucket}/in/000.tar", tar_of([("a.jpg", enc(rgb(16, 16), "JPEG"))]))
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    cases = [
+        ({"input": {"url": f"s3://{s3_bucket}/in/*.tar"}, "output": {"url": f"s3://{s3_bucket}/out"},
+          "storage": {"endpoint_url": closed}}, closed),
+        ({"input": {"url": f"s3://no-such-bucket-{s3_bucket}/in/*.tar"}, "output": {"url": str(tmp_path / "out")}},
+         f"no-such-bucket-{s3_bucket}"),
+        ({"input": {"url": f"s3://{s3_bucket}/in/*.tar"}, "output": {"url": f"s3://gone-{s3_bucket}/out"}},
+         f"gone-{s3_bucket}"),
+    ]
+    for data, named in cases:
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump({**data, "model": double_model()}))
+        capsys.readouterr()
+        start = time.monotonic()
+        rc = cli_main([verb, str(config)])
+        took = time.monotonic() - start
+        captured = capsys.readouterr()
+        assert rc == 2 and took < 5, (took, captured)
+        assert named in captured.err and "Traceback" not in captured.err, captured.err
+        assert "to do" not in captured.out
