@@ -101,7 +101,21 @@ class ParquetSink(Sink):
         self.extra = {"model": model, "config_hash": config_hash}
 
     def encode(self, rows):
-        return _parquet_bytes(records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA))
+        table = records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA)
+        return _parquet_bytes(with_kept_columns(table, rows))
+
+
+def with_kept_columns(table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
+    """`input.keep_columns` (carried in each row's meta as "columns") as real columns; a
+    name the output already uses gets an `input_` prefix. Values stay in `meta` as well."""
+    kept = [json.loads(r.get("meta") or "{}").get("columns") or {} for r in rows]
+    names = list(dict.fromkeys(c for k in kept for c in k))
+    for c in names:
+        values = pa.array([k.get(c) for k in kept])
+        if pa.types.is_null(values.type):
+            values = values.cast(pa.string())
+        table = table.append_column(f"input_{c}" if c in table.column_names else c, values)
+    return table
 
 
 class WebDatasetSink(Sink):

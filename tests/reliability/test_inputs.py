@@ -145,6 +145,13 @@ def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path
     by_key = {r["key"]: r["meta"] for r in outs}
     assert by_key["b/00000001"]["columns"] == {"caption": "b two"} and by_key["b/00000001"]["source_row"] == 1
     assert by_key["imgs/dog"]["source_path"] == "imgs/dog.png" and by_key["imgs/dog"]["columns"]["caption"] == "dog"
+    table = pq.read_table(str(out), columns=["key", "caption"])  # a real column, as plain pyarrow reads it
+    assert dict(zip(table["key"].to_pylist(), table["caption"].to_pylist()))["a/00000001"] == "a two"
+    wds_out = tmp_path / "wds"
+    run_job(job_config(str(tmp_path / "in" / "*.parquet"), str(wds_out), double_model(),
+                       input={"keep_columns": ["caption"]}, output={"format": "webdataset"}))
+    outs, _ = read_outputs(fsspec.filesystem("file"), str(wds_out), "webdataset")
+    assert {r["key"]: r["meta"]["columns"]["caption"] for r in outs}["imgs/cat"] == "cat"
 
 
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
