@@ -70,8 +70,9 @@ class InputConfig:
     # here that the first file lacks stops the job before it starts.
     key_column: str | None = None
     # webdataset: which member is the image, as extensions in priority order. A multi-part
-    # extension ("seg.png") matches only an entry spelled that way, never "png". None = the
-    # photo formats below, and a sample holding more than one of them is an error row.
+    # extension ("seg.png") matches only an entry spelled that way, never "png". None = jpg,
+    # jpeg, png, webp, tif, tiff, bmp, gif, ppm, pgm, pnm, and a sample holding more than
+    # one of them is an error row (ambiguous_image).
     image_member: list | None = None
     images_per_shard: int = 1000  # image folders: a folder is cut into sorted shards of this many
     keep_columns: list = field(default_factory=list)  # parquet: input columns copied to every output row
@@ -83,7 +84,7 @@ class InputConfig:
 class OutputConfig:
     url: str = ""
     format: str = "parquet"  # parquet | webdataset
-    include_image: bool = False  # webdataset: pass the input image through as {key}.jpg
+    include_image: bool = False  # webdataset: pass the input image through as {key}.{ext}, upright
     overwrite: bool = False  # relabel every shard (one at a time; old parts go when new ones commit)
     rows_per_part: int = 512  # most rows in one part file (a shard is written as parts)
     # A run's lease on the output (_jobs/lease.json) without heartbeat for this long is
