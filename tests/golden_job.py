@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         make_inputs(Path(tmp) / "inputs")
         cfg = job_config(str(Path(tmp) / "inputs" / "{00000..00001}.tar"), str(Path(tmp) / "out"))
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         summary = run_job(cfg)
         ray.shutdown()
         assert summary["images"] == 12 and not summary["errors"], summary

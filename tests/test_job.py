@@ -23,7 +23,7 @@ GOLDEN = Path(__file__).parent / "data" / "job_golden.json"
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield
     finally:

@@ -25,7 +25,7 @@ def ray_session(s3_endpoint):
     """One local Ray for the module; started after the S3 fixture so workers inherit its env."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield
     finally:
