@@ -82,6 +82,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_ray() -> None:
+    try:
+        import ray
+
+        ray.shutdown()
+    except BaseException as e:  # noqa: BLE001 - shutting down after Ctrl-C: report, keep the exit code
+        logging.getLogger(__name__).debug("ray.shutdown: %s", e)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from depthray.config import load_config
     from depthray.job.driver import run_job
@@ -94,6 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130
     _print_summary(summary)
     if summary.get("interrupted"):
+        _stop_ray()  # now, not in an exit hook a late signal or worker error can turn into exit 1
         print(f"interrupted: {summary['shards_complete']} shard(s) committed by this run, "
               f"{summary['shards_skipped']} before it; re-run the same command to resume")
         return 130
