@@ -83,11 +83,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _stop_ray() -> None:
-    try:
-        import ray
-
-        ray.shutdown()
-    except BaseException as e:  # noqa: BLE001 - shutting down after Ctrl-C: report, keep the exit code
+    try:  # after Ctrl-C: report a failed shutdown, keep the exit code
+        __import__("ray").shutdown()
+    except BaseException as e:  # noqa: BLE001
         logging.getLogger(__name__).debug("ray.shutdown: %s", e)
 
 
