@@ -64,13 +64,47 @@ def _print_summary(summary: dict) -> None:
         print(f"  unfinished {name}: {why} (re-run to retry)")
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from depthray.init_config import example_config
+
+    text = example_config(args.input, args.output)
+    if args.path == "-":
+        print(text)
+        return 0
+    path = Path(args.path)
+    if path.exists():
+        print(f"depthray: {path} exists; not overwritten", file=sys.stderr)
+        return 2
+    path.write_text(text)
+    print(f"wrote {path}: edit input.url, output.url and model, then: depthray run {path}")
+    return 0
+
+
+def _stop_ray() -> None:
+    try:  # after Ctrl-C: report a failed shutdown, keep the exit code
+        __import__("ray").shutdown()
+    except BaseException as e:  # noqa: BLE001
+        logging.getLogger(__name__).debug("ray.shutdown: %s", e)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from depthray.config import load_config
     from depthray.job.driver import run_job
 
     cfg = load_config(args.config, args.set)
-    summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
+    try:
+        summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
+    except KeyboardInterrupt:  # before the job ran: nothing to summarise
+        print("depthray: interrupted before the job started; nothing was committed", file=sys.stderr)
+        return 130
     _print_summary(summary)
+    if summary.get("interrupted"):
+        _stop_ray()  # now, not in an exit hook a late signal or worker error can turn into exit 1
+        print(f"interrupted: {summary['shards_complete']} shard(s) committed by this run, "
+              f"{summary['shards_skipped']} before it; re-run the same command to resume")
+        return 130
     return 1 if summary["shards_unfinished"] else 0
 
 
@@ -229,10 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_option(p)
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("init", help="write a job config with every key, its default and meaning",
+                       description="Write a YAML job config listing every key with its default and "
+                       "what it means (generated from depthray/config.py), ready to edit.")
+    p.add_argument("path", nargs="?", default="job.yaml", help="where to write it ('-' = print; default job.yaml)")
+    p.add_argument("--input", default="s3://my-bucket/images/", help="input.url to fill in")
+    p.add_argument("--output", default="s3://my-bucket/depth/", help="output.url to fill in")
+    p.set_defaults(func=_cmd_init)
+
     p = sub.add_parser("run", help="run (or resume) a depth job on local Ray or a cluster",
                        description="Run the job a YAML config describes. Shards whose manifest "
-                       "says complete are skipped, so re-running resumes.")
-    p.add_argument("config", help="YAML config (see configs/)")
+                       "says complete are skipped, so re-running resumes.",
+                       epilog="Every config key, its default and its meaning: `depthray init job.yaml` "
+                       "writes them all into a config to edit (generated from depthray/config.py, "
+                       "which validates them); the README's tables document the outputs.")
+    p.add_argument("config", help="YAML config (`depthray init` writes one)")
     _add_set_option(p)
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")

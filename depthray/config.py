@@ -67,7 +67,17 @@ class InputConfig:
     url: str = ""  # glob, brace range, list file (.txt) or folder; any fsspec URL
     format: str = "auto"  # auto | webdataset | parquet | images
     image_column: str = "image"  # parquet: column with encoded image bytes
-    key_column: str = "key"  # parquet: column with the sample key
+    # parquet: column with the sample key; None = "key" when the file has one, else the
+    # image struct's path, else "{shard}/{row}" (unique across the dataset). A column named
+    # here that the first file lacks stops the job before it starts.
+    key_column: str | None = None
+    # webdataset: which member is the image, as extensions in priority order. A multi-part
+    # extension ("seg.png") matches only an entry spelled that way, never "png". None = jpg,
+    # jpeg, png, webp, tif, tiff, bmp, gif, ppm, pgm, pnm, and a sample holding more than
+    # one of them is an error row (ambiguous_image).
+    image_member: list | None = None
+    images_per_shard: int = 1000  # image folders: a folder is cut into sorted shards of this many
+    keep_columns: list = field(default_factory=list)  # parquet: input columns copied to every output row
     max_pixels: int = 64_000_000  # larger images are rejected as errors (decompression bombs)
     min_side: int = 8  # smaller images are rejected as errors
 
@@ -76,7 +86,7 @@ class InputConfig:
 class OutputConfig:
     url: str = ""
     format: str = "parquet"  # parquet | webdataset
-    include_image: bool = False  # webdataset: pass the input image through as {key}.jpg
+    include_image: bool = False  # webdataset: pass the input image through as {key}.{ext}, upright
     overwrite: bool = False  # relabel every shard (one at a time; old parts go when new ones commit)
     rows_per_part: int = 512  # most rows in one part file (a shard is written as parts)
     # A run's lease on the output (_jobs/lease.json) without heartbeat for this long is
@@ -267,11 +277,27 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("output.rows_per_part: must be >= 1")
     if cfg.output.lease_timeout_s <= 0:
         errors.append("output.lease_timeout_s: must be > 0 (seconds without heartbeat before a lease is taken over)")
+    _validate_input(cfg.input, errors)
     if require_io:
         if not cfg.input.url:
             errors.append("input.url: required (a glob, brace range, list file or folder)")
         if not cfg.output.url:
             errors.append("output.url: required")
+
+
+def _validate_input(inp: InputConfig, errors: list[str]) -> None:
+    if isinstance(inp.image_member, str):
+        inp.image_member = [inp.image_member]
+    for name in ("image_member", "keep_columns"):
+        value = getattr(inp, name)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+            errors.append(f"input.{name}: expected a list of names, got {value!r}")
+    if isinstance(inp.image_member, list):
+        inp.image_member = [v.lower().lstrip(".") for v in inp.image_member]
+        if not inp.image_member:
+            errors.append("input.image_member: give at least one extension (e.g. [jpg, png]) or leave it out")
+    if inp.images_per_shard < 1:
+        errors.append("input.images_per_shard: must be >= 1")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -318,7 +344,10 @@ def load_config(
     """Read a YAML file (or nothing), apply ``--set`` overrides, validate."""
     data: dict = {}
     if path is not None:
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or type(e).__name__})") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

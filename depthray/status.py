@@ -16,9 +16,10 @@ from depthray.io.manifest import ManifestStore, why_not_done
 
 def job_status(cfg: Config) -> dict[str, Any]:
     """Shards complete / to do, images and errors in complete shards, other configs, last run."""
-    from depthray.job.checks import list_input_shards
+    from depthray.job.checks import check_bucket, list_input_shards
 
     shards = list_input_shards(cfg)
+    check_bucket(cfg.output.url, "output.url", cfg)  # a missing bucket is not "nothing done yet"
     store = ManifestStore(cfg.output.url, cfg.storage)
     try:
         listing = store.listing()

@@ -82,7 +82,8 @@ def _noise_files(out: Path) -> None:
         "error_parts": {"_errors/s.part-0.parquet": (out / "_errors" / "s.part-0.parquet").stat().st_size}}))
 
 
-def write_parquet(out: Path, samples: list[Sample], parts: int = 2) -> Path:
+def write_parquet(out: Path, samples: list[Sample], parts: int = 2, image_dir: Path | None = None) -> Path:
+    """`image_dir`: where the inputs `{key}.jpg` are (meta `source_url`, as a job writes it)."""
     out.mkdir(parents=True, exist_ok=True)
     for p in range(parts):
         rows = []
@@ -91,7 +92,9 @@ def write_parquet(out: Path, samples: list[Sample], parts: int = 2) -> Path:
             rows.append(dict(key=s.key, source=f"shard{p}", width=s.gt.shape[1], height=s.gt.shape[0],
                              depth=png16(s.pred), uncertainty=u, uncertainty_scale=scale,
                              uncertainty_mean=float(s.unc.mean()), model="test", config_hash="0" * 16,
-                             ensemble_size=5, num_views=1, meta=json.dumps({"low_confidence": False})))
+                             ensemble_size=5, num_views=1, meta=json.dumps(
+                                 {"low_confidence": False,
+                                  **({"source_url": f"file://{image_dir}/{s.key}.jpg"} if image_dir else {})})))
         pq.write_table(pa.Table.from_pylist(rows), out / f"shard{p}.part-{p:016x}.parquet")
     _noise_files(out)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 import fsspec
 import pyarrow as pa
@@ -53,9 +55,9 @@ def test_image_folders_are_shards(tmp_path, make_image):
         (tmp_path / "imgs" / sub).mkdir(parents=True)
         (tmp_path / "imgs" / sub / "x.jpg").write_bytes(make_image(16, 16))
     shards = list_shards(InputConfig(url=str(tmp_path / "imgs")), STORAGE)
-    assert _names(shards) == ["a", "b"] and {s.format for s in shards} == {"images"}
+    assert _names(shards) == ["a/chunk-00000", "b/chunk-00000"] and {s.format for s in shards} == {"images"}
     one = list_shards(InputConfig(url=str(tmp_path / "imgs" / "a")), STORAGE)
-    assert _names(one) == ["a"]
+    assert _names(one) == ["chunk-00000"]  # named relative to the folder given (#18)
 
 
 def test_empty_glob_is_a_config_error(tmp_path):
@@ -97,7 +99,10 @@ def test_webdataset_reader_groups_by_key_and_records_problems(tmp_path, make_tar
     *samples, trailer = rows
     assert [r["key"] for r in samples] == ["a", "dir/b", "c", "a~dup1"]
     assert samples[0]["data"] == img and samples[0]["ext"] == "jpg"
-    assert samples[1]["ext"] == "png" and samples[1]["error"] is None
+    # "rgb.png" is not a "png" member (#18: multi-part extensions match only when named)
+    assert (samples[1]["error"], samples[1]["data"]) == ("no_image", None)
+    chosen = read_all(Shard("s", f"file://{tmp_path}/s.tar", "webdataset"), InputConfig(image_member=["rgb.png"]))
+    assert chosen[1]["ext"] == "png" and chosen[1]["error"] is None and chosen[1]["data"] == img
     assert (samples[2]["error"], samples[2]["stage"]) == ("no_image", "read")
     assert samples[3]["error"] == "duplicate_key"
     assert trailer["key"] is None and trailer["shard_total"] == 4 and trailer["error"] is None
@@ -129,8 +134,17 @@ def test_parquet_reader_bytes_struct_and_missing_key_column(tmp_path, make_image
     a = read_all(Shard("a", f"file://{tmp_path}/a.parquet", "parquet"), InputConfig(key_column="id"))
     assert [r["key"] for r in a] == ["x", "y", "z", None]
     assert a[0]["data"] == img and a[1]["error"] == "no_image" and a[3]["shard_total"] == 3
-    b = read_all(Shard("b", f"file://{tmp_path}/b.parquet", "parquet"), InputConfig(key_column="id"))
-    assert [r["key"] for r in b] == ["00000000", "00000001", None] and b[0]["data"] == img
+    # No key column: the struct's path names the row (#18; was the row number, which
+    # collided across files); a key column named but absent is a corrupt shard here (the
+    # job refuses it before starting: job/checks.py).
+    b = read_all(Shard("b", f"file://{tmp_path}/b.parquet", "parquet"))
+    assert [r["key"] for r in b] == ["p", "p~dup1", None] and b[0]["data"] == img
+    assert json.loads(b[0]["meta"])["source_path"] == "p.jpg" and b[1]["error"] == "duplicate_key"
+    named = read_all(Shard("b", f"file://{tmp_path}/b.parquet", "parquet"), InputConfig(key_column="id"))
+    assert named[0]["error"] == "corrupt_shard" and "no key column 'id'" in named[0]["message"]
+    pq.write_table(pa.table({"image": [img, img]}), tmp_path / "c.parquet")
+    c = read_all(Shard("sub/c", f"file://{tmp_path}/c.parquet", "parquet"))
+    assert [r["key"] for r in c] == ["sub/c/00000000", "sub/c/00000001", None]
 
 
 def test_unreadable_parquet_is_recorded(tmp_path):
@@ -148,3 +162,53 @@ def test_reader_streams_blocks_from_s3(s3_bucket, make_tar, make_image):
     assert len(tables) >= 3  # streamed, not one block with the whole shard
     keys = [k for t in tables for k in t.column("key").to_pylist()]
     assert keys[:-1] == [f"{i:03d}" for i in range(n)] and keys[-1] is None
+
+
+def test_image_folders_cut_into_stable_shards_named_from_the_root(tmp_path, make_image):
+    """#18 items 6-7: a folder is cut into sorted shards of input.images_per_shard, named
+    relative to the root (an image added to the root renames nothing); ** and folder/*
+    recurse; files that are not images are counted."""
+    root = tmp_path / "imgs"
+    (root / "a" / "deep").mkdir(parents=True)
+    for i in range(5):
+        (root / "a" / f"{i}.jpg").write_bytes(make_image(16, 16, seed=i))
+    (root / "a" / "deep" / "d.png").write_bytes(make_image(16, 16, fmt="PNG"))
+    (root / "a" / "note.txt").write_text("x")
+    (root / "a" / "phone.heic").write_bytes(b"heic")
+    cfg = InputConfig(url=str(root), images_per_shard=2)
+    before = list_shards(cfg, STORAGE)
+    assert _names(before) == ["a/chunk-00000", "a/chunk-00001", "a/chunk-00002", "a/deep/chunk-00000"]
+    assert before.skipped == {"txt": 1, "heic": 1}
+    (root / "top.jpg").write_bytes(make_image(16, 16))
+    after = list_shards(cfg, STORAGE)
+    assert [(s.name, s.url) for s in after if s.name.startswith("a/")] == [(s.name, s.url) for s in before]
+    assert set(_names(after)) - set(_names(before)) == {"chunk-00000"}
+    keys = [r["key"] for s in after for r in read_all(s, cfg) if r["key"]]
+    assert sorted(keys) == ["0", "1", "2", "3", "4", "d", "top"]
+    star = list_shards(InputConfig(url=f"{root}/*", images_per_shard=2), STORAGE)
+    assert _names(star) == _names(after)
+    globbed = list_shards(InputConfig(url=f"{root}/**/*.png"), STORAGE)
+    assert _names(globbed) == ["a/deep/chunk-00000"]
+    assert [r["key"] for r in read_all(globbed[0], cfg)] == ["d", None]
+    # a folder changed after planning: the shard fails (the next run plans it again), never reads short
+    (root / "a" / "0.jpg").unlink()
+    *_, trailer = read_all(before[0], cfg)
+    assert trailer["error"] == "read_failed" and "changed since" in trailer["message"]
+
+
+def test_image_member_choice(tmp_path, make_tar, make_image):
+    """#18 item 2: the member is chosen by extension, whole; ambiguity is an error row."""
+    jpg, png = make_image(16, 16), make_image(16, 16, fmt="PNG")
+    (tmp_path / "m.tar").write_bytes(make_tar([
+        ("left.seg.png", png), ("left.jpg", jpg),
+        ("two.jpg", jpg), ("two.png", png),
+        ("mask.seg.png", png),
+    ]))
+    shard = Shard("m", f"file://{tmp_path}/m.tar", "webdataset")
+    left, two, mask, _ = read_all(shard)
+    assert left["data"] == jpg and left["ext"] == "jpg"
+    assert json.loads(left["meta"])["unlabelled_members"] == ["seg.png"]
+    assert two["error"] == "ambiguous_image" and "input.image_member" in two["message"]
+    assert mask["error"] == "no_image"
+    left, two, mask, _ = read_all(shard, InputConfig(image_member=["png", "jpg"]))
+    assert left["data"] == jpg and two["data"] == png and mask["error"] == "no_image"

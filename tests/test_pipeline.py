@@ -188,7 +188,8 @@ def test_image_folders_local_with_odd_images(ray_session, tmp_path, tiny_model_d
     assert json.loads(rows["rotated"]["meta"])["exif_orientation"] == 6
     assert np.asarray(Image.open(io.BytesIO(rows["gray"]["depth"]))).shape == (40, 60)
     errors = pq.read_table(out / "_errors").to_pylist()
-    assert [(e["source"], e["key"], e["error"]) for e in errors] == [("b", "empty", "empty")]
+    # shard names: folder relative to the root + chunk (#18 items 6-7; was "b")
+    assert [(e["source"], e["key"], e["error"]) for e in errors] == [("b/chunk-00000", "empty", "empty")]
 
 
 def test_output_inside_input_is_refused_before_any_work(tmp_path, tiny_model_dir, make_image):

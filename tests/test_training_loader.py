@@ -61,12 +61,12 @@ def test_webdataset_recipe(tmp_path, samples, doc_code):
 
 
 def test_parquet_recipe(tmp_path, samples, doc_code):
-    out = fx.write_parquet(tmp_path / "out", samples, parts=2)  # also writes _errors/, _manifest/
     images = tmp_path / "images"
     images.mkdir()
     for s in samples:
         (images / f"{s.key}.jpg").write_bytes(fx.jpeg(s.rgb))
-    ds = doc_code["ParquetDepthDataset"](str(out), str(images), size=(24, 32))
+    out = fx.write_parquet(tmp_path / "out", samples, parts=2, image_dir=images)  # also _errors/, _manifest/
+    ds = doc_code["ParquetDepthDataset"](str(out), size=(24, 32))
     assert len(ds) == 5
     order = [int(r["key"].split("_")[1]) for r in ds.rows]
     loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False)

@@ -88,6 +88,29 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return decode_image(data, max_pixels=1 << 62, min_side=1)[0]
 
 
+def displayed_bytes(data: bytes) -> bytes:
+    """The input image as any reader opens it: an image whose EXIF orientation is not 1 is
+    re-encoded with its pixels in displayed orientation and the tag cleared (same format,
+    other EXIF kept); every other image is returned byte-identical. A passthrough image
+    then pairs with its depth map whether or not the reader applies EXIF."""
+    img = Image.open(io.BytesIO(data))
+    exif = img.getexif()
+    if exif.get(0x0112, 1) in (None, 1):
+        return data
+    fmt = img.format
+    upright = ImageOps.exif_transpose(img)
+    exif[0x0112] = 1
+    kw: dict[str, Any] = {"exif": exif.tobytes()}
+    if fmt == "JPEG":
+        kw.update(quality=95, subsampling=0)
+    if upright.mode not in ("RGB", "L", "RGBA", "I;16", "I", "F", "CMYK", "LA") or \
+            (fmt == "JPEG" and upright.mode not in ("RGB", "L", "CMYK")):
+        upright = upright.convert("RGB")
+    buf = io.BytesIO()
+    upright.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
 def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Table:
     """Ray Data UDF: SAMPLE rows -> DECODED rows (errors and trailers pass through)."""
     out = []
@@ -101,10 +124,13 @@ def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Tabl
         except DecodeError as e:
             out.append(records.error_row(row, "decode", e.reason, str(e)))
             continue
+        meta = {**json.loads(row.get("meta") or "{}"), **meta}  # the reader's facts (source key, ...)
         row.update(pixels=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], meta=json.dumps(meta))
         if not row.get("ext") and meta.get("format"):  # Parquet inputs carry no file name
             row["ext"] = {"JPEG": "jpg", "TIFF": "tif"}.get(meta["format"], meta["format"].lower())
         if not keep_input:
             row["data"] = None
+        elif meta.get("exif_orientation"):
+            row["data"] = displayed_bytes(row["data"])  # passthrough in the depth's orientation
         out.append(row)
     return records.to_table(out, records.DECODED)

@@ -246,10 +246,12 @@ def input_fingerprints(shards: list[Shard], storage: StorageConfig) -> dict[str,
     shard). Image-folder shards have none; an unlistable folder gives none (not an error:
     the reader reports a missing shard)."""
     by_dir: dict[str, list[Shard]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for s in shards:
         if s.format != "images":
             by_dir.setdefault(s.url.rsplit("/", 1)[0], []).append(s)
-    out: dict[str, dict[str, Any]] = {}
+        elif "&h=" in s.url:  # image shards: the hash of their file names (depthray/io/folders.py)
+            out[s.url] = {"size": None, "etag": s.url.rsplit("&h=", 1)[1]}
     for folder, members in by_dir.items():
         fs, path = filesystem(folder, storage)
         try:

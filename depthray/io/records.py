@@ -27,7 +27,7 @@ _COMMON = [
     ("ext", pa.string()),  # input image extension, e.g. "jpg"
 ]
 
-SAMPLE = pa.schema(_COMMON)
+SAMPLE = pa.schema(_COMMON + [("meta", pa.string())])  # meta: JSON facts from the reader
 
 DECODED = pa.schema(
     _COMMON

@@ -6,6 +6,7 @@ hold, so a retried write task rewrites the same file instead of adding a duplica
 
     {output}/{shard}.part-{hash}.parquet|.tar      depth results
     {output}/_errors/{shard}.part-{hash}.parquet    error records (any output format)
+    {output}/_errors/empty.parquet                   0 rows, so `_errors/` always reads
 
 Parts are written under `{output}/_staging/` (readers skip `_` folders: pyarrow's dataset
 discovery, `*.tar` globs, depthray's own readers) and moved to the names above only when
@@ -100,7 +101,21 @@ class ParquetSink(Sink):
         self.extra = {"model": model, "config_hash": config_hash}
 
     def encode(self, rows):
-        return _parquet_bytes(records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA))
+        table = records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA)
+        return _parquet_bytes(with_kept_columns(table, rows))
+
+
+def with_kept_columns(table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
+    """`input.keep_columns` (carried in each row's meta as "columns") as real columns; a
+    name the output already uses gets an `input_` prefix. Values stay in `meta` as well."""
+    kept = [json.loads(r.get("meta") or "{}").get("columns") or {} for r in rows]
+    names = list(dict.fromkeys(c for k in kept for c in k))
+    for c in names:
+        values = pa.array([k.get(c) for k in kept])
+        if pa.types.is_null(values.type):
+            values = values.cast(pa.string())
+        table = table.append_column(f"input_{c}" if c in table.column_names else c, values)
+    return table
 
 
 class WebDatasetSink(Sink):
@@ -129,6 +144,20 @@ class WebDatasetSink(Sink):
             if self.include_image and r.get("data"):
                 ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
                 yield f"{name}.{ext}", r["data"]
+
+
+EMPTY_ERRORS = "empty.parquet"  # `_errors/empty.parquet`: 0 rows, the schema
+
+
+def ensure_errors_file(url: str, storage: StorageConfig) -> str:
+    """`_errors/` exists from a job's start, holding at least an empty Parquet file with
+    the error schema, so `pq.read_table("{output}/_errors/")` reads 0 rows instead of
+    failing when nothing failed. (Its name is no part name: resume never deletes it.)"""
+    fs, root = filesystem(url, storage)
+    path = join(root, ERRORS_DIR, EMPTY_ERRORS)
+    if not fs.exists(path):
+        write_atomic(fs, path, _parquet_bytes(records.to_table([], records.ERRORS)))
+    return path
 
 
 class ErrorSink(Sink):

@@ -1,179 +1,30 @@
 """Input side: list shards from a URL pattern, and read a shard into sample rows.
 
-A shard is the unit of work (one WebDataset .tar, one Parquet file, or one folder of
-image files). Readers implement `samples(fs, path)`; the base class handles batching,
+A shard is the unit of work (one WebDataset .tar, one Parquet file, or up to
+`input.images_per_shard` image files of one folder); listing lives in depthray/io/listing.py. Readers implement `samples(fs, path)`; the base class handles batching,
 trailers, and turning storage failures into records instead of exceptions.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
-import re
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from depthray.config import ConfigError, InputConfig, StorageConfig
+from depthray.config import InputConfig, StorageConfig
 from depthray.io import records
 from depthray.io.decode import IMAGE_EXTS
-from depthray.io.fs import filesystem, full_url
+from depthray.io.folders import file_ext as _ext, select, split_url
+from depthray.io.fs import filesystem
+from depthray.io.listing import (  # noqa: F401  (the listing API, re-exported)
+    LIST_FILE_EXTS, SHARD_EXTS, SHARD_KEY, Listing, Shard, _strip_ext, expand_braces, list_shards, safe_name)
 from depthray.io.tar_samples import iter_samples
 
 log = logging.getLogger(__name__)
-
-SHARD_EXTS = {"tar": "webdataset", "parquet": "parquet"}
-LIST_FILE_EXTS = (".txt", ".lst", ".list")
-SHARD_KEY = "<shard>"  # key of an error record about a whole shard (e.g. truncated tar)
-
-
-@dataclass(frozen=True)
-class Shard:
-    name: str  # relative path without extension; names output parts and manifests
-    url: str  # full URL (file://, s3://, ...) of the file, or of the folder for images
-    format: str  # webdataset | parquet | images
-
-
-# ---------------------------------------------------------------------------- listing
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand `{a,b}` alternatives and `{000..099}` zero-padded ranges (shell style)."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:  # a literal brace, not an expansion
-        return [head + "{" + body + "}" + t for t in expand_braces(tail)]
-    return [e for opt in options for e in expand_braces(head + opt + tail)]
-
-
-def _ext(path: str) -> str:
-    base = posixpath.basename(path.rstrip("/"))
-    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
-
-
-def _has_glob(path: str) -> bool:
-    return any(c in path for c in "*?[")
-
-
-def _strip_ext(rel: str) -> str:
-    head, base = posixpath.split(rel)
-    if "." in base:
-        base = base.rsplit(".", 1)[0]
-    return posixpath.join(head, base) if head else base
-
-
-def safe_name(rel: str) -> str:
-    """A shard name usable as a relative output path: no '..', no leading '/', and no part
-    starting with '_' or '.' (readers skip those: pyarrow discovery would hide the shard)."""
-    parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
-    parts = ["up" if p == ".." else re.sub(r"[^\w.\-=+@]", "_", p) for p in parts]
-    return "/".join(f"x{p}" if p.startswith(("_", ".")) else p for p in parts) or "shard"
-
-
-def _name_shards(urls: list[str], formats: list[str], base: str | None = None) -> list[Shard]:
-    paths = [u.split("://", 1)[-1].rstrip("/") for u in urls]
-    if base is None:
-        base = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
-        if base in paths:  # a single folder shard
-            base = posixpath.dirname(base)
-    shards = []
-    for url, path, fmt in zip(urls, paths, formats):
-        rel = posixpath.relpath(path, base) if base else path
-        name = rel if fmt == "images" else _strip_ext(rel)
-        shards.append(Shard(name=safe_name(name), url=url, format=fmt))
-    seen: dict[str, str] = {}
-    for s in shards:
-        if s.name in seen:
-            raise ConfigError(f"input.url: shards {seen[s.name]} and {s.url} map to the same name {s.name!r}")
-        seen[s.name] = s.url
-    return shards
-
-
-def _format_of(path: str, declared: str) -> str:
-    if declared != "auto":
-        return declared
-    ext = _ext(path)
-    if ext in SHARD_EXTS:
-        return SHARD_EXTS[ext]
-    raise ConfigError(f"input.format: cannot tell the format of {path!r}; set input.format")
-
-
-def _list_folder(fs, root: str, declared: str) -> tuple[list[str], list[str]]:
-    """Shard files in a folder, or (for image folders) every folder that holds images."""
-    files = sorted(p for p in fs.find(root) if not posixpath.basename(p).startswith((".", "_")))
-    shard_files = [p for p in files if _ext(p) in SHARD_EXTS and declared in ("auto", SHARD_EXTS[_ext(p)])]
-    if shard_files and declared != "images":
-        return [full_url(fs, p) for p in shard_files], [SHARD_EXTS[_ext(p)] for p in shard_files]
-    dirs = sorted({posixpath.dirname(p) for p in files if _ext(p) in IMAGE_EXTS})
-    return [full_url(fs, d) for d in dirs], ["images"] * len(dirs)
-
-
-def list_shards(cfg: InputConfig, storage: StorageConfig) -> list[Shard]:
-    """Resolve `input.url` (glob, brace range, list file or folder) to shards, in order.
-
-    Brace-expanded names are not checked for existence here (that would be one request
-    per shard); a missing shard is reported by the reader and retried on the next run.
-    """
-    url = cfg.url
-    list_base = None
-    if url.lower().endswith(LIST_FILE_EXTS):
-        fs, path = filesystem(url, storage)
-        lines = fs.cat_file(path).decode().splitlines()
-        patterns = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-        # A list file's entries are named relative to the list file's own folder, never to
-        # whatever folder they happen to share: an entry added from elsewhere renames nothing.
-        list_base = posixpath.dirname(path)
-    else:
-        patterns = [url]
-    urls: list[str] = []
-    formats: list[str] = []
-    # Names are relative to the fixed part of input.url (the folder before any wildcard or
-    # brace), not to whatever happened to match, so they stay the same from run to run
-    # (resume depends on it).
-    base = None
-    if len(patterns) == 1:
-        fixed = re.split(r"[*?\[{]", patterns[0], maxsplit=1)[0]
-        if fixed != patterns[0]:
-            # (+ "x": resolves a relative local path while keeping a trailing "/" meaningful)
-            base = posixpath.dirname(filesystem(fixed + "x", storage)[1])
-    for pattern in patterns:
-        for item in expand_braces(pattern):
-            fs, path = filesystem(item, storage)
-            if _has_glob(path):
-                for p in sorted(fs.glob(path)):
-                    urls.append(full_url(fs, p))
-                    formats.append("images" if fs.isdir(p) else _format_of(p, cfg.format))
-            elif _ext(path) in SHARD_EXTS or (cfg.format in SHARD_EXTS.values() and not fs.isdir(path)):
-                urls.append(full_url(fs, path))
-                formats.append(_format_of(path, cfg.format))
-            elif fs.isdir(path):
-                found, fmts = _list_folder(fs, path, cfg.format)
-                urls += found
-                formats += fmts
-                if len(patterns) == 1:
-                    base = path.rstrip("/")  # names relative to the folder given
-            else:
-                raise ConfigError(f"input.url: {item} is neither a shard file nor a folder")
-    if not urls:
-        raise ConfigError(f"input.url: nothing matches {url!r}")
-    if base is not None:
-        paths = [u.split("://", 1)[-1].rstrip("/") for u in urls]
-        if base in paths:  # images directly in the folder given: one shard named after it
-            base = posixpath.dirname(base)
-    return _name_shards(urls, formats, list_base if list_base is not None else base)
-
 
 # ---------------------------------------------------------------------------- readers
 
@@ -291,19 +142,42 @@ def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
     return (key, False) if n == 0 else (f"{key}~dup{n}", True)
 
 
+# The photo formats a WebDataset sample's image is looked for among, by default.
+DEFAULT_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif", "ppm", "pgm", "pnm")
+
+
+def choose_member(members: list[str], wanted: list[str] | None) -> tuple[str | None, str | None, str]:
+    """(extension of the image member, error reason, message) for a sample's members.
+
+    Extensions match whole: "seg.png" matches only an entry "seg.png", never "png". With
+    `wanted` given, its order decides; with the default list, a sample holding more than one
+    photo member is ambiguous (an error row, never a silent pick)."""
+    order = list(wanted) if wanted else list(DEFAULT_IMAGE_MEMBERS)
+    found = sorted((order.index(e), e) for e in members if e in order)
+    listed = ", ".join(sorted(members))
+    if not found:
+        return None, "no_image", (f"no member with an extension in input.image_member={order} (members: {listed})")
+    if not wanted and len(found) > 1:
+        return None, "ambiguous_image", (f"several image members ({', '.join(e for _, e in found)}); "
+                                         f"set input.image_member to the one to label (members: {listed})")
+    return found[0][1], None, ""
+
+
 class WebDatasetReader(Reader):
-    """Tar members grouped by WebDataset key (path up to the first dot of the basename)."""
+    """Tar members grouped by WebDataset key (path up to the first dot of the basename);
+    the image member is chosen by `input.image_member` (choose_member)."""
 
     def _sample(self, key: str, members: dict[str, bytes], seen: dict[str, int]) -> dict[str, Any]:
         key, dup = _unique(key, seen)
         if dup:
             return {"key": key, "error": "duplicate_key",
                     "message": "key already seen in this shard (tar members not grouped by key?)"}
-        for ext, data in members.items():
-            if ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
-                return {"key": key, "data": data, "ext": ext.rsplit(".", 1)[-1]}
-        return {"key": key, "error": "no_image",
-                "message": f"sample has no image member (members: {', '.join(sorted(members))})"}
+        ext, reason, message = choose_member(list(members), self.cfg.image_member)
+        if reason:
+            return {"key": key, "error": reason, "message": message}
+        others = sorted(e for e in members if e != ext and e.rsplit(".", 1)[-1] in IMAGE_EXTS)
+        meta = json.dumps({"image_member": ext, "unlabelled_members": others}) if others else None
+        return {"key": key, "data": members[ext], "ext": ext.rsplit(".", 1)[-1], "meta": meta}
 
     def samples(self, fs, path):
         seen: dict[str, int] = {}
@@ -314,7 +188,14 @@ class WebDatasetReader(Reader):
 
 class ParquetReader(Reader):
     """Rows of a Parquet file: `input.image_column` (bytes, or a {bytes, path} struct as
-    Hugging Face datasets write it) and `input.key_column` (row number when absent)."""
+    Hugging Face datasets write it) and the key: `input.key_column`, else a "key" column,
+    else the struct's path (without extension), else "{shard}/{row}"; keys are unique
+    across the dataset. Every row's meta keeps the source key or path, and the columns
+    `input.keep_columns` names."""
+
+    def read(self, shard: Shard) -> Iterator[pa.Table]:
+        self.shard_name = shard.name
+        yield from super().read(shard)
 
     def samples(self, fs, path):
         import pyarrow.parquet as pq
@@ -325,14 +206,33 @@ class ParquetReader(Reader):
             names = pf.schema_arrow.names
             if self.cfg.image_column not in names:
                 raise ValueError(f"no column {self.cfg.image_column!r} (columns: {', '.join(names)})")
-            has_key = self.cfg.key_column in names
-            cols = [self.cfg.image_column] + ([self.cfg.key_column] if has_key else [])
+            key_column = self.cfg.key_column or "key"
+            if self.cfg.key_column and key_column not in names:
+                raise ValueError(f"no key column {key_column!r} (columns: {', '.join(names)})")
+            has_key = key_column in names
+            keep = [c for c in self.cfg.keep_columns if c in names and c not in (self.cfg.image_column, key_column)]
+            cols = [self.cfg.image_column] + ([key_column] if has_key else []) + keep
             index = 0
             for batch in pf.iter_batches(batch_size=self.rows_per_block, columns=cols):
                 images = batch.column(self.cfg.image_column).to_pylist()
-                keys = batch.column(self.cfg.key_column).to_pylist() if has_key else [None] * len(images)
-                for raw_key, value in zip(keys, images):
-                    key, dup = _unique(str(raw_key) if raw_key is not None else f"{index:08d}", seen)
+                keys = batch.column(key_column).to_pylist() if has_key else [None] * len(images)
+                kept = {c: batch.column(c).to_pylist() for c in keep}
+                for i, (raw_key, value) in enumerate(zip(keys, images)):
+                    meta: dict[str, Any] = {"source_row": index}
+                    src_path = value.get("path") if isinstance(value, dict) else None
+                    if raw_key is not None:
+                        key = str(raw_key)
+                        meta["source_key"] = key
+                    elif src_path:
+                        key = _strip_ext(src_path.lstrip("/"))
+                        meta["source_path"] = src_path
+                    else:
+                        key = f"{getattr(self, 'shard_name', 'shard')}/{index:08d}"
+                    if src_path:
+                        meta["source_path"] = src_path
+                    if kept:
+                        meta["columns"] = {c: _jsonable(v[i]) for c, v in kept.items()}
+                    key, dup = _unique(key, seen)
                     index += 1
                     if isinstance(value, dict):
                         value = value.get("bytes")
@@ -341,15 +241,25 @@ class ParquetReader(Reader):
                     elif not value:
                         yield {"key": key, "error": "no_image", "message": "image column is empty"}
                     else:
-                        yield {"key": key, "data": bytes(value), "ext": None}
+                        yield {"key": key, "data": bytes(value), "ext": None, "meta": json.dumps(meta, default=str)}
+
+
+def _jsonable(v: Any) -> Any:
+    return v.hex() if isinstance(v, (bytes, bytearray)) else v
 
 
 class ImageFolderReader(Reader):
-    """Image files directly inside one folder; key = file name without extension."""
+    """Image files directly inside one folder (the part of it a shard's URL selects,
+    depthray/io/folders.py); key = file name without extension."""
+
+    selection: dict | None = None
+
+    def read(self, shard: Shard) -> Iterator[pa.Table]:
+        folder, self.selection = split_url(shard.url)
+        yield from super().read(Shard(shard.name, folder, shard.format))
 
     def samples(self, fs, path):
-        files = sorted(p for p in fs.ls(path, detail=False)
-                       if _ext(p) in IMAGE_EXTS and not posixpath.basename(p).startswith("."))
+        files = select(fs.ls(path, detail=False), self.selection)
         seen: dict[str, int] = {}
         for p in files:
             key, dup = _unique(_strip_ext(posixpath.basename(p)), seen)
@@ -357,7 +267,8 @@ class ImageFolderReader(Reader):
                 yield {"key": key, "error": "duplicate_key",
                        "message": f"{posixpath.basename(p)}: another file has the same name stem"}
                 continue
-            yield {"key": key, "data": fs.cat_file(p), "ext": _ext(p)}
+            yield {"key": key, "data": fs.cat_file(p), "ext": _ext(p),
+                   "meta": json.dumps({"source_url": fs.unstrip_protocol(p)})}
 
 
 READERS = {"webdataset": WebDatasetReader, "parquet": ParquetReader, "images": ImageFolderReader}

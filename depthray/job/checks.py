@@ -7,16 +7,59 @@ the URL, raised before Ray starts. Nothing here imports Ray (`depthray status` u
 
 from __future__ import annotations
 
+import logging
 import re
 
 from depthray.config import Config, ConfigError
 from depthray.io.sources import Shard, list_shards
+
+log = logging.getLogger(__name__)
+
+
+def check_reachable(cfg: Config, timeout_s: float = 3.0) -> None:
+    """A custom S3 endpoint (MinIO, moto, ...) that refuses connections is named at once:
+    the storage client would retry with backoff for 15-20 s before saying so."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from depthray.io.fs import storage_options
+
+    seen = set()
+    for where, url in (("input.url", cfg.input.url), ("output.url", cfg.output.url)):
+        endpoint = storage_options(url, cfg.storage).get("endpoint_url") if url else None
+        if not endpoint or endpoint in seen:
+            continue
+        seen.add(endpoint)
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise ConfigError(f"{where} {url!r}: cannot connect to the storage endpoint {endpoint} "
+                              f"({e.strerror or type(e).__name__})") from None
+
+
+def check_bucket(url: str, where: str, cfg: Config) -> None:
+    """An object-store URL whose bucket does not exist is a ConfigError naming it."""
+    from depthray.io.fs import filesystem, is_local
+
+    fs, path = filesystem(url, cfg.storage)
+    if is_local(fs) or "://" not in url:
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception as e:
+        raise ConfigError(f"{where} {url!r}: cannot read it ({describe_error(e)})") from e
+    if not exists:
+        raise ConfigError(f"{where} {url!r}: bucket {bucket!r} does not exist")
 
 
 def list_input_shards(cfg: Config) -> list[Shard]:
     """The input's shards; any failure to list them is a ConfigError naming the URL.
     (Storage clients raise more than OSError: botocore's NoCredentialsError,
     EndpointConnectionError, ... all mean the URL cannot be used.)"""
+    check_reachable(cfg)
     try:
         return list_shards(cfg.input, cfg.storage)
     except ConfigError:
@@ -62,13 +105,84 @@ def describe_error(e: BaseException, limit: int = 500) -> str:
     return text[:limit]
 
 
+def check_columns(cfg: Config, shards: list[Shard]) -> None:
+    """Parquet inputs: the first file's schema holds input.image_column, the key_column
+    named (when one is) and input.keep_columns; else a ConfigError naming the columns that
+    exist (a wrong column would make every shard a corrupt one, or keys row numbers)."""
+    first = next((s for s in shards if s.format == "parquet"), None)
+    if first is None:
+        return
+    import pyarrow.parquet as pq
+
+    from depthray.io.fs import filesystem
+
+    try:
+        fs, path = filesystem(first.url, cfg.storage)
+        with fs.open(path, "rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except Exception as e:  # unreadable: the reader reports it per shard
+        log.debug("cannot read the schema of %s: %s", first.url, e)
+        return
+    inp = cfg.input
+    wanted = [("input.image_column", inp.image_column)] + \
+        ([("input.key_column", inp.key_column)] if inp.key_column else []) + \
+        [("input.keep_columns", c) for c in inp.keep_columns]
+    missing = [f"{where} {col!r}" for where, col in wanted if col not in names]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: no such column in {first.url} "
+                          f"(columns: {', '.join(names)})")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
+
+
+def check_model(cfg: Config) -> None:
+    """The model spec, before Ray starts (a worker would fail 40 s later, once per retry):
+    a factory must import and name a callable; otherwise the kind must be known and the
+    path a local folder holding model_index.json, a hub id `org/name`, or a URL with a
+    protocol fsspec knows. (Whether a hub id or URL exists is learnt when it is fetched.)"""
+    import importlib
+
+    m = cfg.model
+    if m.factory:
+        module_name, _, attr = m.factory.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise ConfigError(f"model.factory {m.factory!r}: cannot import {module_name!r} "
+                              f"({type(e).__name__}: {e})") from None
+        if not callable(getattr(module, attr, None)):
+            raise ConfigError(f"model.factory {m.factory!r}: {module_name!r} has no callable {attr!r}")
+        return
+    if m.kind != "marigold":
+        raise ConfigError(f"model.kind {m.kind!r} is unknown: use 'marigold', or set model.factory")
+    path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
+    if "://" in path:
+        import fsspec
+
+        proto = path.split("://", 1)[0]
+        if proto not in fsspec.available_protocols() or not path.split("://", 1)[1].strip("/"):
+            raise ConfigError(f"model.path {m.path!r}: not a usable URL (protocol {proto!r})")
+        return
+    import os
+
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "model_index.json")):
+            raise ConfigError(f"model.path {m.path!r}: a folder without model_index.json, not a Marigold "
+                              "checkpoint (make one with `depthray make-tiny-model`, or use a hub id)")
+        return
+    if path.startswith(("/", ".", "~")) or not _HUB_ID.match(path):
+        raise ConfigError(f"model.path {m.path!r}: no such folder, and not a hub id (org/name)")
+
+
 def check_input(cfg: Config, shards: list[Shard]) -> None:
     """Fail fast, naming the URL, when the input's folder or bucket does not exist or is
     forbidden. A single missing shard is not fatal: its reader reports it and the next run
     retries it. (That the output is writable is proven by taking its lease.)"""
     from depthray.io.fs import filesystem
 
-    first = shards[0].url
+    first = shards[0].url.split("#", 1)[0]  # image shards: the folder (depthray/io/folders.py)
     fs, path = filesystem(first, cfg.storage)
     try:
         if fs.exists(path):

@@ -19,7 +19,17 @@ from typing import Any
 from depthray import __version__
 from depthray.config import Config, ConfigError
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
-from depthray.job.checks import check_input, check_paths, describe_error, list_input_shards
+from depthray.io.sinks import ensure_errors_file
+from depthray.job.checks import (
+    check_bucket,
+    check_columns,
+    check_input,
+    check_model,
+    check_paths,
+    describe_error,
+    list_input_shards,
+)
+from depthray.job.interrupt import DeferredInterrupt
 from depthray.job.lease import OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.pool_watch import PoolWatch
@@ -55,6 +65,13 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     #    cannot be reached or written (403, missing bucket) stops the job here, by URL.
     shards = list_input_shards(cfg)
     check_paths(cfg, shards)
+    check_bucket(cfg.output.url, "output.url", cfg)
+    check_columns(cfg, shards)
+    check_model(cfg)  # last: a factory's import may take seconds (torch)
+    skipped = getattr(shards, "skipped", {})
+    if skipped:
+        log.warning("input: %d file(s) skipped, not images: %s", sum(skipped.values()),
+                    ", ".join(f"{n} .{ext}" for ext, n in sorted(skipped.items())))
     # One writer per output: nothing is deleted or written before this run holds the lease.
     lease = OutputLease(cfg.output.url, cfg.storage, run_id, cfg.output.lease_timeout_s)
     try:
@@ -80,6 +97,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
     except Exception as e:
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({describe_error(e)})") from e
     log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
+    ensure_errors_file(cfg.output.url, cfg.storage)
     store = ManifestStore(cfg.output.url, cfg.storage)
     res = None
     if resume.todo:
@@ -101,20 +119,27 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
     stages: list[str] = []
     job_error = None
     watch = None
+    interrupted = False
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
         ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
         watch = PoolWatch()
+        stop = DeferredInterrupt()
         try:
-            with watch:
+            with watch, stop.installed():
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                    for ack in batch.to_pylist():
-                        ledger.update(ack)
+                    with stop.critical():  # Ctrl-C never lands inside a commit
+                        for ack in batch.to_pylist():
+                            ledger.update(ack)
+        except KeyboardInterrupt:  # Ctrl-C: stop, keep what committed, write the summary
+            interrupted, job_error = True, "interrupted (Ctrl-C)"
+            log.warning("interrupted: stopping; committed shards stay committed, a re-run resumes")
         except Exception as e:  # a stage failed past Ray's retries: report, don't lose the summary
             job_error = describe_error(e)
             log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
         ledger.maybe_log(force=True)
-        stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
+        if not interrupted:
+            stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
     # 3. Summary.
     totals = ledger.summary(job_error)
     summary = {
@@ -124,6 +149,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         "shards_total": len(shards),
         "shards_skipped": len(resume.skipped),
         "leftover_files_deleted": resume.deleted_parts,
+        "input_files_skipped": dict(getattr(shards, "skipped", {})),
         **totals,
         "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
         "actors": res.num_actors if res else 0,
@@ -131,6 +157,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         "stages": stages,
         **(watch.summary() if watch is not None else {}),
         "job_error": job_error,
+        "interrupted": interrupted,
         **static,
     }
     summary["shards_redone"] = resume.redo

@@ -36,6 +36,7 @@ def ray_session(s3_endpoint):
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # address="local": a fresh Ray of our own, never a cluster another process started here
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield

@@ -1,0 +1,310 @@
+"""Data as teams have it (#18), through real jobs (local Ray, test-double model, real
+files): the right image, the right key, the right orientation; column mistakes stop the
+job before Ray starts; folders are cut into stable shards; `_errors/` always reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from depthray.io.records import ERRORS
+from depthray.job.driver import run_job
+from tests.reliability.conftest import assert_exactly_once, double_model, job_config, read_outputs
+
+pytestmark = pytest.mark.timeout(300)
+
+RNG = np.random.default_rng(18)
+
+
+def enc(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def rgb(h: int, w: int) -> Image.Image:
+    return Image.fromarray(RNG.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def tar_members(fs, root: str) -> dict[str, bytes]:
+    fs.invalidate_cache()
+    out = {}
+    for p in fs.glob(f"{root}/*.tar"):
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(p))) as tar:
+            for m in tar.getmembers():
+                out[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_path):
+    """Items 1, 2, 12: the passthrough opens (with or without EXIF handling) in the depth's
+    orientation; the photo is labelled, not the mask beside it; an ambiguous sample is an
+    error row; `_errors/` reads as 0+ rows with the schema."""
+    rotated = rgb(24, 40)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # displayed turned 90°: 40 high, 24 wide
+    rotated_bytes = enc(rotated, "JPEG", exif=exif)
+    plain_bytes = enc(rgb(24, 40), "JPEG")
+    photo, mask = enc(rgb(16, 16), "JPEG"), enc(rgb(16, 16), "PNG")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "000.tar").write_bytes(tar_of([
+        ("rot.jpg", rotated_bytes), ("plain.jpg", plain_bytes),
+        ("left.seg.png", mask), ("left.jpg", photo), ("left.json", b"{}"),
+        ("two.jpg", photo), ("two.png", mask),
+    ]))
+    out = tmp_path / "out"
+    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(),
+                     output={"format": "webdataset", "include_image": True})
+    summary = run_job(cfg)
+    fs = fsspec.filesystem("file")
+    outs, errors = read_outputs(fs, str(out), "webdataset")
+    assert_exactly_once({"000": {"rot", "plain", "left", "two"}}, outs, errors)
+    assert {e["key"]: e["error"] for e in errors} == {"two": "ambiguous_image"}
+    members = tar_members(fs, str(out))
+    depth = Image.open(io.BytesIO(members["rot.depth.png"]))
+    raw = Image.open(io.BytesIO(members["rot.jpg"]))  # as a reader that ignores EXIF opens it
+    assert depth.size == raw.size == (24, 40)
+    assert raw.getexif().get(0x0112, 1) == 1
+    assert members["plain.jpg"] == plain_bytes  # orientation 1: byte-identical
+    assert members["left.jpg"] == photo and "left.png" not in members
+    meta = json.loads(members["left.json"])
+    assert meta["unlabelled_members"] == ["seg.png"] and meta["image_member"] == "jpg"
+    assert summary["errors"] == 1
+    # 12: `_errors/` is there with its schema even where nothing failed (second output)
+    cfg2 = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out2"), double_model(),
+                      input={"image_member": ["jpg"]})
+    run_job(cfg2)
+    table = pq.read_table(str(tmp_path / "out2" / "_errors"))
+    assert table.num_rows == 0 and table.schema.names == ERRORS.names
+
+
+def test_image_folder_shards_stable_and_skipped_counted(ray_session, tmp_path):
+    """Items 6, 7: shards of at most images_per_shard per folder, recursive, named from the
+    root: an image added to the root later adds one shard and renames none (each key once);
+    files that are not images are counted in the summary."""
+    root = tmp_path / "photos"
+    (root / "trip" / "day2").mkdir(parents=True)
+    expected: dict[str, set[str]] = {}
+    for i in range(5):
+        (root / "trip" / f"p{i}.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+    (root / "trip" / "day2" / "q.png").write_bytes(enc(rgb(16, 16), "PNG"))
+    (root / "trip" / "IMG_1.heic").write_bytes(b"not readable here")
+    (root / "trip" / "notes.txt").write_text("x")
+    expected = {"trip/chunk-00000": {"p0", "p1"}, "trip/chunk-00001": {"p2", "p3"},
+                "trip/chunk-00002": {"p4"}, "trip/day2/chunk-00000": {"q"}}
+    out = tmp_path / "out"
+    cfg = job_config(str(root), str(out), double_model(), input={"images_per_shard": 2})
+    first = run_job(cfg)
+    assert first["input_files_skipped"] == {"heic": 1, "txt": 1}
+    assert first["shards_complete"] == 4
+    (root / "cover.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+    second = run_job(cfg)
+    assert second["shards_skipped"] == 4 and second["shards_complete"] == 1
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
+    assert_exactly_once({**expected, "chunk-00000": {"cover"}}, outs, errors)
+
+
+def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path):
+    """Items 4, 5: no key column -> the image struct's path, else "{shard}/{row}" (two files
+    never collide); the source key/path and input.keep_columns ride along in every row."""
+    (tmp_path / "in").mkdir()
+    img = enc(rgb(16, 16), "PNG")
+    for name in ("a", "b"):
+        pq.write_table(pa.table({"image": [img, img], "caption": [f"{name} one", f"{name} two"]}),
+                       tmp_path / "in" / f"{name}.parquet")
+    hf = pa.table({"image": [{"bytes": img, "path": "imgs/cat.png"}, {"bytes": img, "path": "imgs/dog.png"}],
+                   "caption": ["cat", "dog"]})
+    pq.write_table(hf, tmp_path / "in" / "hf.parquet")
+    out = tmp_path / "out"
+    cfg = job_config(str(tmp_path / "in" / "*.parquet"), str(out), double_model(),
+                     input={"keep_columns": ["caption"]})
+    run_job(cfg)
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
+    assert_exactly_once({"a": {"a/00000000", "a/00000001"}, "b": {"b/00000000", "b/00000001"},
+                         "hf": {"imgs/cat", "imgs/dog"}}, outs, errors)
+    by_key = {r["key"]: r["meta"] for r in outs}
+    assert by_key["b/00000001"]["columns"] == {"caption": "b two"} and by_key["b/00000001"]["source_row"] == 1
+    assert by_key["imgs/dog"]["source_path"] == "imgs/dog.png" and by_key["imgs/dog"]["columns"]["caption"] == "dog"
+    table = pq.read_table(str(out), columns=["key", "caption"])  # a real column, as plain pyarrow reads it
+    assert dict(zip(table["key"].to_pylist(), table["caption"].to_pylist()))["a/00000001"] == "a two"
+    wds_out = tmp_path / "wds"
+    run_job(job_config(str(tmp_path / "in" / "*.parquet"), str(wds_out), double_model(),
+                       input={"keep_columns": ["caption"]}, output={"format": "webdataset"}))
+    outs, _ = read_outputs(fsspec.filesystem("file"), str(wds_out), "webdataset")
+    assert {r["key"]: r["meta"]["columns"]["caption"] for r in outs}["imgs/cat"] == "cat"
+
+
+def test_wrong_columns_stop_before_ray(tmp_path, capsys):
+    """Item 3: a wrong image_column or a misspelt key_column is exit 2 naming the columns
+    that exist, found while planning (seconds, no Ray, nothing written)."""
+    from depthray.cli import main as cli_main
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"img": [b"x"], "id": ["k"]}), tmp_path / "in" / "a.parquet")
+    for section, message in ((({"image_column": "image"}), "input.image_column 'image'"),
+                             ({"image_column": "img", "key_column": "ID"}, "input.key_column 'ID'")):
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump({
+            "input": {"url": str(tmp_path / "in" / "*.parquet"), **section},
+            "output": {"url": str(tmp_path / "out")},
+            "model": double_model(),
+        }))
+        capsys.readouterr()
+        start = time.monotonic()
+        rc = cli_main(["run", str(config)])
+        err = capsys.readouterr().err
+        assert rc == 2 and time.monotonic() - start < 10
+        assert message in err and "columns: img, id" in err, err
+        assert not (tmp_path / "out" / "_manifest").exists()
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"path": "/no/such/checkpoint"}, "model.path '/no/such/checkpoint': no such folder"),
+    ({"path": "EMPTY_DIR"}, "without model_index.json"),
+    ({"path": "not a hub id"}, "not a hub id"),
+    ({"path": "nosuchproto://bucket/model"}, "not a usable URL"),
+    ({"kind": "marigld"}, "model.kind 'marigld' is unknown"),
+    ({"factory": "tests.reliability.nonexistent:make"}, "cannot import 'tests.reliability.nonexistent'"),
+    ({"factory": "tests.reliability.doubles:nothing"}, "has no callable 'nothing'"),
+])
+def test_bad_model_spec_is_one_line_before_ray(tmp_path, capsys, model, message):
+    """Item 8: a bad model.path / kind / factory is exit 2, one line, in seconds (it used
+    to surface 40-57 s later from inside Ray, four tracebacks, advising a re-run)."""
+    from depthray.cli import main as cli_main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "000.tar").write_bytes(tar_of([("a.jpg", enc(rgb(16, 16), "JPEG"))]))
+    (tmp_path / "EMPTY_DIR").mkdir()
+    model = {k: (str(tmp_path / v) if v == "EMPTY_DIR" else v) for k, v in model.items()}
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"input": {"url": str(tmp_path / "in")}, "output": {"url": str(tmp_path / "out")},
+                                      "model": model}))
+    capsys.readouterr()
+    start = time.monotonic()
+    rc = cli_main(["run", str(config)])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.monotonic() - start < 15, err
+    assert message in err and "Traceback" not in err and "re-run" not in err, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("depthray:")]) == 1
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    from depthray.cli import main as cli_main
+
+    rc = cli_main(["run", str(tmp_path / "nope.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.yaml: cannot read the config file" in err and "Traceback" not in err
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
+    """Item 9: SIGINT to a real `depthray run`: exit 130, a summary written, the committed
+    shard count and the advice to re-run printed; the re-run finishes each key once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.reliability.conftest import REPO
+
+    (tmp_path / "in").mkdir()
+    expected = {}
+    for s in range(24):
+        (tmp_path / "in" / f"{s:03d}.tar").write_bytes(
+            tar_of([(f"s{s}k{i}.jpg", enc(rgb(12, 16), "JPEG")) for i in range(2)]))
+        expected[f"{s:03d}"] = {f"s{s}k{i}" for i in range(2)}
+    out = tmp_path / "out"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"url": str(tmp_path / "in" / "*.tar")}, "output": {"url": str(out)},
+        "model": double_model(sleep_s=0.5), "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+        "compute": {"images_per_batch": 2}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-m", "depthray.cli", "run", str(config), "--address", "local"],
+                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "Starting execution" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        time.sleep(3)  # mid-job: the model sleeps 0.5 s a call, 24 calls
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 130, text
+    assert "re-run the same command to resume" in text and "KeyboardInterrupt" not in text, text
+    summaries = [json.loads(p.read_text()) for p in (out / "_jobs").glob("2*.json")]
+    assert len(summaries) == 1 and summaries[0]["interrupted"] is True
+    committed = summaries[0]["shards_complete"]
+    assert committed == len(list((out / "_manifest").glob("*.json")))  # the count is exact
+    assert committed < 24 and f"interrupted: {committed} shard(s) committed" in text
+    second = run_job(job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(sleep_s=0.5),
+                                compute={"images_per_batch": 2}))
+    assert second["shards_skipped"] >= committed
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
+    assert_exactly_once(expected, outs, errors)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the with-block ends: connections are refused
+
+
+@pytest.mark.parametrize("verb", ["run", "status"])
+def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, capsys, s3_bucket, verb):
+    """Item 10: a refused endpoint (closed 127.0.0.1 port) and a missing bucket (moto) are
+    named within 5 s, for run and status; status never lists a missing bucket's shards as to do."""
+    from depthray.cli import main as cli_main
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{s3_bucket}/in/000.tar", tar_of([("a.jpg", enc(rgb(16, 16), "JPEG"))]))
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    cases = [
+        ({"input": {"url": f"s3://{s3_bucket}/in/*.tar"}, "output": {"url": f"s3://{s3_bucket}/out"},
+          "storage": {"endpoint_url": closed}}, closed),
+        ({"input": {"url": f"s3://no-such-bucket-{s3_bucket}/in/*.tar"}, "output": {"url": str(tmp_path / "out")}},
+         f"no-such-bucket-{s3_bucket}"),
+        ({"input": {"url": f"s3://{s3_bucket}/in/*.tar"}, "output": {"url": f"s3://gone-{s3_bucket}/out"}},
+         f"gone-{s3_bucket}"),
+    ]
+    for data, named in cases:
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump({**data, "model": double_model()}))
+        capsys.readouterr()
+        start = time.monotonic()
+        rc = cli_main([verb, str(config)])
+        took = time.monotonic() - start
+        captured = capsys.readouterr()
+        assert rc == 2 and took < 5, (took, captured)
+        assert named in captured.err and "Traceback" not in captured.err, captured.err
+        assert "to do" not in captured.out
