@@ -310,6 +310,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def model_kinds() -> tuple[str, ...]:
+    """The `model.kind` values depthray knows (one list: validation, checks and docs use it)."""
+    return _CHOICES["model.kind"]
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """Apply ``a.b=c`` strings to a nested dict; values are parsed as YAML scalars."""
     for item in overrides or []:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 
-from depthray.config import Config, ConfigError
+from depthray.config import Config, ConfigError, model_kinds
 from depthray.io.sources import Shard, list_shards
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,9 @@ def check_model(cfg: Config) -> None:
         if not callable(getattr(module, attr, None)):
             raise ConfigError(f"model.factory {m.factory!r}: {module_name!r} has no callable {attr!r}")
         return
-    if m.kind != "marigold":
-        raise ConfigError(f"model.kind {m.kind!r} is unknown: use 'marigold', or set model.factory")
+    kinds = model_kinds()
+    if m.kind not in kinds:
+        raise ConfigError(f"model.kind {m.kind!r} is unknown: use one of {', '.join(kinds)}, or set model.factory")
     path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
     if "://" in path:
         import fsspec
@@ -168,8 +169,10 @@ def check_model(cfg: Config) -> None:
 
     local = os.path.expanduser(path)
     if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, "model_index.json")):
-            raise ConfigError(f"model.path {m.path!r}: a folder without model_index.json, not a Marigold "
+        # diffusers layout (Marigold kinds) or transformers layout: the file that says what it is
+        marker = "config.json" if m.kind == "transformers" else "model_index.json"
+        if not os.path.isfile(os.path.join(local, marker)):
+            raise ConfigError(f"model.path {m.path!r}: a folder without {marker}, not a {m.kind} "
                               "checkpoint (make one with `depthray make-tiny-model`, or use a hub id)")
         return
     if path.startswith(("/", ".", "~")) or not _HUB_ID.match(path):

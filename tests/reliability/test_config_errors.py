@@ -70,7 +70,9 @@ def test_io_problems_are_reported_before_any_work(tmp_path, make_image, monkeypa
     needles = {
         "empty_glob": ["nothing matches", str(tmp_path / "in" / "*.tar")],
         "output_inside_input": ["overlaps input.url", str(tmp_path / "in" / "depth")],
-        "unreachable_endpoint": ["s3://some-bucket/in/*.tar", "cannot list it", "127.0.0.1:9"],
+        # a refused TCP connection is named at once, before any client retries
+        "unreachable_endpoint": ["s3://some-bucket/in/*.tar", "cannot connect to the storage endpoint",
+                                 "127.0.0.1:9"],
     }[case]
     if case == "empty_glob":
         data["input"]["url"] = str(tmp_path / "in" / "*.tar")

@@ -183,7 +183,7 @@ def test_wrong_columns_stop_before_ray(tmp_path, capsys):
     ({"path": "EMPTY_DIR"}, "without model_index.json"),
     ({"path": "not a hub id"}, "not a hub id"),
     ({"path": "nosuchproto://bucket/model"}, "not a usable URL"),
-    ({"kind": "marigld"}, "model.kind 'marigld' is unknown"),
+    ({"kind": "marigld"}, "model.kind: must be one of marigold, marigold-e2e, transformers, got 'marigld'"),
     ({"factory": "tests.reliability.nonexistent:make"}, "cannot import 'tests.reliability.nonexistent'"),
     ({"factory": "tests.reliability.doubles:nothing"}, "has no callable 'nothing'"),
 ])
