@@ -92,16 +92,19 @@ def make_image():
 @pytest.fixture(scope="session")
 def make_tar():
     """make_tar([(member_name, bytes), ...]) -> bytes of an uncompressed tar (WebDataset shard)."""
-    import io
-    import tarfile
+    from depthray.io.tar_samples import tar_bytes
 
-    def make(members) -> bytes:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
+    return tar_bytes
 
-    return make
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray (2 CPUs) of the module's own, never a cluster another process started here.
+    (tests/reliability/ has its own, started after the S3 server so workers inherit its env.)"""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()

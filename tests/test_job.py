@@ -20,17 +20,6 @@ GOLDEN = Path(__file__).parent / "data" / "job_golden.json"
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def demo_inputs(tmp_path_factory):
     from depthray.demo import make_inputs
 

@@ -37,17 +37,6 @@ def tiny_e2e_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _scene(h=40, w=60, seed=0):
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))

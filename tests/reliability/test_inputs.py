@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from depthray.io.records import ERRORS
+from depthray.io.tar_samples import tar_bytes as tar_of
 from depthray.job.driver import run_job
 from tests.reliability.conftest import assert_exactly_once, double_model, job_config, read_outputs
 
@@ -34,16 +35,6 @@ def enc(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def rgb(h: int, w: int) -> Image.Image:
     return Image.fromarray(RNG.integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-def tar_of(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def tar_members(fs, root: str) -> dict[str, bytes]:
