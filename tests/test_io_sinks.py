@@ -168,7 +168,7 @@ def test_manifest_store_on_s3(s3_bucket):
 
 
 def test_depth_png_writer_is_lossless_standard_and_not_larger_than_pil():
-    """The numpy Up-filter + zlib RLE writer (io/codecs.py): stock PIL reads it back exactly,
+    """The numpy Up-filter + fast deflate writer (io/codecs.py): stock PIL reads it back exactly,
     as 16-bit grayscale, and it is no larger than PIL's own writer at level 3 on a
     realistic map (smooth surfaces, edges, thin structures, mild noise)."""
     import io as _io
@@ -189,3 +189,37 @@ def test_depth_png_writer_is_lossless_standard_and_not_larger_than_pil():
     buf = _io.BytesIO()
     Image.fromarray(q).save(buf, format="PNG", compress_level=3)
     assert len(ours) <= len(buf.getvalue())
+
+
+def test_png_writer_without_isal_writes_the_same_pixels(monkeypatch):
+    """ISA-L is an accelerator, not a format: with stock zlib (the fallback when the isal
+    wheel is missing) the PNG holds the same values, and both are ordinary zlib streams."""
+    from depthray.io import codecs
+
+    depth = np.random.default_rng(3).random((37, 53), dtype=np.float32)
+    fast = codecs.encode_depth_png16(depth)
+    monkeypatch.setattr(codecs, "_isal", None)
+    stock = codecs.encode_depth_png16(depth)
+    a, b = (np.asarray(Image.open(io.BytesIO(x))) for x in (fast, stock))
+    assert np.array_equal(a, b)
+    assert np.array_equal(a, np.rint(depth * 65535).astype(np.uint16))
+
+
+def test_parquet_parts_store_png_columns_uncompressed_and_the_rest_zstd(tmp_path):
+    """PNG bytes are compressed already: the writer stores them as they are (docs/scale.md:
+    zstd over them cost CPU for no size), and compresses the other columns."""
+    cfg = OutputConfig(url=str(tmp_path), format="parquet")
+    ack = write_batch(encoded_batch(predicted_rows("s1", ["a", "b"])), cfg, STORAGE, "m", "h").to_pylist()[0]
+    meta = pq.ParquetFile(tmp_path / "_staging" / ack["parts"][0]).metadata
+    codecs = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).compression
+              for i in range(meta.num_columns)}
+    assert codecs["depth"] == codecs["uncertainty"] == "UNCOMPRESSED"
+    assert codecs["key"] == codecs["meta"] == "ZSTD"
+
+
+def test_encode_turns_a_missing_map_into_an_error_row():
+    rows = predicted_rows("s1", ["a", "b"])
+    rows[1]["uncertainty_f32"] = None
+    out = encode_batch(records.to_table(rows, records.PREDICTED)).to_pylist()
+    assert out[0]["error"] is None and out[0]["depth"]
+    assert (out[1]["key"], out[1]["stage"]) == ("b", "encode")

@@ -69,7 +69,8 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> tuple[np.ndarra
     try:
         img.seek(0)
         orientation = img.getexif().get(0x0112, 1)
-        img = ImageOps.exif_transpose(img)
+        if orientation not in (None, 1):  # exif_transpose copies even an upright image
+            img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
         img.load()
     except Exception as e:
