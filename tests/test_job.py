@@ -131,3 +131,37 @@ def test_predict_writes_the_bytes_the_job_writes(ray_session, tmp_path, make_ima
     for key, png in job.items():
         assert (tmp_path / "predict" / f"{key}.depth.png").read_bytes() == png, key
         assert (tmp_path / "predict" / f"{key}.preview.png").stat().st_size > 0
+
+
+def test_one_shard_spreads_over_the_pool_and_the_tail_is_short(ray_session, tmp_path, make_image):
+    """Issue 13, item 3: work travels in actor batches, not whole shards. One shard of 32
+    images, batches of 4, a fixed pool of two actors whose model takes 0.4 s a call: both
+    actors work on that one shard, and the last call of one starts within a few batches of
+    the other's (with whole-shard units one actor did all 8 calls: a tail of the shard)."""
+    from depthray.config import config_from_dict
+    from depthray.io.tar_samples import tar_bytes
+    from depthray.job.driver import run_job
+    from tests.reliability.conftest import double_model
+
+    (tmp_path / "in").mkdir()
+    keys = [f"k{i:02d}" for i in range(32)]
+    (tmp_path / "in" / "only.tar").write_bytes(
+        tar_bytes((f"{k}.jpg", make_image(12, 16, seed=i)) for i, k in enumerate(keys)))
+    calls = tmp_path / "calls.log"
+    cfg = config_from_dict({
+        "input": {"url": str(tmp_path / "in" / "only.tar")}, "output": {"url": str(tmp_path / "out")},
+        "model": double_model(sleep_s=0.4, calls_log=str(calls)),
+        "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+        "compute": {"images_per_batch": 4, "num_actors": 2, "num_cpus_per_actor": 0.5}}, require_io=True)
+    summary = run_job(cfg)
+    assert summary["images"] == 32 and summary["errors"] == 0, summary
+    assert sorted(pq.read_table(str(tmp_path / "out")).column("key").to_pylist()) == keys
+    by_pid: dict[str, list[float]] = {}
+    for line in calls.read_text().split("\n"):
+        if line:
+            pid, _, _, t = line.split()
+            by_pid.setdefault(pid, []).append(float(t))
+    assert len(by_pid) == 2, by_pid  # the one shard's rows went to both actors
+    assert sum(map(len, by_pid.values())) == 8
+    last = sorted(max(ts) for ts in by_pid.values())
+    assert last[1] - last[0] <= 3 * 0.4 + 1.0, by_pid  # a tail of a few batches, not half the shard
