@@ -19,21 +19,19 @@ can only dilute the ranking. It is not a null control: the double's own limited 
 and detail already err on the scenes' thin poles and edges, differently at each zoom, and
 augmentations see that (the first setting, with no added error, measures just that).
 
-    PYTHONPATH=. python benchmarks/augmentation_ranking.py [--scenes 36] [--ensemble-size 5] [--json out.json]
+    python -m benchmarks.augmentation_ranking [--scenes 36] [--ensemble-size 5] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from depthray.metrics import compute_metrics, spearman
+from benchmarks._ranking import log_uniform, ranking_main, ranking_scores
+from depthray.metrics import compute_metrics
 from depthray.predict import predict_images
 from depthray.samples import make_scene
 
@@ -75,11 +73,11 @@ def run_setting(name: str, n: int, size: tuple[int, int], ensemble_size: int,
         norm = (gt - gt.min()) / max(float(gt.max() - gt.min()), 1e-6)
         img = np.empty((*gt.shape, 3), np.float32)
         img[..., 0] = norm
-        amp = np.exp(rng.uniform(*np.log(warp_range))) if warp_range[1] > 0 else 0.0
+        amp = log_uniform(rng, warp_range)
         coarse = torch.from_numpy(rng.standard_normal((1, 1, 6, 6)).astype(np.float32))
         field = F.interpolate(coarse, size=gt.shape, mode="bicubic", align_corners=False)[0, 0].numpy()
         img[..., 1] = 0.5 + amp * field / max(float(field.std()), 1e-6) / 4  # scene-fixed error
-        img[..., 2] = np.exp(rng.uniform(*np.log(layout_range))) if layout_range[1] > 0 else 0.0
+        img[..., 2] = log_uniform(rng, layout_range)
         images.append(img)
         gts.append(gt)
     cfg = {"ensemble_size": ensemble_size, "ensemble_reduction": "median", "batch_size": 16,
@@ -89,11 +87,8 @@ def run_setting(name: str, n: int, size: tuple[int, int], ensemble_size: int,
     assert all(r.members == "augmentations" for r in results)
     unc = np.array([float(r.uncertainty.mean()) for r in results])
     abs_rel = np.array([compute_metrics(r.depth, gt).abs_rel for r, gt in zip(results, gts)])
-    keep = unc <= np.quantile(unc, 0.75)
-    return {"setting": name, "n_images": n, "ensemble_size": ensemble_size,
-            "spearman": spearman(unc, abs_rel), "abs_rel_all": float(abs_rel.mean()),
-            "abs_rel_kept_75pct": float(abs_rel[keep].mean()),
-            "abs_rel_dropped_25pct": float(abs_rel[~keep].mean()), "seconds": time.perf_counter() - t0}
+    return {"setting": name, "n_images": n, "ensemble_size": ensemble_size, **ranking_scores(unc, abs_rel),
+            "seconds": time.perf_counter() - t0}
 
 
 SETTINGS = {
@@ -106,27 +101,7 @@ SETTINGS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scenes", type=int, default=36)
-    p.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
-    p.add_argument("--ensemble-size", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(1)
-    rows = [run_setting(name, args.scenes, tuple(args.size), args.ensemble_size, lay, warp, args.seed)
-            for name, (lay, warp) in SETTINGS.items()]
-    print(f"{args.scenes} scenes {args.size[0]}x{args.size[1]}, {args.ensemble_size} augmentations, median + MAD")
-    print(f"{'setting':38s} {'spearman':>8s} {'AbsRel all':>10s} {'kept 75%':>9s} {'dropped 25%':>11s}")
-    for r in rows:
-        print(f"{r['setting']:38s} {r['spearman']:8.3f} {r['abs_rel_all']:10.4f} "
-              f"{r['abs_rel_kept_75pct']:9.4f} {r['abs_rel_dropped_25pct']:11.4f}")
-    print(json.dumps(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0
+    return ranking_main(argv, __doc__.split("\n")[0], SETTINGS, run_setting, 36, (96, 128), "augmentations")
 
 
 if __name__ == "__main__":

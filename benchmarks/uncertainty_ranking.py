@@ -19,13 +19,11 @@ systematic error (the realistic middle); systematic error only (a negative contr
 uncertainty should then say nothing, rho ~ 0). For each, the mean AbsRel of all images and
 of the 75% least uncertain shows what `quality.max_uncertainty_mean` filtering buys.
 
-    .venv/bin/python benchmarks/uncertainty_ranking.py [--scenes 48] [--ensemble-size 5] [--json out.json]
+    .venv/bin/python -m benchmarks.uncertainty_ranking [--scenes 48] [--ensemble-size 5] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 
@@ -33,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from depthray.metrics import compute_metrics, spearman
+from benchmarks._ranking import log_uniform, ranking_main, ranking_scores
+from depthray.metrics import compute_metrics
 from depthray.predict import predict_images
 from depthray.samples import make_scene
 
@@ -101,8 +100,8 @@ def run_setting(name: str, n_scenes: int, size: tuple[int, int], ensemble_size: 
     for i in range(n_scenes):
         rgb, gt = make_scene(size[0], size[1], seed=seed * 1000 + i)
         # log-uniform sizes: some images easy, some hard
-        d = float(np.exp(rng.uniform(*np.log(random_range)))) if random_range[1] > 0 else 0.0
-        b = float(np.exp(rng.uniform(*np.log(systematic_range)))) if systematic_range[1] > 0 else 0.0
+        d = log_uniform(rng, random_range)
+        b = log_uniform(rng, systematic_range)
         model.register(rgb, gt, d, b)
         scenes.append((rgb, gt))
     cfg = {"ensemble_size": ensemble_size, "ensemble_reduction": "median", "seed": 0,
@@ -111,17 +110,8 @@ def run_setting(name: str, n_scenes: int, size: tuple[int, int], ensemble_size: 
     results = predict_images([rgb for rgb, _ in scenes], model, cfg)
     unc = np.array([float(r.uncertainty.mean()) for r in results])
     abs_rel = np.array([compute_metrics(r.depth, gt).abs_rel for r, (_, gt) in zip(results, scenes)])
-    keep = unc <= np.quantile(unc, 0.75)
-    return {
-        "setting": name,
-        "n_images": n_scenes,
-        "spearman": spearman(unc, abs_rel),
-        "pearson": float(np.corrcoef(unc, abs_rel)[0, 1]),
-        "abs_rel_all": float(abs_rel.mean()),
-        "abs_rel_kept_75pct": float(abs_rel[keep].mean()),
-        "abs_rel_dropped_25pct": float(abs_rel[~keep].mean()),
-        "seconds": time.perf_counter() - t0,
-    }
+    return {"setting": name, "n_images": n_scenes, "ensemble_size": ensemble_size,
+            **ranking_scores(unc, abs_rel), "seconds": time.perf_counter() - t0}
 
 
 SETTINGS = {
@@ -133,26 +123,7 @@ SETTINGS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scenes", type=int, default=48)
-    p.add_argument("--size", type=int, nargs=2, default=(192, 256), metavar=("H", "W"))
-    p.add_argument("--ensemble-size", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(1)  # small tensors: threads only add contention
-    rows = [run_setting(name, args.scenes, tuple(args.size), args.ensemble_size, r, s, args.seed)
-            for name, (r, s) in SETTINGS.items()]
-    print(f"{args.scenes} scenes {args.size[0]}x{args.size[1]}, ensemble {args.ensemble_size}, median + MAD")
-    print(f"{'setting':28s} {'spearman':>8s} {'pearson':>8s} {'AbsRel all':>10s} {'kept 75%':>9s} {'dropped 25%':>11s}")
-    for r in rows:
-        print(f"{r['setting']:28s} {r['spearman']:8.3f} {r['pearson']:8.3f} {r['abs_rel_all']:10.4f} "
-              f"{r['abs_rel_kept_75pct']:9.4f} {r['abs_rel_dropped_25pct']:11.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0
+    return ranking_main(argv, __doc__.split("\n")[0], SETTINGS, run_setting, 48, (192, 256), "members (seeds)")
 
 
 if __name__ == "__main__":

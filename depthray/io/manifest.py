@@ -22,7 +22,7 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from depthray.config import Config, ConfigError, StorageConfig
 from depthray.io.fs import filesystem, join, move, write_atomic
@@ -65,12 +65,19 @@ class ManifestStore:
         """Names of shards with a manifest (one listing, not one request per shard)."""
         return self.names_in(self.listing())
 
-    def read_many(self, shards: list[str]) -> dict[str, dict]:
-        """Manifests of `shards` (which must exist); object stores fetch them concurrently."""
-        if not shards:
-            return {}
-        paths = {self.path(n): n for n in shards}
-        return {paths[p]: json.loads(b) for p, b in self.fs.cat(list(paths)).items()}
+    def read_many(self, shards: list[str], keep: Callable[[dict], dict] | None = None,
+                  chunk: int = 1000) -> dict[str, dict]:
+        """Manifests of `shards` (which must exist); object stores fetch each chunk
+        concurrently. `keep` slims each manifest as it is parsed: a plan over 100,000 shards
+        then holds the fields it decides on, not every manifest's settings (driver memory
+        stays flat in the shard count, docs/scale.md)."""
+        out: dict[str, dict] = {}
+        for i in range(0, len(shards), chunk):
+            paths = {self.path(n): n for n in shards[i: i + chunk]}
+            for p, b in self.fs.cat(list(paths)).items():
+                m = json.loads(b)
+                out[paths[p]] = keep(m) if keep else m
+        return out
 
     def write(self, shard: str, manifest: dict) -> None:
         write_atomic(self.fs, self.path(shard), json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -162,6 +169,20 @@ def config_difference(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+# What a resume decision reads from a manifest (the rest, e.g. error counts, is for people).
+_DECISION_KEYS = ("status", "url", "config_hash", "source_size", "source_etag", "parts", "error_parts",
+                  "overwrite_epoch")
+
+
+def _decision_fields(m: dict, these: set[str]) -> dict:
+    """The fields resume_shards decides on; the settings only where they differ from this
+    config's (the refusal message names the difference)."""
+    slim = {k: m[k] for k in _DECISION_KEYS if k in m}
+    if m.get("config_hash") not in these:
+        slim["settings"] = m.get("settings")
+    return slim
+
+
 def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict] | None = None,
                   run_id: str = "") -> Resume:
     """Which shards are done, which to (re)do; clears the leftovers of the ones to redo.
@@ -175,8 +196,8 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
     listing = store.listing()
     have = ManifestStore.names_in(listing)
     names = {s.name for s in shards}
-    manifests = store.read_many(sorted(have & names))
     these = {cfg.hash("cpu"), cfg.hash("cuda")}  # the job resolves `auto` where its actors run
+    manifests = store.read_many(sorted(have & names), keep=lambda m: _decision_fields(m, these))
     # 1. Identity: a shard name in this output belongs to one input URL.
     for s in shards:
         m = manifests.get(s.name)
