@@ -24,7 +24,7 @@ from depthray.config import StorageConfig
 from depthray.io.decode import decode_rgb
 from depthray.io.outputs import OutputRecord, index_folder, list_files, read_outputs
 from depthray.resize import resize_map
-from depthray.visualize import colorize, side_by_side
+from depthray.visualize import colorize_label, side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class PreviewItem:
     uncertainty_mean: float | None = None
     scores: dict = field(default_factory=dict)  # name -> float, shown under the key
     flagged: bool = False  # low confidence
+    space: str = "depth"  # what `depth` holds (meta.output_space): depth or disparity
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -66,7 +67,8 @@ def collect_items(
         gt = index_gt(gt_url, storage)
     items = []
     for rec in read_outputs(output_url, with_uncertainty=True, with_image=True, limit=n, storage=storage):
-        item = PreviewItem(rec.key, rec.depth, rec.image, rec.uncertainty, rec.uncertainty_mean)
+        item = PreviewItem(rec.key, rec.depth, rec.image, rec.uncertainty, rec.uncertainty_mean,
+                           space=rec.meta.get("output_space", "depth"))
         if item.image is None and inputs is not None and rec.key in inputs[1]:
             fs, paths = inputs
             item.image = decode_rgb(fs.cat_file(paths[rec.key]))  # as displayed (EXIF applied)
@@ -137,7 +139,7 @@ def panels(item: PreviewItem, long_side: int, unc_hi: float) -> list[np.ndarray]
         image = np.clip(np.rint(resize_map(item.image, size)), 0, 255).astype(np.uint8)
     else:  # no input stored: a neutral grey tile keeps the grid aligned
         image = np.full(size + (3,), 200, np.uint8)
-    depth = colorize(resize_map(item.depth, size), lo=0.0, hi=1.0)
+    depth = colorize_label(resize_map(item.depth, size), item.space)
     if item.uncertainty is not None:
         u = np.clip(resize_map(item.uncertainty, size) / unc_hi, 0.0, 1.0)
         unc = np.repeat(np.round(u * 255).astype(np.uint8)[..., None], 3, axis=2)

@@ -30,6 +30,14 @@ def colorize(values: np.ndarray, lo: float | None = None, hi: float | None = Non
     return np.round(rgb).astype(np.uint8)
 
 
+def colorize_label(values: np.ndarray, space: str = "depth") -> np.ndarray:
+    """A stored label in [0,1] -> uint8 HxWx3, red = near whatever the label holds: depth
+    (0 = near) as is, disparity (1 = near, `meta.output_space` of transformers models)
+    flipped, so a disparity preview does not read as inverted depth."""
+    v = np.asarray(values, dtype=np.float32)
+    return colorize(1.0 - v if space == "disparity" else v, lo=0.0, hi=1.0)
+
+
 def colorize_uncertainty(uncertainty: np.ndarray) -> np.ndarray:
     """Uncertainty HxW -> uint8 HxWx3 grey ramp, white = most uncertain (99th percentile)."""
     u = np.asarray(uncertainty, dtype=np.float32)

@@ -101,3 +101,16 @@ def test_preview_in_headless_chromium_renders_and_sorts(tmp_path, samples, chrom
         dom_keys = re.findall(r'data-key="([^"]+)"', r.stdout)
         assert dom_keys == expected, (frag, r.stderr[-2000:])
         assert f'data-sort="{frag}"' in r.stdout and 'class="active"' in r.stdout
+
+
+def test_disparity_labels_are_coloured_near_red_like_depth():
+    """A transformers model's label can hold disparity (1 = near, meta.output_space): the
+    preview flips it, so the near half of a scene is red in both, not violet in one."""
+    from depthray.preview import PreviewItem, panels
+
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (8, 1))  # depth: near on the left
+    as_depth = panels(PreviewItem("d", ramp), 64, 1.0)[1]
+    as_disparity = panels(PreviewItem("p", 1.0 - ramp, space="disparity"), 64, 1.0)[1]
+    assert np.array_equal(as_depth, as_disparity)
+    left, right = as_depth[:, :8].mean((0, 1)), as_depth[:, -8:].mean((0, 1))
+    assert left[0] > left[2] and right[2] > right[0]  # red near, violet/blue far
