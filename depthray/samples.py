@@ -69,12 +69,19 @@ def make_scene(height: int, width: int, seed: int = 0, family: str = "yard") -> 
         return render(height, width, rng)
 
 
+def _camera(height: int, width: int, rng: np.random.Generator, focal_range: tuple[float, float],
+            horizon_range: tuple[float, float]):
+    """A pinhole camera: focal length (in widths), principal point (horizon at a fraction
+    of the height), each pixel's ray (u, v) and the full-frame slice."""
+    focal = width * rng.uniform(*focal_range)
+    cx, cy = width / 2.0, height * rng.uniform(*horizon_range)
+    u, v = pixel_rays(height, width, focal, cx, cy)
+    return focal, cx, cy, u, v, (slice(0, height), slice(0, width))
+
+
 def _render(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     # 1. Camera: ~60-70 degree horizontal field of view, horizon a bit above the centre.
-    focal = width * rng.uniform(0.75, 0.95)
-    cx, cy = width / 2.0, height * rng.uniform(0.35, 0.45)
-    u, v = pixel_rays(height, width, focal, cx, cy)
-    full = (slice(0, height), slice(0, width))
+    focal, cx, cy, u, v, full = _camera(height, width, rng, (0.75, 0.95), (0.35, 0.45))
     hc = CAMERA_HEIGHT
 
     # 2. Back wall: a plane z = zb + k*X, i.e. z = zb / (1 - k*u); slanted by k.
@@ -125,10 +132,7 @@ def _render(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarr
 
 def _render_street(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Outdoor scene of thin structures: facades far away, a fence, a lattice, poles, wires."""
-    focal = width * rng.uniform(0.7, 0.9)
-    cx, cy = width / 2.0, height * rng.uniform(0.4, 0.5)
-    u, v = pixel_rays(height, width, focal, cx, cy)
-    full = (slice(0, height), slice(0, width))
+    focal, cx, cy, u, v, full = _camera(height, width, rng, (0.7, 0.9), (0.4, 0.5))
     hc = CAMERA_HEIGHT
     canvas = Canvas(height, width, far=np.float32(1e4))
     # Facades: a few far slanted planes side by side, at 30-80 m.
@@ -182,10 +186,7 @@ def _render_street(height: int, width: int, rng: np.random.Generator) -> tuple[n
 def _render_indoor(height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A room: floor, ceiling, back and side walls, furniture boxes, tables on thin legs,
     shelves and a door frame. Depth 0.8-9 m."""
-    focal = width * rng.uniform(0.55, 0.75)  # wider lens, as indoors
-    cx, cy = width / 2.0, height * rng.uniform(0.42, 0.55)
-    u, v = pixel_rays(height, width, focal, cx, cy)
-    full = (slice(0, height), slice(0, width))
+    focal, cx, cy, u, v, full = _camera(height, width, rng, (0.55, 0.75), (0.42, 0.55))  # wider lens indoors
     hc = rng.uniform(1.2, 1.6)
     ceil_h = rng.uniform(2.5, 3.2)  # ceiling height above the floor
     canvas = Canvas(height, width, far=np.float32(1e4))
