@@ -88,7 +88,10 @@ class OutputConfig:
     format: str = "parquet"  # parquet | webdataset
     include_image: bool = False  # webdataset: pass the input image through as {key}.{ext}, upright
     overwrite: bool = False  # relabel every shard (one at a time; old parts go when new ones commit)
-    rows_per_part: int = 512  # most rows in one part file (a shard is written as parts)
+    # Most rows in one part file (a shard is written as parts). The write stage gathers this
+    # many rows before it writes, so it is also how far commits lag the model: 128 rows are
+    # ~120 MB of 640x480 labels, and a few seconds of a GPU pool's output (docs/scale.md).
+    rows_per_part: int = 128
     # A run's lease on the output (_jobs/lease.json) without heartbeat for this long is
     # taken for a dead run's and taken over; a live one makes a second run stop at once.
     lease_timeout_s: float = 300.0

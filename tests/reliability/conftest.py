@@ -61,6 +61,24 @@ def double_model(**options) -> dict:
     return {"factory": "tests.reliability.doubles:make", "options": options}
 
 
+# ---------------------------------------------------------------- odd input images
+
+
+def enc(img, fmt: str, **kw) -> bytes:
+    """A PIL image encoded as `fmt` (PIL save options in kw)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def noise_rgb(rng, h: int, w: int):
+    """An h x w RGB PIL image of uniform noise from `rng` (each module keeps its own)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
 # ---------------------------------------------------------------- reading outputs back
 
 

@@ -4,7 +4,7 @@ random-weight Marigold): every key is either written with the right size or reco
 
 from __future__ import annotations
 
-import io
+import functools
 
 import fsspec
 import numpy as np
@@ -14,21 +14,20 @@ import pytest
 from PIL import Image
 
 from depthray.job.driver import run_job
-from tests.reliability.conftest import assert_exactly_once, assert_no_partial_files, job_config, read_outputs
+from tests.reliability.conftest import (
+    assert_exactly_once,
+    assert_no_partial_files,
+    enc,
+    job_config,
+    noise_rgb,
+    read_outputs,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
 RNG = np.random.default_rng(0)
 
-
-def enc(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def rgb(h: int, w: int) -> Image.Image:
-    return Image.fromarray(RNG.integers(0, 255, (h, w, 3), dtype=np.uint8))
+rgb = functools.partial(noise_rgb, RNG)  # rgb(h, w): noise images, this module's stream
 
 
 def odd_images() -> dict[str, tuple[bytes, str, tuple]]:

@@ -4,6 +4,7 @@ job before Ray starts; folders are cut into stable shards; `_errors/` always rea
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import tarfile
@@ -20,21 +21,13 @@ from PIL import Image
 from depthray.io.records import ERRORS
 from depthray.io.tar_samples import tar_bytes as tar_of
 from depthray.job.driver import run_job
-from tests.reliability.conftest import assert_exactly_once, double_model, job_config, read_outputs
+from tests.reliability.conftest import assert_exactly_once, double_model, enc, job_config, noise_rgb, read_outputs
 
 pytestmark = pytest.mark.timeout(300)
 
 RNG = np.random.default_rng(18)
 
-
-def enc(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def rgb(h: int, w: int) -> Image.Image:
-    return Image.fromarray(RNG.integers(0, 255, (h, w, 3), dtype=np.uint8))
+rgb = functools.partial(noise_rgb, RNG)  # rgb(h, w): noise images, this module's stream
 
 
 def tar_members(fs, root: str) -> dict[str, bytes]:
