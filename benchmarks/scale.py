@@ -33,7 +33,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
 # ------------------------------------------------------------------ 1. planning
 def _plan_child(root: str) -> None:
     from depthray.config import config_from_dict
@@ -53,7 +52,6 @@ def _plan_child(root: str) -> None:
     print(json.dumps({"shards": len(shards), "todo": len(res.todo), "skipped": len(res.skipped),
                       "seconds": round(dt, 2), "rss_mb": round(peak, 1), "rss_before_mb": round(base, 1)}))
 
-
 def make_plan_fixture(root: Path, n: int) -> None:
     from depthray.config import config_from_dict
 
@@ -69,7 +67,6 @@ def make_plan_fixture(root: Path, n: int) -> None:
             m = {"shard": name, "url": f"file://{root}/in/{name}.tar", "source_size": 0, **static}
             (root / "out" / "_manifest" / f"{name}.json").write_text(json.dumps(m))
 
-
 def planning(n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="drscale-") as tmp:
         t0 = time.perf_counter()
@@ -81,7 +78,6 @@ def planning(n: int) -> dict:
         res = json.loads(out.stdout.strip().splitlines()[-1])
         res["fixture_s"] = round(made, 1)
         return res
-
 
 # ------------------------------------------------------------------ 2./3. host CPU per image
 def realistic_maps(n: int, h: int = 480, w: int = 640, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -101,7 +97,6 @@ def realistic_maps(n: int, h: int = 480, w: int = 640, seed: int = 0) -> list[tu
         unc = (0.01 + 0.5 * np.hypot(gx, gy) + np.abs(rng.normal(0, 0.003, d.shape))).astype(np.float32)
         out.append((rgb, d, unc))
     return out
-
 
 def _png_numpy(q: np.ndarray, filt: str, level: int, strategy: int | None = None, deflate=None) -> bytes:
     """A stock 16-bit grayscale PNG written with numpy filters + zlib, or `deflate(bytes)`
@@ -135,7 +130,6 @@ def _png_numpy(q: np.ndarray, filt: str, level: int, strategy: int | None = None
 
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)) + \
         chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
 
 def encoder_table(maps) -> list[dict]:
     import zlib
@@ -177,9 +171,7 @@ def encoder_table(maps) -> list[dict]:
         contenders["numpy up + zlib-ng 1 RLE"] = lambda q: _png_numpy(q, "up", 0, deflate=_zng)
     except ImportError:
         pass
-    from depthray.io.codecs import _png16
 
-    contenders["depthray writer (io/codecs.py)"] = lambda q: _png16(q.astype(np.float32) / 65535.0)
     qs = []
     for _, d, u in maps:
         qs.append(np.rint(d * 65535).astype(np.uint16))
@@ -195,7 +187,6 @@ def encoder_table(maps) -> list[dict]:
         rows.append({"encoder": name, "ms_per_image": round(1000 * cpu / (len(qs) / 2), 1),
                      "bytes_per_image": int(sum(map(len, blobs)) / (len(qs) / 2))})
     return rows
-
 
 def host_per_image(maps, tmp: Path) -> dict:
     """CPU seconds of read + decode + encode + write per image, with the job's stages."""
@@ -251,7 +242,6 @@ def host_per_image(maps, tmp: Path) -> dict:
             "host_ms_per_image": round(1000 * sum(times.values()) / n, 1),
             "bytes_per_image": int(out_bytes / n)}
 
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", default="2000,20000")
@@ -300,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         "encoders": table,
     }))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
