@@ -32,16 +32,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"output: {summary['output']}  (summary: {summary['summary_path']})")
-    print(f"shards: {summary['shards_complete']} done now, {summary['shards_skipped']} already complete, "
-          f"{len(summary['shards_unfinished'])} unfinished")
-    print(f"images: {summary['images']} written, {summary['errors']} errors "
-          f"{summary['error_reasons'] or ''}; {summary['images_per_second']:.2f} images/s "
-          f"over {summary['wall_seconds']:.1f}s")
-    for line in summary.get("stages", []):
-        print(f"  {line}")
-    for name, why in summary["shards_unfinished"].items():
-        print(f"  unfinished {name}: {why} (re-run to retry)")
+    from depthray.job.ledger import summary_lines
+
+    print("\n".join(summary_lines(summary)))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ class ShardLedger:
         self.images = 0  # outputs written
         self.errors = 0
         self.reasons: Counter = Counter()
+        self.unlabelled: Counter = Counter()  # image members not labelled, by extension
 
     def update(self, ack: dict[str, Any]) -> None:
         st = self.states.get(ack["source"])
@@ -75,6 +76,7 @@ class ShardLedger:
         self.images += ack["outputs"]
         self.errors += ack["errors"]
         self.reasons.update(json.loads(ack["error_reasons"] or "{}"))
+        self.unlabelled.update(json.loads(ack.get("unlabelled_members") or "{}"))
         if st.total is not None and st.rows > st.total + 1:
             raise RuntimeError(f"shard {ack['source']}: more rows written ({st.rows}) than read "
                                f"({st.total + 1}); refusing to commit a duplicate")
@@ -140,10 +142,30 @@ class ShardLedger:
             "images": self.images,
             "errors": self.errors,
             "error_reasons": dict(self.reasons),
+            "image_members_unlabelled": dict(self.unlabelled),
             "wall_seconds": round(time.time() - self.start, 3),
             "images_per_second": round(self.rate(), 3),
             "infer_seconds": round(infer_s, 3),
         }
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The job summary as `depthray run` prints it (the full one is `_jobs/{run_id}.json`)."""
+    lines = [
+        f"output: {summary['output']}  (summary: {summary['summary_path']})",
+        f"shards: {summary['shards_complete']} done now, {summary['shards_skipped']} already complete, "
+        f"{len(summary['shards_unfinished'])} unfinished",
+        f"images: {summary['images']} written, {summary['errors']} errors "
+        f"{summary['error_reasons'] or ''}; {summary['images_per_second']:.2f} images/s "
+        f"over {summary['wall_seconds']:.1f}s",
+    ]
+    if summary.get("image_members_unlabelled"):
+        found = summary["image_members_unlabelled"]
+        lines.append(f"  {sum(found.values())} image member(s) of WebDataset samples not labelled "
+                     f"({', '.join(f'{n} .{e}' for e, n in sorted(found.items()))}): input.image_member chose another")
+    lines += [f"  {line}" for line in summary.get("stages", [])]
+    lines += [f"  unfinished {name}: {why} (re-run to retry)" for name, why in summary["shards_unfinished"].items()]
+    return lines
 
 
 def format_duration(seconds: float) -> str:

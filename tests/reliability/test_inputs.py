@@ -8,6 +8,7 @@ import io
 import json
 import tarfile
 import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -20,6 +21,7 @@ from PIL import Image
 from depthray.io.records import ERRORS
 from depthray.io.tar_samples import tar_bytes as tar_of
 from depthray.job.driver import run_job
+from depthray.job.ledger import summary_lines
 from tests.reliability.conftest import assert_exactly_once, double_model, job_config, read_outputs
 
 pytestmark = pytest.mark.timeout(300)
@@ -81,6 +83,10 @@ def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_p
     meta = json.loads(members["left.json"])
     assert meta["unlabelled_members"] == ["seg.png"] and meta["image_member"] == "jpg"
     assert summary["errors"] == 1
+    # 2: the summary (returned, in _jobs/, printed) counts the mask left beside the chosen photo
+    assert summary["image_members_unlabelled"] == {"seg.png": 1}
+    assert json.loads(Path(summary["summary_path"]).read_text())["image_members_unlabelled"] == {"seg.png": 1}
+    assert "1 image member(s) of WebDataset samples not labelled (1 .seg.png)" in "\n".join(summary_lines(summary))
     # 12: `_errors/` is there with its schema even where nothing failed (second output)
     cfg2 = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out2"), double_model(),
                       input={"image_member": ["jpg"]})
