@@ -68,7 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     try:
-        summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
+        summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus,
+                          quiet=not (args.verbose or args.ray_logs))
     except KeyboardInterrupt:  # before the job ran: nothing to summarise
         print("depthray: interrupted before the job started; nothing was committed", file=sys.stderr)
         return 130
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_option(p)
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--verbose", dest="ray_logs", action="store_true",
+                   help="show Ray's own warnings and the workers' output (tracebacks included) here; "
+                   "by default they stay in Ray's log files and each failure is one summary line")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("status", help="how far a job has got, read from its output (no Ray)",

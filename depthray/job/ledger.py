@@ -56,6 +56,7 @@ class ShardLedger:
         self.errors = 0
         self.reasons: Counter = Counter()
         self.unlabelled: Counter = Counter()  # image members not labelled, by extension
+        self._last_counts: tuple | None = None  # (shards, images, errors) of the last progress line
 
     def update(self, ack: dict[str, Any]) -> None:
         st = self.states.get(ack["source"])
@@ -120,14 +121,25 @@ class ShardLedger:
         rows_per_s = (self.images + self.errors) / elapsed
         return left / rows_per_s if rows_per_s > 0 else None
 
+    def progress_line(self, now: float | None = None) -> str:
+        """'progress: 3/10 shards, ...'; time left only once a shard finished (a rate to go by)."""
+        eta = self.eta_seconds(now)
+        elapsed = max((now or time.time()) - self.start, 1e-9)
+        return (f"progress: {self.completed}/{len(self.states)} shards, {self.images} images "
+                f"({self.images / elapsed:.2f} images/s), {self.errors} errors"
+                + (f", about {format_duration(eta)} left" if eta else ""))
+
     def maybe_log(self, force: bool = False) -> None:
+        """The progress line every log_every_s; `force` (the job's end) skips a line that
+        would only repeat the last one."""
         now = time.time()
         if force or now - self.last_log >= self.log_every_s:
             self.last_log = now
-            eta = self.eta_seconds(now)
-            log.info("progress: %d/%d shards, %d images (%.2f images/s), %d errors%s",
-                     self.completed, len(self.states), self.images, self.rate(), self.errors,
-                     f", about {format_duration(eta)} left" if eta else "")
+            counts = (self.completed, self.images, self.errors)
+            if force and counts == self._last_counts:
+                return
+            self._last_counts = counts
+            log.info("%s", self.progress_line(now))
 
     def summary(self, job_error: str | None = None) -> dict[str, Any]:
         """Totals; `job_error` (the job stopped early) is given as the reason of every

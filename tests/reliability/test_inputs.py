@@ -305,3 +305,43 @@ def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, capsys, s3_buck
         assert rc == 2 and took < 5, (took, captured)
         assert named in captured.err and "Traceback" not in captured.err, captured.err
         assert "to do" not in captured.out
+
+
+def test_run_is_quiet_by_default(tmp_path):
+    """Item 14: a real `depthray run` with one image the model fails on and one unreadable
+    file: no Ray warnings, worker output or tracebacks on the terminal, each failure counted
+    once in the summary, and no progress line guesses the time left before a shard finished."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.reliability.conftest import REPO
+
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"p{i}.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+    (tmp_path / "in" / "black.png").write_bytes(enc(Image.new("RGB", (16, 16)), "PNG"))  # NaN depth
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"url": str(tmp_path / "in"), "images_per_shard": 2}, "output": {"url": str(tmp_path / "out")},
+        "model": double_model(nan_if_black=True), "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+        "compute": {"images_per_batch": 4}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_BACKEND_LOG_LEVEL", None)
+    out = subprocess.run([sys.executable, "-m", "depthray.cli", "run", str(config), "--num-cpus", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "infer:non_finite': 1" in text and "decode:not_an_image': 1" in text, text  # each failure once
+    assert not re.search(r"(WARNING|INFO) \S+\.py:\d+ -- ", text), text  # Ray's own log format
+    for noise in ("Traceback", "core_worker.cc", "pid=", "retrying one image at a time"):
+        assert noise not in text, text
+    progress = [line for line in text.splitlines() if "progress: " in line]
+    assert progress and not [line for line in progress if "progress: 0/" in line and "left" in line], progress
+    help_text = subprocess.run([sys.executable, "-m", "depthray.cli", "run", "--help"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=60).stdout
+    assert "--verbose" in help_text
