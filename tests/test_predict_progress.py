@@ -71,3 +71,17 @@ def test_folders_are_searched_recursively_and_other_files_counted(tmp_path):
     assert skipped == {".heic": 2, ".txt": 1, "(no extension)": 1}
     assert skipped_line(skipped).startswith("skipped 4 file(s)") and "2 .heic" in skipped_line(skipped)
     assert skipped_line(expand_inputs([str(tmp_path / "sub" / "deeper")])[1]) is None
+
+
+def test_preview_long_side_is_capped_and_small_images_stay_as_they_are():
+    from depthray.job.local import preview_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
+    depth = rng.random((2000, 3000), dtype=np.float32)
+    sheet = preview_image(image, depth, 1024)
+    assert sheet.dtype == np.uint8 and max(sheet.shape[:2]) <= 1024 and sheet.shape[1] > 1000  # fills the cap
+    assert preview_image(image[:40, :60], depth[:40, :60], 1024).shape == (40, 2 * 60 + 4, 3)
+    assert preview_image(image[:40, :60], depth[:40, :60], 0).shape == (40, 124, 3)  # 0 = full size
+    tall = preview_image(image[:, :300], depth[:, :300], 500)  # height is the long side
+    assert tall.shape[0] == 500 and tall.shape[1] <= 500

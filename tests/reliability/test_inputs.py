@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -311,7 +313,6 @@ def test_run_is_quiet_by_default(tmp_path):
     """Item 14: a real `depthray run` with one image the model fails on and one unreadable
     file: no Ray warnings, worker output or tracebacks on the terminal, each failure counted
     once in the summary, and no progress line guesses the time left before a shard finished."""
-    import os
     import re
     import subprocess
     import sys
@@ -345,3 +346,26 @@ def test_run_is_quiet_by_default(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "depthray.cli", "run", "--help"], cwd=REPO, env=env,
                                capture_output=True, text=True, timeout=60).stdout
     assert "--verbose" in help_text
+
+
+def test_verbose_run_keeps_rays_own_output(monkeypatch):
+    """Item 14: `depthray run --verbose` (or `depthray -v run`) starts Ray as before: worker
+    output streamed here, Ray's warnings shown, its C++ log level untouched."""
+    import ray
+
+    from depthray.cli import build_parser
+    from depthray.job.driver import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_BACKEND_LOG_LEVEL", raising=False)
+    init_ray(num_cpus=2, quiet=False)
+    assert calls[-1]["log_to_driver"] is True and calls[-1]["logging_level"] == logging.WARNING
+    assert "RAY_BACKEND_LOG_LEVEL" not in os.environ
+    init_ray(num_cpus=2, quiet=True)
+    assert calls[-1]["log_to_driver"] is False and calls[-1]["logging_level"] == logging.ERROR
+    assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal"
+    parse = build_parser().parse_args
+    assert parse(["run", "job.yaml", "--verbose"]).ray_logs and parse(["-v", "run", "job.yaml"]).verbose
+    assert not parse(["run", "job.yaml"]).ray_logs
