@@ -13,13 +13,15 @@ import sys
 import time
 
 
-def _warn_costly(files: list[str], model, cfg) -> None:
-    """One warning per image that needs hundreds of model evaluations, before any is paid."""
+def _warn_costly(files: list[str], model, cfg, shown: int = 3) -> None:
+    """A warning before images that need hundreds of model evaluations: the first `shown`
+    by name, the rest counted (a folder of large photos should not scroll the screen)."""
     from depthray.plan import image_sizes
-    from depthray.predict_progress import cost_warning
+    from depthray.predict_progress import COSTLY_EVALUATIONS, cost_warning
     from depthray.tiling import plan_tiles
 
     res = int(model.processing_resolution)
+    costly = 0
     for path in files:
         try:
             (h, w), = image_sizes([path])
@@ -28,7 +30,12 @@ def _warn_costly(files: list[str], model, cfg) -> None:
         warning = cost_warning(path, plan_tiles(h, w, res, cfg.inference.tiling).num_views,
                                cfg.inference.ensemble_size)
         if warning:
-            print(warning, file=sys.stderr)
+            costly += 1
+            if costly <= shown:
+                print(warning, file=sys.stderr)
+    if costly > shown:
+        print(f"warning: {costly - shown} more image(s) need {COSTLY_EVALUATIONS} or more model evaluations "
+              "each", file=sys.stderr)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -59,8 +59,8 @@ def cost_warning(name: str, views: int, ensemble_size: int, threshold: int = COS
         return None
     return (f"warning: {name} needs {evaluations} model evaluations ({views} views x {ensemble_size} "
             f"ensemble members), each running every denoising step; fewer with --set "
-            f"inference.tiling.max_tiles=N (fewer tiles), inference.ensemble_size=N, or "
-            f"model.processing_resolution=N (bigger tiles, fewer of them), or "
+            f"inference.tiling.max_tiles=N (fewer tiles), a smaller inference.ensemble_size, a "
+            f"larger model.processing_resolution (fewer, larger tiles), or "
             f"inference.tiling.mode=off (global view only). `depthray plan --measure` times it first.")
 
 
