@@ -144,8 +144,12 @@ def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = job_stages(cfg)
-    built = {"infer": DepthPredictor(**stage(stages, "infer").kwargs, loaded=model)} if model is not None else None
-    runner = LocalRunner([stage(stages, n) for n in ("decode", "infer", "encode")], built)
+    # The hang watchdog ends its process so Ray restarts it; here there is no Ray, and a large
+    # image's batch may rightly run past the GPU default (30 min): only a value set in the
+    # config arms it.
+    infer = {**stage(stages, "infer").kwargs, "timeout_s": cfg.compute.batch_timeout_s or 0.0}
+    runner = LocalRunner([stage(stages, n) for n in ("decode", "infer", "encode")],
+                         {"infer": DepthPredictor(**infer, loaded=model)})
     predictor = runner.instance("infer")
     failed = 0
     chunk = max(1, cfg.compute.images_per_batch)
