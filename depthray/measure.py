@@ -122,9 +122,12 @@ def synthetic_image(height: int, width: int, path: Path) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = 128 + 60 * np.sin(xx / max(width, 1) * 7)[..., None] * np.cos(yy / max(height, 1) * 5)[..., None]
-    img = base + rng.normal(0, 12, (height, width, 3))
+    # float32 throughout: a 6000x4000 plan stays under 0.5 GB
+    shade = (np.sin(np.arange(width, dtype=np.float32) / max(width, 1) * 7)[None, :]
+             * np.cos(np.arange(height, dtype=np.float32) / max(height, 1) * 5)[:, None])  # [H,W]
+    img = rng.standard_normal((height, width, 3), dtype=np.float32)
+    img *= 12
+    img += (128 + 60 * shade)[..., None]
     Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
     return path
 
