@@ -26,42 +26,15 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from depthray.predict_command import run_predict
 
-    from depthray.config import load_config
-    from depthray.job.local import predict_files
-    from depthray.models.tiny import ensure_tiny_model
-
-    overrides = list(args.set or [])
-    if args.model:
-        overrides.append(f"model.path={args.model}")
-    cfg = load_config(args.config, overrides, require_io=False)
-    if args.tiny:
-        cfg.model.path = str(ensure_tiny_model())
-        print("using the built-in tiny random-weight model: its depth is meaningless (plumbing only)")
-    with tqdm(total=len(args.images), unit="img", desc="depth") as bar:
-        def done(path: str, row: dict) -> None:
-            if row.get("error"):
-                tqdm.write(f"skipped {path}: {row['error']}: {row['message']}")
-            bar.update(1)
-
-        failed = predict_files(args.images, cfg, args.out, on_done=done)
-    print(f"wrote {len(args.images) - failed} depth maps to {args.out}/ "
-          "({stem}.depth.png: 16-bit, depth*65535, 0 = near; {stem}.preview.png: input | depth)")
-    return 1 if failed else 0
+    return run_predict(args)
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"output: {summary['output']}  (summary: {summary['summary_path']})")
-    print(f"shards: {summary['shards_complete']} done now, {summary['shards_skipped']} already complete, "
-          f"{len(summary['shards_unfinished'])} unfinished")
-    print(f"images: {summary['images']} written, {summary['errors']} errors "
-          f"{summary['error_reasons'] or ''}; {summary['images_per_second']:.2f} images/s "
-          f"over {summary['wall_seconds']:.1f}s")
-    for line in summary.get("stages", []):
-        print(f"  {line}")
-    for name, why in summary["shards_unfinished"].items():
-        print(f"  unfinished {name}: {why} (re-run to retry)")
+    from depthray.job.ledger import summary_lines
+
+    print("\n".join(summary_lines(summary)))
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -95,7 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     try:
-        summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus)
+        summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus,
+                          quiet=not (args.verbose or args.ray_logs))
     except KeyboardInterrupt:  # before the job ran: nothing to summarise
         print("depthray: interrupted before the job started; nothing was committed", file=sys.stderr)
         return 130
@@ -181,17 +155,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from depthray.config import load_config
-    from depthray.plan import format_plans, image_sizes, measure_seconds_per_evaluation, plan_image
+    from depthray.plan import format_plans, image_sizes, plan_image
 
     cfg = load_config(args.config, args.set, require_io=False)
-    if args.measure:
-        if args.processing_resolution:
-            cfg.model.processing_resolution = args.processing_resolution
-        if args.steps:
-            cfg.inference.num_inference_steps = args.steps
-        args.seconds_per_evaluation = measure_seconds_per_evaluation(cfg)
-        print(f"measured {args.seconds_per_evaluation:.4g} s per evaluation (view x member x step, "
-              f"VAE included) at batch {cfg.inference.batch_size} on this machine")
     sizes: list[tuple[int, int]] = []
     for text in args.size or []:
         try:
@@ -200,15 +166,35 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             print(f"depthray plan: --size {text!r}: expected WIDTHxHEIGHT, e.g. 4000x3000", file=sys.stderr)
             return 2
         sizes.extend([(h, w)] * args.count)
+    files: dict[tuple[int, int], str] = {}
     for pattern in args.images or []:
-        sizes.extend(image_sizes(sorted(glob.glob(pattern)) or [pattern]))
+        paths = sorted(glob.glob(pattern)) or [pattern]
+        for path, size in zip(paths, image_sizes(paths)):
+            sizes.append(size)
+            files.setdefault(size, path)
     if not sizes:
         print("depthray plan: give --size WxH and/or --images GLOB", file=sys.stderr)
         return 2
+    counts = sorted(Counter(sizes).items())
     plans = [(plan_image(h, w, cfg, processing_resolution=args.processing_resolution, steps=args.steps,
-                         seconds_per_evaluation=args.seconds_per_evaluation), n)
-             for (h, w), n in sorted(Counter(sizes).items())]
-    print(format_plans(plans, args.seconds_per_evaluation))
+                         seconds_per_evaluation=args.seconds_per_evaluation), n) for (h, w), n in counts]
+    if args.measure:
+        from depthray.measure import measure_sizes
+
+        if args.processing_resolution:
+            cfg.model.processing_resolution = args.processing_resolution
+        if args.steps:
+            cfg.inference.num_inference_steps = args.steps
+        timings = measure_sizes(cfg, [size for size, _ in counts], files)
+        for (p, n), (size, _) in zip(plans, counts):
+            p.gpu_seconds = timings[size].seconds
+        total = sum(p.gpu_seconds * n for p, n in plans)
+        args.seconds_per_evaluation = total / max(sum(p.model_evaluations * n for p, n in plans), 1)
+        model_s = sum(timings[size].model_seconds * n for size, n in counts)
+        print(f"measured {args.seconds_per_evaluation:.4g} s per evaluation (view x member x step), everything "
+              f"an image costs in `depthray predict` on this machine: model {model_s:.1f} s + decoding, "
+              f"tile fusion, encoding and preview {total - model_s:.1f} s over the planned images")
+    print(format_plans(plans, args.seconds_per_evaluation, measured=args.measure))
     return 0
 
 
@@ -254,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
         "({stem}.depth.png, depth*65535, 0 = near) and a preview ({stem}.preview.png). "
         "Settings come from --config (the model: and inference: sections) and --set.",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (searched "
+                   "recursively for image files; other files are counted and reported)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--preview-size", type=int, default=1024, metavar="PX",
+                   help="long side of {stem}.preview.png (default 1024; 0 = full size); depth stays full size")
     p.add_argument("--config", help="YAML config (model: and inference: sections are used)")
     p.add_argument("--model", help="checkpoint: local folder, hub id or s3:// URL (sets model.path)")
     p.add_argument("--tiny", action="store_true",
@@ -281,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_option(p)
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--verbose", dest="ray_logs", action="store_true",
+                   help="show Ray's own warnings and the workers' output (tracebacks included) here; "
+                   "by default they stay in Ray's log files and each failure is one summary line")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("status", help="how far a job has got, read from its output (no Ray)",
@@ -369,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds-per-evaluation", type=float,
                    help="measured seconds for one UNet step on one view (enables the GPU-time estimate)")
     p.add_argument("--measure", action="store_true",
-                   help="load the configured model and time it on this machine's device to get "
-                   "--seconds-per-evaluation (run it on a GPU node of the kind the job will use)")
+                   help="load the configured model and time, on this machine, one image of each "
+                   "planned size as `depthray predict` runs it (model calls, decoding, tile fusion, "
+                   "encoding); run it on a node of the kind the job will use")
     p.set_defaults(func=_cmd_plan)
 
     return parser

@@ -7,8 +7,9 @@ Counting:
   views              = 1 global view + the tiles of every tile level
   member predictions = views x ensemble_size          (= DepthResult.model_evaluations)
   model evaluations  = member predictions x denoising steps   (UNet calls, one view each)
-  GPU time           = model evaluations x seconds per evaluation (measured or configured;
-                       VAE encode/decode and data loading come on top)
+  GPU time           = model evaluations x seconds per evaluation (configured: model calls
+                       only), or with --measure the seconds one image of that size took
+                       through predict's own path here (depthray/measure.py)
 """
 
 from __future__ import annotations
@@ -120,8 +121,10 @@ def _rotated(im) -> bool:
         return False
 
 
-def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: float | None) -> str:
-    """A table: one row per distinct image size (with its image count), then totals."""
+def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: float | None,
+                 measured: bool = False) -> str:
+    """A table: one row per distinct image size (with its image count), then totals.
+    `measured`: the seconds per image come from `depthray plan --measure` (depthray/measure.py)."""
     lines = [
         f"{'image (WxH)':>13} {'count':>6} {'tile levels (WxH:tiles)':>28} {'views':>6} "
         f"{'members':>8} {'evals':>7} {'GPU s/img':>9}",
@@ -143,16 +146,24 @@ def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: flo
         lines.append(f"processing resolution {p0.processing_resolution}, ensemble {p0.ensemble_size}, "
                      f"{p0.steps} denoising step(s); evals = views x members x steps")
         lines.append(f"total: {tot_images} image(s), {tot_views} views, {tot_evals} model evaluations")
-        if seconds_per_evaluation is not None:
+        if measured:
+            lines.append(f"estimated time: {tot_seconds:.1f} s = {tot_seconds / 3600:.2f} GPU-hours, per image "
+                         "as `depthray predict` spends it here (measured: model, VAE, decoding, tile fusion, "
+                         "encoding; model loading and reading from storage extra)")
+        elif seconds_per_evaluation is not None:
             lines.append(f"estimated GPU time: {tot_seconds:.1f} s = {tot_seconds / 3600:.2f} GPU-hours "
-                         f"at {seconds_per_evaluation:g} s/evaluation (VAE work counts only if the figure was measured with --measure; I/O extra)")
+                         f"at {seconds_per_evaluation:g} s/evaluation (model calls only: decoding, tile "
+                         "fusion and encoding come on top; --measure times them all)")
         else:
             lines.append("pass --seconds-per-evaluation (measured on your GPU) for a GPU-time estimate")
     return "\n".join(lines)
 
 
 def measure_seconds_per_evaluation(cfg: Config, repeats: int = 2) -> float:
-    """Time the configured model here: seconds per (view x member x step), VAE work included.
+    """Time the configured model alone here: seconds per (view x member x step), VAE included.
+
+    The model's share only: `depthray plan --measure` times whole images instead
+    (depthray/measure.py), because an image costs far more than its model batches.
 
     Runs one model batch as a job builds it (`inference.batch_size` requests: each view of
     a 4:3 image at the processing resolution with its `ensemble_size` members) through the

@@ -252,23 +252,32 @@ def _group_by_shape(chunk: list[tuple[int, int]], views: Sequence[_View]):
     return groups.values()
 
 
-def _run_level(model: DepthModel, jobs: Sequence[_ImageJob], views: list[_View], cfg: InferenceConfig) -> None:
+# progress(views_done, views_total): called once before the first model call (0 done, so a
+# caller can warn about the cost before it is paid) and after every finished view.
+Progress = Callable[[int, int], None]
+
+
+def _run_level(model: DepthModel, jobs: Sequence[_ImageJob], views: list[_View], cfg: InferenceConfig,
+               tick: Callable[[], None]) -> None:
     """One level's views of several images through the model; each finished view is folded in."""
     for view, members in _stream_members(model, views, lambda v: jobs[v.image_index].pixels(v), cfg):
         fused = ensemble_depth(members.unsqueeze(0), cfg.ensemble_reduction)  # [1,h,w], members' device
         job = jobs[view.image_index]
         job.add(view, fused.depth[0].to(job.device), fused.uncertainty[0].to(job.device))
+        tick()
 
 
 def predict_images(
     images: Iterable[Any],
     model: DepthModel,
     config: InferenceConfig | Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> list[DepthResult]:
-    """Predict depth for several images, sharing model batches across them."""
+    """Predict depth for several images, sharing model batches across them; `progress` hears
+    how many of their views are done (see `Progress`)."""
     cfg = inference_config(config)
     step_arguments(model, cfg.num_inference_steps)  # a model without steps fails before any work
-    return _predict_images(images, model, cfg)
+    return _predict_images(images, model, cfg, progress)
 
 
 def _fusion_device(model: DepthModel) -> torch.device:
@@ -280,7 +289,8 @@ def _fusion_device(model: DepthModel) -> torch.device:
     return torch.device("cpu")
 
 
-def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConfig) -> list[DepthResult]:
+def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConfig,
+                    progress: Progress | None = None) -> list[DepthResult]:
     res = int(model.processing_resolution)
     device = _fusion_device(model)
 
@@ -289,14 +299,24 @@ def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConf
     for idx, img in enumerate(images):
         t = image_to_tensor(img)  # [3,H,W]
         jobs.append(_ImageJob(idx, t, plan_tiles(t.shape[1], t.shape[2], res, cfg.tiling), device))
+    total, done = sum(job.plan.num_views for job in jobs), 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    if progress:
+        progress(0, total)
     # 3. Level 0: the global views of every image.
-    _run_level(model, jobs, [job.global_view() for job in jobs], cfg)
+    _run_level(model, jobs, [job.global_view() for job in jobs], cfg, tick)
     # 3. + 4. Tile levels, coarse to fine, each aligned to the level below.
     depth_levels = max((len(job.plan.levels) for job in jobs), default=0)
     for k in range(depth_levels):
         active = [job for job in jobs if k < len(job.plan.levels)]
         views = [v for job in active for v in job.start_level(k)]
-        _run_level(model, jobs, views, cfg)
+        _run_level(model, jobs, views, cfg, tick)
         for job in active:
             job.finish_level()
     # 5. Back to the image size.

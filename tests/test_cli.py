@@ -71,3 +71,39 @@ def test_predict_never_overwrites_files_that_share_a_stem(tiny_model_dir, tmp_pa
     assert out.returncode == 0, out.stderr
     written = sorted(p.name for p in (tmp_path / "out").glob("*.depth.png"))
     assert len(written) == 2 and all(n.startswith("x-") for n in written), written
+
+
+def test_predict_takes_folders_warns_on_costly_images_and_shows_views(tiny_model_dir, tmp_path):
+    from depthray.config import config_from_dict
+    from depthray.tiling import plan_tiles
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "in" / "big.png")
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "in" / "sub" / "small.jpg")
+    (tmp_path / "in" / "sub" / "notes.txt").write_text("not an image")
+    settings = ["--set", "model.processing_resolution=32", "--set", "inference.ensemble_size=4",
+                "--set", "inference.batch_size=16"]
+    out = _depthray("predict", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir),
+                    "--preview-size", "100", *settings)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.depth.png")) == ["big.depth.png", "small.depth.png"]
+    assert "skipped 1 file(s)" in out.stderr and "1 .txt" in out.stderr
+    # the warning is given exactly for the image whose views x members reach 200
+    views = plan_tiles(300, 400, 32, config_from_dict({}).inference.tiling).num_views
+    assert views * 4 >= 200 and 1 * 4 < 200
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "big.png" in warnings[0] and f"{views * 4} model evaluations" in warnings[0]
+    # views within the big image: announced, counted to the end; time left never before a view is done
+    progress = [line for line in out.stderr.replace("\r", "\n").splitlines() if ": views " in line]
+    both = views + 1  # one batch (compute.images_per_batch): big's views and small's one
+    assert f"images 1-2/2: views 0/{both}" in progress and f"images 1-2/2: views {both}/{both}" in progress
+    assert not [line for line in progress if " 0/" in line and "left" in line]
+    # the preview is capped, the depth keeps every pixel
+    preview = Image.open(tmp_path / "out" / "big.preview.png")
+    assert max(preview.size) <= 100 and preview.size[0] > preview.size[1]
+    assert np.asarray(Image.open(tmp_path / "out" / "big.depth.png")).shape == (300, 400)
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "no-images" / "a.txt").write_text("x")
+    empty = _depthray("predict", str(tmp_path / "no-images"), "--out", str(tmp_path / "o2"), "--model", str(tiny_model_dir))
+    assert empty.returncode == 2 and "no image files" in empty.stderr and "1 .txt" in empty.stderr

@@ -51,3 +51,22 @@ def test_more_rows_than_read_is_refused_and_late_acks_are_ignored():
 @pytest.mark.parametrize("seconds,text", [(8, "8s"), (95, "1m35s"), (3725, "1h02m")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_progress_line_says_time_left_only_once_a_shard_gave_a_rate():
+    t = ShardLedger({"a": "u/a", "b": "u/b"}, lambda *a: None, {})
+    t.start = 100.0
+    t.update(ack("a", 6))
+    line = t.progress_line(now=200.0)  # images written, but no shard finished: no rate per shard
+    assert line.startswith("progress: 0/2 shards, 6 images") and "left" not in line
+    t.update(ack("a", 4, total=10))
+    assert t.progress_line(now=110.0).endswith("about 10s left")  # b: 10 images at 1 image/s
+
+
+def test_the_end_of_a_job_does_not_repeat_the_last_progress_line(caplog):
+    t = ShardLedger({"a": "u/a"}, lambda *a: None, {}, log_every_s=0.0)
+    with caplog.at_level("INFO", logger="depthray.job.ledger"):
+        t.update(ack("a", 2, total=2))  # logs the line (every 0 s)
+        t.maybe_log(force=True)  # the job's end: nothing new since
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) == 1 and lines[0].startswith("progress: 1/1 shards, 2 images"), lines

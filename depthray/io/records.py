@@ -84,6 +84,9 @@ ACK = pa.schema(
         ("error_part_bytes", pa.list_(pa.int64())),
         ("error_reasons", pa.string()),  # JSON {reason: count}
         ("infer_s", pa.float64()),
+        # JSON {member extension: count}: image members of WebDataset samples left unlabelled
+        # beside the one input.image_member chose (e.g. "seg.png" beside "jpg")
+        ("unlabelled_members", pa.string()),
     ]
 )
 

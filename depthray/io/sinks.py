@@ -180,6 +180,16 @@ def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash
     return ParquetSink(cfg.url, storage, model, config_hash)
 
 
+def unlabelled_members(rows: list[dict[str, Any]]) -> Counter:
+    """Image members the reader left beside the one it chose, by extension (row meta
+    `unlabelled_members`, io/sources.py), so the job summary can say they were not labelled."""
+    found: Counter = Counter()
+    for r in rows:
+        if r.get("meta") and "unlabelled_members" in r["meta"]:
+            found.update(json.loads(r["meta"]).get("unlabelled_members") or [])
+    return found
+
+
 def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, model: str,
                 config_hash: str) -> pa.Table:
     """Ray Data UDF: ENCODED rows -> parts on storage, and one ACK row per source shard."""
@@ -210,6 +220,7 @@ def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, mode
                 "error_part_bytes": [error_part[1]] if error_part else [],
                 "error_reasons": json.dumps(Counter(f"{r['stage']}:{r['error']}" for r in errors)),
                 "infer_s": float(sum(r.get("infer_s") or 0.0 for r in outputs)),
+                "unlabelled_members": json.dumps(unlabelled_members(rows)),
             }
         )
     return records.to_table(acks, records.ACK)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -39,21 +40,41 @@ from depthray.job.stages import job_stages, model_label
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join `address` (a cluster, "auto"), or with `num_cpus` start a local Ray of that size
-    (never a stray `ray start` cluster's); no-op if already connected."""
+    (never a stray `ray start` cluster's); no-op if already connected.
+
+    `quiet` (`depthray run` without --verbose): Ray's own warnings, its C++ error lines and
+    the workers' output (where each failure's traceback is printed again) stay in Ray's log
+    files (/tmp/ray/session_latest/logs); failures still reach the summary, one line each.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": not quiet,
+                              "logging_level": logging.ERROR if quiet else logging.WARNING}
     if address is None and num_cpus is not None:
         kwargs.update(address="local", num_cpus=num_cpus)
+    if quiet:
+        # the driver's core worker prints Ray's C++ log lines ("[... E ...] core_worker.cc:")
+        # to this terminal; a user's own setting wins
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     ray.init(**kwargs)
 
 
+def quiet_ray_data() -> None:
+    """Ray Data prints every execution's start and end, and a warning that progress bars are
+    off (the ledger prints its own progress): errors only on the terminal; its log file
+    (ray-data.log in the session's logs) keeps everything. Call after ray.data is imported
+    (its import installs the handlers)."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.ERROR)
+
+
 def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
-            num_cpus: int | None = None) -> dict[str, Any]:
+            num_cpus: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) the job described by `cfg`; returns the summary.
 
     Uses the connected Ray, or joins `address` / starts a local Ray (`num_cpus`) only once
@@ -81,13 +102,13 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     except Exception as e:
         raise ConfigError(f"output.url {cfg.output.url!r}: not writable ({describe_error(e)})") from e
     try:
-        return _run(cfg, run_id, shards, log_every_s, address, num_cpus)
+        return _run(cfg, run_id, shards, log_every_s, address, num_cpus, quiet)
     finally:
         lease.release()
 
 
 def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: str | None,
-         num_cpus: int | None) -> dict[str, Any]:
+         num_cpus: int | None, quiet: bool = False) -> dict[str, Any]:
     check_input(cfg, shards)
     try:
         fingerprints = input_fingerprints(shards, cfg.storage)
@@ -102,7 +123,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
     res = None
     if resume.todo:
         try:
-            init_ray(address or cfg.compute.address, num_cpus=num_cpus)
+            init_ray(address or cfg.compute.address, num_cpus=num_cpus, quiet=quiet)
         except Exception as e:  # a node start-up timeout under load, a wrong address: one line, exit 2
             where = address or cfg.compute.address or "a local Ray"
             raise ConfigError(f"Ray did not start ({where}): {describe_error(e)}; nothing was run, "
@@ -123,6 +144,10 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
         ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
+        if quiet:
+            quiet_ray_data()
+        log.info("Starting execution: %d shard(s) on Ray, %s inference actor(s)", len(resume.todo),
+                 res.num_actors if res.fixed else f"{res.min_actors}..{res.max_actors or 'cluster limit'}")
         watch = PoolWatch()
         stop = DeferredInterrupt()
         try:

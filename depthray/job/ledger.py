@@ -55,6 +55,8 @@ class ShardLedger:
         self.images = 0  # outputs written
         self.errors = 0
         self.reasons: Counter = Counter()
+        self.unlabelled: Counter = Counter()  # image members not labelled, by extension
+        self._last_counts: tuple | None = None  # (shards, images, errors) of the last progress line
 
     def update(self, ack: dict[str, Any]) -> None:
         st = self.states.get(ack["source"])
@@ -75,6 +77,7 @@ class ShardLedger:
         self.images += ack["outputs"]
         self.errors += ack["errors"]
         self.reasons.update(json.loads(ack["error_reasons"] or "{}"))
+        self.unlabelled.update(json.loads(ack.get("unlabelled_members") or "{}"))
         if st.total is not None and st.rows > st.total + 1:
             raise RuntimeError(f"shard {ack['source']}: more rows written ({st.rows}) than read "
                                f"({st.total + 1}); refusing to commit a duplicate")
@@ -118,14 +121,25 @@ class ShardLedger:
         rows_per_s = (self.images + self.errors) / elapsed
         return left / rows_per_s if rows_per_s > 0 else None
 
+    def progress_line(self, now: float | None = None) -> str:
+        """'progress: 3/10 shards, ...'; time left only once a shard finished (a rate to go by)."""
+        eta = self.eta_seconds(now)
+        elapsed = max((now or time.time()) - self.start, 1e-9)
+        return (f"progress: {self.completed}/{len(self.states)} shards, {self.images} images "
+                f"({self.images / elapsed:.2f} images/s), {self.errors} errors"
+                + (f", about {format_duration(eta)} left" if eta else ""))
+
     def maybe_log(self, force: bool = False) -> None:
+        """The progress line every log_every_s; `force` (the job's end) skips a line that
+        would only repeat the last one."""
         now = time.time()
         if force or now - self.last_log >= self.log_every_s:
             self.last_log = now
-            eta = self.eta_seconds(now)
-            log.info("progress: %d/%d shards, %d images (%.2f images/s), %d errors%s",
-                     self.completed, len(self.states), self.images, self.rate(), self.errors,
-                     f", about {format_duration(eta)} left" if eta else "")
+            counts = (self.completed, self.images, self.errors)
+            if force and counts == self._last_counts:
+                return
+            self._last_counts = counts
+            log.info("%s", self.progress_line(now))
 
     def summary(self, job_error: str | None = None) -> dict[str, Any]:
         """Totals; `job_error` (the job stopped early) is given as the reason of every
@@ -140,10 +154,30 @@ class ShardLedger:
             "images": self.images,
             "errors": self.errors,
             "error_reasons": dict(self.reasons),
+            "image_members_unlabelled": dict(self.unlabelled),
             "wall_seconds": round(time.time() - self.start, 3),
             "images_per_second": round(self.rate(), 3),
             "infer_seconds": round(infer_s, 3),
         }
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The job summary as `depthray run` prints it (the full one is `_jobs/{run_id}.json`)."""
+    lines = [
+        f"output: {summary['output']}  (summary: {summary['summary_path']})",
+        f"shards: {summary['shards_complete']} done now, {summary['shards_skipped']} already complete, "
+        f"{len(summary['shards_unfinished'])} unfinished",
+        f"images: {summary['images']} written, {summary['errors']} errors "
+        f"{summary['error_reasons'] or ''}; {summary['images_per_second']:.2f} images/s "
+        f"over {summary['wall_seconds']:.1f}s",
+    ]
+    if summary.get("image_members_unlabelled"):
+        found = summary["image_members_unlabelled"]
+        lines.append(f"  {sum(found.values())} image member(s) of WebDataset samples not labelled "
+                     f"({', '.join(f'{n} .{e}' for e, n in sorted(found.items()))}): input.image_member chose another")
+    lines += [f"  {line}" for line in summary.get("stages", [])]
+    lines += [f"  unfinished {name}: {why} (re-run to retry)" for name, why in summary["shards_unfinished"].items()]
+    return lines
 
 
 def format_duration(seconds: float) -> str:

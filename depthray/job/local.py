@@ -101,33 +101,64 @@ def file_rows(paths: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         yield p, row
 
 
-def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict], None] | None = None) -> int:
+def preview_image(image, depth, max_side: int | None):
+    """input | colourised depth side by side, shrunk so its long side is at most `max_side`
+    (None or 0: full size). A preview is for looking: at full size a 24 MP photo made a
+    17.6 MB PNG; the depth PNG keeps every pixel."""
+    import numpy as np
+
+    from depthray.resize import resize_map
+    from depthray.visualize import colorize, side_by_side
+
+    h, w = depth.shape
+    gap = 4  # side_by_side's white gap between the panels
+    if max_side and max(h, 2 * w + gap) > max_side:
+        scale = min(max_side / h, (max_side - gap) / (2 * w))  # both panels shrink alike
+        size = (max(1, int(h * scale)), max(1, int(w * scale)))
+        image = np.round(resize_map(image, size)).clip(0, 255).astype(np.uint8)
+        depth = resize_map(depth, size)
+    return side_by_side(image, colorize(depth), gap=gap)
+
+
+def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict], None] | None = None, *,
+                  progress: Callable[[int, int, int, int], None] | None = None,
+                  preview_max_side: int | None = 1024, model: Any = None) -> int:
     """Depth for local image files through the job's decode -> infer -> encode stages.
 
     Writes `{key}.depth.png` (the encode stage's bytes: what a job writes for the same image
-    and config) and `{key}.preview.png` (input | colourised depth) per image, key = the file
-    stem (made unique, see `file_keys`); calls
-    `on_done(path, row)` for every file, an error row included. Returns the error count.
+    and config) and `{key}.preview.png` (input | colourised depth, long side at most
+    `preview_max_side`) per image, key = the file stem (made unique, see `file_keys`); calls
+    `on_done(path, row)` for every file, an error row included, and `progress(first, count,
+    views_done, views_total)` as the views of images first..first+count-1 finish.
+    `model`: one already loaded (else cfg.model is loaded). Returns the error count.
     """
     from pathlib import Path
 
     from depthray.io import records
     from depthray.io.codecs import decode_depth_png16
     from depthray.io.decode import decode_image
+    from depthray.job.predictor import DepthPredictor
     from depthray.job.stages import job_stages, stage
-    from depthray.visualize import colorize, side_by_side
     from PIL import Image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = job_stages(cfg)
-    runner = LocalRunner([stage(stages, n) for n in ("decode", "infer", "encode")])
+    # The hang watchdog ends its process so Ray restarts it; here there is no Ray, and a large
+    # image's batch may rightly run past the GPU default (30 min): only a value set in the
+    # config arms it.
+    infer = {**stage(stages, "infer").kwargs, "timeout_s": cfg.compute.batch_timeout_s or 0.0}
+    runner = LocalRunner([stage(stages, n) for n in ("decode", "infer", "encode")],
+                         {"infer": DepthPredictor(**infer, loaded=model)})
+    predictor = runner.instance("infer")
     failed = 0
     chunk = max(1, cfg.compute.images_per_batch)
     items = list(file_rows(paths))
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
         by_key = {row["key"]: p for p, row in part}
+        if progress is not None:
+            predictor.progress = lambda done, total, first=start, n=len(part): progress(first, n, done, total)
         table = records.to_table([row for _, row in part], records.SAMPLE)
         for encoded in runner.run([table]):
             for row in encoded.to_pylist():
@@ -138,7 +169,8 @@ def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict],
                     image, _ = decode_image(Path(by_key[row["key"]]).read_bytes(), cfg.input.max_pixels,
                                             cfg.input.min_side)
                     depth = decode_depth_png16(row["depth"])
-                    Image.fromarray(side_by_side(image, colorize(depth))).save(out / f"{row['key']}.preview.png")
+                    Image.fromarray(preview_image(image, depth, preview_max_side)).save(
+                        out / f"{row['key']}.preview.png")
                 if on_done:
                     on_done(by_key[row["key"]], row)
     return failed

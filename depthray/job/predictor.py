@@ -53,12 +53,15 @@ class DepthPredictor:
     """
 
     def __init__(self, model: ModelConfig, inference: InferenceConfig, storage: StorageConfig,
-                 run_id: str = "", timeout_s: float | None = None):
+                 run_id: str = "", timeout_s: float | None = None, loaded=None):
+        """`loaded`: a model already in memory (`depthray plan --measure` passes a stand-in
+        that records calls); else `model` is loaded."""
         from depthray.io.fs import storage_options
         from depthray.models.loading import load_model
 
-        self.model = load_model(model, storage_options(model.path, storage))
+        self.model = loaded if loaded is not None else load_model(model, storage_options(model.path, storage))
         self.inference = inference
+        self.progress = None  # predict.Progress for the next batches (depthray predict sets it)
         self.run_id = run_id
         if timeout_s is None:
             on_gpu = getattr(getattr(self.model, "device", None), "type", "cpu") == "cuda"
@@ -97,7 +100,7 @@ class DepthPredictor:
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3).copy() for r in rows]
         while True:
             try:
-                return predict_images(images, self.model, self.inference)
+                return predict_images(images, self.model, self.inference, self.progress)
             except Exception as e:
                 if not is_out_of_memory(e) or self.inference.batch_size <= 1:
                     raise

@@ -7,8 +7,11 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
+import os
 import tarfile
 import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -21,6 +24,7 @@ from PIL import Image
 from depthray.io.records import ERRORS
 from depthray.io.tar_samples import tar_bytes as tar_of
 from depthray.job.driver import run_job
+from depthray.job.ledger import summary_lines
 from tests.reliability.conftest import assert_exactly_once, double_model, enc, job_config, noise_rgb, read_outputs
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,6 +78,10 @@ def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_p
     meta = json.loads(members["left.json"])
     assert meta["unlabelled_members"] == ["seg.png"] and meta["image_member"] == "jpg"
     assert summary["errors"] == 1
+    # 2: the summary (returned, in _jobs/, printed) counts the mask left beside the chosen photo
+    assert summary["image_members_unlabelled"] == {"seg.png": 1}
+    assert json.loads(Path(summary["summary_path"]).read_text())["image_members_unlabelled"] == {"seg.png": 1}
+    assert "1 image member(s) of WebDataset samples not labelled (1 .seg.png)" in "\n".join(summary_lines(summary))
     # 12: `_errors/` is there with its schema even where nothing failed (second output)
     cfg2 = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out2"), double_model(),
                       input={"image_member": ["jpg"]})
@@ -292,3 +300,65 @@ def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, capsys, s3_buck
         assert rc == 2 and took < 5, (took, captured)
         assert named in captured.err and "Traceback" not in captured.err, captured.err
         assert "to do" not in captured.out
+
+
+def test_run_is_quiet_by_default(tmp_path):
+    """Item 14: a real `depthray run` with one image the model fails on and one unreadable
+    file: no Ray warnings, worker output or tracebacks on the terminal, each failure counted
+    once in the summary, and no progress line guesses the time left before a shard finished."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.reliability.conftest import REPO
+
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        (tmp_path / "in" / f"p{i}.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+    (tmp_path / "in" / "black.png").write_bytes(enc(Image.new("RGB", (16, 16)), "PNG"))  # NaN depth
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"not an image")
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"url": str(tmp_path / "in"), "images_per_shard": 2}, "output": {"url": str(tmp_path / "out")},
+        "model": double_model(nan_if_black=True), "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+        "compute": {"images_per_batch": 4}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_BACKEND_LOG_LEVEL", None)
+    out = subprocess.run([sys.executable, "-m", "depthray.cli", "run", str(config), "--num-cpus", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "infer:non_finite': 1" in text and "decode:not_an_image': 1" in text, text  # each failure once
+    assert not re.search(r"(WARNING|INFO) \S+\.py:\d+ -- ", text), text  # Ray's own log format
+    for noise in ("Traceback", "core_worker.cc", "pid=", "retrying one image at a time"):
+        assert noise not in text, text
+    progress = [line for line in text.splitlines() if "progress: " in line]
+    assert progress and not [line for line in progress if "progress: 0/" in line and "left" in line], progress
+    help_text = subprocess.run([sys.executable, "-m", "depthray.cli", "run", "--help"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=60).stdout
+    assert "--verbose" in help_text
+
+
+def test_verbose_run_keeps_rays_own_output(monkeypatch):
+    """Item 14: `depthray run --verbose` (or `depthray -v run`) starts Ray as before: worker
+    output streamed here, Ray's warnings shown, its C++ log level untouched."""
+    import ray
+
+    from depthray.cli import build_parser
+    from depthray.job.driver import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_BACKEND_LOG_LEVEL", raising=False)
+    init_ray(num_cpus=2, quiet=False)
+    assert calls[-1]["log_to_driver"] is True and calls[-1]["logging_level"] == logging.WARNING
+    assert "RAY_BACKEND_LOG_LEVEL" not in os.environ
+    init_ray(num_cpus=2, quiet=True)
+    assert calls[-1]["log_to_driver"] is False and calls[-1]["logging_level"] == logging.ERROR
+    assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal"
+    parse = build_parser().parse_args
+    assert parse(["run", "job.yaml", "--verbose"]).ray_logs and parse(["-v", "run", "job.yaml"]).verbose
+    assert not parse(["run", "job.yaml"]).ray_logs
