@@ -7,6 +7,7 @@ each stage gets at most its `batch_size` rows per call; stateful stages are buil
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -101,14 +102,15 @@ def file_rows(paths: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
         yield p, row
 
 
-def preview_image(image, depth, max_side: int | None):
+def preview_image(image, depth, max_side: int | None, space: str = "depth"):
     """input | colourised depth side by side, shrunk so its long side is at most `max_side`
     (None or 0: full size). A preview is for looking: at full size a 24 MP photo made a
-    17.6 MB PNG; the depth PNG keeps every pixel."""
+    17.6 MB PNG; the depth PNG keeps every pixel. `space`: what the label holds
+    (meta.output_space), so disparity is coloured near-red like depth."""
     import numpy as np
 
     from depthray.resize import resize_map
-    from depthray.visualize import colorize, side_by_side
+    from depthray.visualize import colorize_label, side_by_side
 
     h, w = depth.shape
     gap = 4  # side_by_side's white gap between the panels
@@ -117,7 +119,7 @@ def preview_image(image, depth, max_side: int | None):
         size = (max(1, int(h * scale)), max(1, int(w * scale)))
         image = np.round(resize_map(image, size)).clip(0, 255).astype(np.uint8)
         depth = resize_map(depth, size)
-    return side_by_side(image, colorize(depth), gap=gap)
+    return side_by_side(image, colorize_label(depth, space), gap=gap)
 
 
 def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict], None] | None = None, *,
@@ -169,7 +171,8 @@ def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict],
                     image, _ = decode_image(Path(by_key[row["key"]]).read_bytes(), cfg.input.max_pixels,
                                             cfg.input.min_side)
                     depth = decode_depth_png16(row["depth"])
-                    Image.fromarray(preview_image(image, depth, preview_max_side)).save(
+                    space = json.loads(row.get("meta") or "{}").get("output_space", "depth")
+                    Image.fromarray(preview_image(image, depth, preview_max_side, space)).save(
                         out / f"{row['key']}.preview.png")
                 if on_done:
                     on_done(by_key[row["key"]], row)
