@@ -146,7 +146,9 @@ def test_autoscaling_pool_grows_onto_new_gpu_nodes(tmp_path, make_image):
     """A head without GPUs, a GPU worker type from 0 nodes: with num_actors unset the pool
     starts at one actor (whose GPU request makes the autoscaler start a node), grows while
     work is queued (more nodes), and every key ends exactly once."""
-    expected = write_shards(tmp_path / "in", make_image, shards=4, per=20)
+    # 80 calls of 0.8 s: ~64 s of work for one actor, longer than a loaded machine takes to
+    # start the next fake node after asking (~40 s seen), so the pool can grow before the end.
+    expected = write_shards(tmp_path / "in", make_image, shards=4, per=40)
     calls = tmp_path / "calls.log"
     cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"),
                      double_model(sleep_s=0.8, calls_log=str(calls)),
