@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from depthray.tiling import Level, Tile, sample_region, tile_weights
 
-ANCHOR = 0.1  # anchor weight per level pixel, relative to the overlaps' feather products
+ANCHOR = 0.03  # anchor weight per level pixel, relative to the overlaps' feather products (tuned:
+# 0.01-1 measured on yard/street ratios 8 and 16, docs/tiling.md)
 
 
 def uses_joint(fusion: str) -> bool:
@@ -81,64 +82,65 @@ def solve_level(
     iters = 1 is plain weighted least squares; more add robust reweighting passes.
     """
     lam = ANCHOR if anchor is None else anchor
-    n = len(tiles)
+    n, k = len(tiles), 2
     cpu = [d.detach().to("cpu", torch.float64) for d in depths]
     means = [float(d.mean()) for d in cpu]
-    centred = [d - m for d, m in zip(cpu, means)]  # solve for s_i and u_i = t_i + s_i m_i
-    # Overlap samples: (i, j, a, b, w) with a, b the two tiles' centred depths on the shared box.
+    # Per tile, its basis maps [k,h,w]: centred depth (solve for u = t + s m) and 1.
+    bases = [torch.stack([d - m, torch.ones_like(d)]) for d, m in zip(cpu, means)]
+    # Overlap samples: (i, j, Bi, Bj, w): the two tiles' bases [k,P] on the shared box.
     feathers = [tile_weights(t, level).double() for t in tiles]
     pairs = []
     for i, j, box in tile_overlaps(tiles):
         li, lj = _local(box, tiles[i]), _local(box, tiles[j])
         w = (feathers[i][li] * feathers[j][lj]).reshape(-1)
         if float(w.sum()) > 0:
-            pairs.append((i, j, centred[i][li].reshape(-1), centred[j][lj].reshape(-1), w))
+            pairs.append((i, j, bases[i][(slice(None),) + li].reshape(k, -1),
+                          bases[j][(slice(None),) + lj].reshape(k, -1), w))
     # Anchor samples: each tile area-downsampled to its area's size in ref (as align_tile).
     rh, rw = ref.shape
     anchors = []
-    for t, d in zip(tiles, centred):
+    for t, b in zip(tiles, bases):
         oh = max(2, min(t.height, round(t.height * rh / level.size[0])))
         ow = max(2, min(t.width, round(t.width * rw / level.size[1])))
-        small = F.interpolate(d[None, None], (oh, ow), mode="area")[0, 0].reshape(-1)
+        small = F.interpolate(b[None], (oh, ow), mode="area")[0].reshape(k, -1)  # [k,P]
         target = sample_region(ref.detach().cpu(), t, level.size, (oh, ow)).double().reshape(-1)
         anchors.append((small, target, lam * t.height * t.width / (oh * ow)))
     pair_rw = [torch.ones_like(p[4]) for p in pairs]  # robust weights, updated per pass
-    anchor_rw = [torch.ones_like(a[0]) for a in anchors]
+    anchor_rw = [torch.ones_like(a[1]) for a in anchors]
     pinned = torch.zeros(n, dtype=torch.bool)  # tiles whose s is held at 0 (flipped)
-    x = torch.zeros(2 * n, dtype=torch.float64)
+    x = torch.zeros(k * n, dtype=torch.float64)
+    s_rows = torch.arange(0, k * n, k)
     for it in range(max(1, iters)):
-        a_mat = torch.zeros(2 * n, 2 * n, dtype=torch.float64)
-        rhs = torch.zeros(2 * n, dtype=torch.float64)
-        for (i, j, a, b, w), rw in zip(pairs, pair_rw):
-            w = w * rw
-            g = torch.stack([a, torch.ones_like(a), -b, -torch.ones_like(b)])  # [4,P]
-            idx = torch.tensor([2 * i, 2 * i + 1, 2 * j, 2 * j + 1])
-            a_mat[idx[:, None], idx[None, :]] += (g * w) @ g.T
-        for k, ((small, target, wk), rw) in enumerate(zip(anchors, anchor_rw)):
-            w = wk * rw
-            g = torch.stack([small, torch.ones_like(small)])  # [2,P]
-            a_mat[2 * k : 2 * k + 2, 2 * k : 2 * k + 2] += (g * w) @ g.T
-            rhs[2 * k : 2 * k + 2] += (g * w) @ target
+        a_mat = torch.zeros(k * n, k * n, dtype=torch.float64)
+        rhs = torch.zeros(k * n, dtype=torch.float64)
+        for (i, j, bi, bj, w), rw in zip(pairs, pair_rw):
+            g = torch.cat([bi, -bj])  # [2k,P]
+            idx = torch.cat([torch.arange(k * i, k * i + k), torch.arange(k * j, k * j + k)])
+            a_mat[idx[:, None], idx[None, :]] += (g * (w * rw)) @ g.T
+        for q, ((small, target, wq), rw) in enumerate(zip(anchors, anchor_rw)):
+            gw = small * (wq * rw)
+            a_mat[k * q : k * q + k, k * q : k * q + k] += gw @ small.T
+            rhs[k * q : k * q + k] += gw @ target
         # A flat tile has an all-zero s column: a tiny ridge holds its s at 0 without
         # moving any other tile's; pinned (flipped) tiles get a stiff one.
-        diag = a_mat.diagonal()
-        scale = float(diag.abs().max().clamp_min(1e-12))
-        ridge = torch.where(pinned, 1e6 * scale, 1e-10 * scale)
-        a_mat[torch.arange(0, 2 * n, 2), torch.arange(0, 2 * n, 2)] += ridge
+        scale = float(a_mat.diagonal().abs().max().clamp_min(1e-12))
+        a_mat[s_rows, s_rows] += torch.where(pinned, 1e6 * scale, 1e-10 * scale)
         x = torch.linalg.solve(a_mat, rhs)
-        s = x[0::2]
-        if bool((s < 0).any()):  # never flip depth order: pin and solve again
-            pinned |= s < 0
+        coef = x.reshape(n, k)
+        if bool((coef[:, 0] < 0).any()):  # never flip depth order: pin and solve again
+            pinned |= coef[:, 0] < 0
             continue
         if it + 1 >= iters:
             break
-        s, u = x[0::2], x[1::2]
-        res_p = [s[i] * a + u[i] - s[j] * b - u[j] for i, j, a, b, _ in pairs]
-        res_a = [s[k] * small + u[k] - target for k, (small, target, _) in enumerate(anchors)]
+        res_p = [coef[i] @ bi - coef[j] @ bj for i, j, bi, bj, _ in pairs]
+        res_a = [coef[q] @ small - target for q, (small, target, _) in enumerate(anchors)]
         if res_p:
             sig = float(1.4826 * torch.cat(res_p).abs().median())
             pair_rw = [_robust(r, sig, tukey=False) for r in res_p]
         sig = float(1.4826 * torch.cat(res_a).abs().median())
         anchor_rw = [_robust(r, sig, tukey=it >= 3) for r in res_a]
-    s, u = x[0::2].clamp_min(0.0), x[1::2]
-    return [(float(s[k]), float(u[k] - s[k] * means[k])) for k in range(n)]
+    coef = x.reshape(n, k).clone()
+    coef[:, 0].clamp_(min=0.0)
+    coef[:, 1] -= coef[:, 0] * torch.tensor(means, dtype=torch.float64)  # u -> t
+    return [(float(row[0]), float(row[1])) for row in coef]
+

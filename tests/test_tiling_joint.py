@@ -115,3 +115,4 @@ def test_flipped_tile_is_pinned_not_inverted():
 
 def test_tile_overlaps_of_disjoint_tiles_is_empty():
     assert tile_overlaps([Tile(0, 0, 10, 10), Tile(10, 10, 10, 10)]) == []
+
