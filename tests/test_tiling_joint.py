@@ -63,9 +63,9 @@ def test_constant_tile_gives_zero_scale_and_no_nan():
     assert out[4][0] == pytest.approx(0.0, abs=1e-6)
     # its shift puts it at the level of its neighbours and the reference, not at 0.7
     assert 0.7 * out[4][0] + out[4][1] == pytest.approx(float(depth[level.tiles[4].box].mean()), abs=0.1)
-    for k, (s, t) in enumerate(out):  # the other tiles stay close (the flat tile, wrong here
+    for k, (s, t) in enumerate(out):  # the other tiles stay in place (the flat tile, wrong here
         if k != 4:                      # since the scene under it is not flat, pulls a little)
-            assert s == pytest.approx(1.0, abs=0.1) and t == pytest.approx(0.0, abs=0.1)
+            assert float((tiles[k] * s + t - tiles[k]).abs().mean()) < 0.03
 
 
 def test_gauge_is_fixed_by_the_anchor():
