@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from depthray.tiling import Level, Tile, sample_region, tile_weights
 
+CELLS = 16  # samples per tile side the solve works on (overlaps and anchor are area-averaged;
+# tuned: 64 / 32 / 16 / 8 measured, docs/tiling.md)
 ANCHOR = 0.03  # anchor weight per level pixel, relative to the overlaps' feather products (tuned:
 # 0.01-1 measured on yard/street ratios 8 and 16, docs/tiling.md)
 
@@ -87,58 +89,77 @@ def solve_level(
     means = [float(d.mean()) for d in cpu]
     # Per tile, its basis maps [k,h,w]: centred depth (solve for u = t + s m) and 1.
     bases = [torch.stack([d - m, torch.ones_like(d)]) for d, m in zip(cpu, means)]
-    # Overlap samples: (i, j, Bi, Bj, w): the two tiles' bases [k,P] on the shared box.
+    # Overlap samples: (i, j, Bi, Bj, w): the two tiles' bases [k,P] on the shared box, area-
+    # averaged over cells of `cell` px (linear, so exact data still fits exactly; it bounds the
+    # cost at ~(tile / cell)^2 samples per overlap), w the cells' summed feather products.
+    cell = max(1, max(max(t.height, t.width) for t in tiles) // CELLS)
     feathers = [tile_weights(t, level).double() for t in tiles]
     pairs = []
     for i, j, box in tile_overlaps(tiles):
         li, lj = _local(box, tiles[i]), _local(box, tiles[j])
-        w = (feathers[i][li] * feathers[j][lj]).reshape(-1)
+        grid = (-(-box.height // cell), -(-box.width // cell))
+        maps = torch.cat([bases[i][(slice(None),) + li], bases[j][(slice(None),) + lj],
+                          (feathers[i][li] * feathers[j][lj])[None]])  # [2k+1,bh,bw]
+        pooled = F.adaptive_avg_pool2d(maps[None], grid)[0].reshape(2 * k + 1, -1)
+        w = pooled[-1] * (box.height * box.width / (grid[0] * grid[1]))
         if float(w.sum()) > 0:
-            pairs.append((i, j, bases[i][(slice(None),) + li].reshape(k, -1),
-                          bases[j][(slice(None),) + lj].reshape(k, -1), w))
-    # Anchor samples: each tile area-downsampled to its area's size in ref (as align_tile).
+            pairs.append((i, j, pooled[:k], pooled[k : 2 * k], w))
+    # Anchor samples: each tile area-downsampled to its area's size in ref (as align_tile),
+    # at most CELLS x CELLS.
     rh, rw = ref.shape
     anchors = []
     for t, b in zip(tiles, bases):
-        oh = max(2, min(t.height, round(t.height * rh / level.size[0])))
-        ow = max(2, min(t.width, round(t.width * rw / level.size[1])))
+        oh = max(2, min(t.height, CELLS, round(t.height * rh / level.size[0])))
+        ow = max(2, min(t.width, CELLS, round(t.width * rw / level.size[1])))
         small = F.interpolate(b[None], (oh, ow), mode="area")[0].reshape(k, -1)  # [k,P]
         target = sample_region(ref.detach().cpu(), t, level.size, (oh, ow)).double().reshape(-1)
         anchors.append((small, target, lam * t.height * t.width / (oh * ow)))
-    pair_rw = [torch.ones_like(p[4]) for p in pairs]  # robust weights, updated per pass
-    anchor_rw = [torch.ones_like(a[1]) for a in anchors]
+    # Flat samples: rows [S,2k] of the equations' coefficients, their unknowns' indices, weights.
+    ar = torch.arange(k)
+    if pairs:
+        p_rows = torch.cat([torch.cat([bi, -bj]).T for _, _, bi, bj, _ in pairs])  # [Sp,2k]
+        p_idx = torch.cat([torch.cat([k * i + ar, k * j + ar]).expand(len(w), 2 * k) for i, j, _, _, w in pairs])
+        p_w = torch.cat([w for *_, w in pairs])
+        p_id = torch.cat([torch.full((len(w),), q) for q, (*_, w) in enumerate(pairs)])
+    else:
+        p_rows, p_w = torch.zeros(0, 2 * k, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        p_idx, p_id = torch.zeros(0, 2 * k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    a_rows = torch.cat([small.T for small, _, _ in anchors])  # [Sa,k]
+    a_idx = torch.cat([(k * q + ar).expand(small.shape[1], k) for q, (small, _, _) in enumerate(anchors)])
+    a_tgt = torch.cat([target for _, target, _ in anchors])
+    a_w = torch.cat([torch.full_like(target, wq) for _, target, wq in anchors])
+    a_id = torch.cat([torch.full((len(target),), q) for q, (_, target, _) in enumerate(anchors)])
+    p_rw, a_rw = torch.ones_like(p_w), torch.ones_like(a_w)  # robust weights, updated per pass
     pinned = torch.zeros(n, dtype=torch.bool)  # tiles whose s is held at 0 (flipped)
     x = torch.zeros(k * n, dtype=torch.float64)
     s_rows = torch.arange(0, k * n, k)
     for it in range(max(1, iters)):
         a_mat = torch.zeros(k * n, k * n, dtype=torch.float64)
         rhs = torch.zeros(k * n, dtype=torch.float64)
-        for (i, j, bi, bj, w), rw in zip(pairs, pair_rw):
-            g = torch.cat([bi, -bj])  # [2k,P]
-            idx = torch.cat([torch.arange(k * i, k * i + k), torch.arange(k * j, k * j + k)])
-            a_mat[idx[:, None], idx[None, :]] += (g * (w * rw)) @ g.T
-        for q, ((small, target, wq), rw) in enumerate(zip(anchors, anchor_rw)):
-            gw = small * (wq * rw)
-            a_mat[k * q : k * q + k, k * q : k * q + k] += gw @ small.T
-            rhs[k * q : k * q + k] += gw @ target
+        for rows, idx, eq, w in ((p_rows, p_idx, p_id, p_w * p_rw), (a_rows, a_idx, a_id, a_w * a_rw)):
+            m = rows.shape[1]
+            outer = (rows[:, :, None] * (rows * w[:, None])[:, None, :]).reshape(-1, m * m)  # [S,m*m]
+            blocks = torch.zeros(int(eq.max()) + 1 if len(eq) else 0, m * m, dtype=torch.float64)
+            blocks.index_add_(0, eq, outer)  # one m x m block per overlap / per anchor
+            first = idx[torch.searchsorted(eq, torch.arange(len(blocks)))]  # [B,m] unknowns
+            a_mat.index_put_((first[:, :, None].expand(-1, m, m), first[:, None, :].expand(-1, m, m)),
+                             blocks.reshape(-1, m, m), accumulate=True)
+        rhs.index_put_((a_idx,), a_rows * (a_w * a_rw * a_tgt)[:, None], accumulate=True)
         # A flat tile has an all-zero s column: a tiny ridge holds its s at 0 without
         # moving any other tile's; pinned (flipped) tiles get a stiff one.
         scale = float(a_mat.diagonal().abs().max().clamp_min(1e-12))
         a_mat[s_rows, s_rows] += torch.where(pinned, 1e6 * scale, 1e-10 * scale)
         x = torch.linalg.solve(a_mat, rhs)
-        coef = x.reshape(n, k)
-        if bool((coef[:, 0] < 0).any()):  # never flip depth order: pin and solve again
-            pinned |= coef[:, 0] < 0
+        if bool((x[s_rows] < 0).any()):  # never flip depth order: pin and solve again
+            pinned |= x[s_rows] < 0
             continue
         if it + 1 >= iters:
             break
-        res_p = [coef[i] @ bi - coef[j] @ bj for i, j, bi, bj, _ in pairs]
-        res_a = [coef[q] @ small - target for q, (small, target, _) in enumerate(anchors)]
-        if res_p:
-            sig = float(1.4826 * torch.cat(res_p).abs().median())
-            pair_rw = [_robust(r, sig, tukey=False) for r in res_p]
-        sig = float(1.4826 * torch.cat(res_a).abs().median())
-        anchor_rw = [_robust(r, sig, tukey=it >= 3) for r in res_a]
+        res_p = (p_rows * x[p_idx]).sum(1)
+        res_a = (a_rows * x[a_idx]).sum(1) - a_tgt
+        if len(res_p):
+            p_rw = _robust(res_p, float(1.4826 * res_p.abs().median()), tukey=False)
+        a_rw = _robust(res_a, float(1.4826 * res_a.abs().median()), tukey=it >= 3)
     coef = x.reshape(n, k).clone()
     coef[:, 0].clamp_(min=0.0)
     coef[:, 1] -= coef[:, 0] * torch.tensor(means, dtype=torch.float64)  # u -> t
