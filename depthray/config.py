@@ -31,9 +31,9 @@ class TilingConfig:
     max_tiles: int = 64  # cap per image; working resolution shrinks to respect it
     # auto tiles only when the long side exceeds this multiple of the processing resolution
     auto_threshold: float = 1.5
-    # how tiles are fused: pyramid-split | pyramid | align | lowfreq | pyramid-lowfreq | pyramid-joint
-    # | pyramid-joint-split (docs/tiling.md)
-    fusion: str = "pyramid-split"
+    # how tiles are fused: pyramid-joint-split | pyramid-joint | pyramid-split | pyramid | align
+    # | lowfreq | pyramid-lowfreq (docs/tiling.md)
+    fusion: str = "pyramid-joint-split"
 
 
 @dataclass

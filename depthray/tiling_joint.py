@@ -5,22 +5,28 @@ Here all tiles of a level are held until the level ends and their scales and shi
 solved together, in one small least-squares system (no chain order, so no drift):
 
     unknowns  (s_i, t_i) per tile i;
-    overlaps  s_i d_i + t_i ~ s_j d_j + t_j on every pixel two tiles share, weighted by the
+    overlaps  s_i d_i + t_i ~ s_j d_j + t_j where two tiles share pixels, weighted by the
               product of their feather weights (the level's own pixel grid: exact matches);
-    anchor    s_i d_i + t_i ~ ref on the tile's area at the reference's resolution (the
-              fused level below, as align_tile compares), weight `anchor` per level pixel:
+    anchor    s_i d_i + t_i ~ ref over the tile's area at the reference's resolution (the
+              fused level below, as align_tile compares), weight ANCHOR per level pixel:
               it fixes the gauge (overlaps alone are met by s = t = 0) and carries layout.
+
+Both are area-averaged to cells of 1/CELLS of a tile side before the solve (averaging is
+linear, so consistent tiles still fit exactly); this bounds the cost at ~1-2 s on one CPU
+thread for a level of 336 tiles (measured with 128 px and 256 px tiles), and measured
+better than finer cells on the benchmark (docs/tiling.md). The solve runs on the CPU.
 
 A few iteratively reweighted passes (Huber on overlaps; Huber then Tukey on the anchor,
 like fit_scale_shift) keep blurred edges and thin structures the level below never saw
 from pulling the fit. The normal equations are dense, 2N x 2N in float64 (N tiles of one
-level: a few hundred at most under max_tiles). A flat tile carries no scale: a tiny ridge
-keeps its s at 0, and a negative s (a flipped tile) is pinned to 0 and the system solved
+level: a few hundred at most under max_tiles). A flat tile carries no scale: its s is
+pinned to 0 (a stiff ridge), as is a negative s (a flipped tile), and the system solved
 again.
 
-Memory: every tile's fused depth and uncertainty of a level, i.e. 2 x tiles x tile area
-float32 (ratio 16 on a 2048 px image: 336 tiles of 128 px = 44 MB; 64 tiles of 768 px =
-300 MB), on top of the blender's four level-size maps.
+Memory: every tile's fused depth and uncertainty of a level are held until it ends, i.e.
+2 x tiles x tile area float32 (ratio 16 on a 2048 px image: 336 tiles of 128 px = 44 MB;
+a 4000x3000 photo at 768 px: 35 tiles = 165 MB; at 256 px and native size, 336 tiles =
+176 MB), on top of the blender's four level-size maps, and on the model's device.
 """
 
 from __future__ import annotations
@@ -85,33 +91,38 @@ def solve_level(
     """
     lam = ANCHOR if anchor is None else anchor
     n, k = len(tiles), 2
-    cpu = [d.detach().to("cpu", torch.float64) for d in depths]
-    means = [float(d.mean()) for d in cpu]
-    # Per tile, its basis maps [k,h,w]: centred depth (solve for u = t + s m) and 1.
-    bases = [torch.stack([d - m, torch.ones_like(d)]) for d, m in zip(cpu, means)]
+    # Tiles stay float32 at full size (a level's tiles in float64 would double the memory
+    # held); only the pooled samples below are float64. Each tile's depth enters centred on
+    # its mean m (solve for u = t + s m): its basis is (d - m, 1).
+    cpu = [d.detach().to("cpu", torch.float32) for d in depths]
+    means = [float(d.double().mean()) for d in cpu]
+
+    def basis(pooled: torch.Tensor, q: int) -> torch.Tensor:  # pooled depth [P] -> [k,P]
+        d = pooled.double() - means[q]
+        return torch.stack([d, torch.ones_like(d)])
+
     # Overlap samples: (i, j, Bi, Bj, w): the two tiles' bases [k,P] on the shared box, area-
     # averaged over cells of `cell` px (linear, so exact data still fits exactly; it bounds the
     # cost at ~(tile / cell)^2 samples per overlap), w the cells' summed feather products.
     cell = max(1, max(max(t.height, t.width) for t in tiles) // CELLS)
-    feathers = [tile_weights(t, level).double() for t in tiles]
+    feathers = [tile_weights(t, level) for t in tiles]
     pairs = []
     for i, j, box in tile_overlaps(tiles):
         li, lj = _local(box, tiles[i]), _local(box, tiles[j])
         grid = (-(-box.height // cell), -(-box.width // cell))
-        maps = torch.cat([bases[i][(slice(None),) + li], bases[j][(slice(None),) + lj],
-                          (feathers[i][li] * feathers[j][lj])[None]])  # [2k+1,bh,bw]
-        pooled = F.adaptive_avg_pool2d(maps[None], grid)[0].reshape(2 * k + 1, -1)
-        w = pooled[-1] * (box.height * box.width / (grid[0] * grid[1]))
+        maps = torch.stack([cpu[i][li], cpu[j][lj], feathers[i][li] * feathers[j][lj]])  # [3,bh,bw]
+        pooled = F.adaptive_avg_pool2d(maps[None], grid)[0].reshape(3, -1)
+        w = pooled[2].double() * (box.height * box.width / (grid[0] * grid[1]))
         if float(w.sum()) > 0:
-            pairs.append((i, j, pooled[:k], pooled[k : 2 * k], w))
+            pairs.append((i, j, basis(pooled[0], i), basis(pooled[1], j), w))
     # Anchor samples: each tile area-downsampled to its area's size in ref (as align_tile),
     # at most CELLS x CELLS.
     rh, rw = ref.shape
     anchors = []
-    for t, b in zip(tiles, bases):
+    for q, (t, d) in enumerate(zip(tiles, cpu)):
         oh = max(2, min(t.height, CELLS, round(t.height * rh / level.size[0])))
         ow = max(2, min(t.width, CELLS, round(t.width * rw / level.size[1])))
-        small = F.interpolate(b[None], (oh, ow), mode="area")[0].reshape(k, -1)  # [k,P]
+        small = basis(F.interpolate(d[None, None], (oh, ow), mode="area").reshape(-1), q)  # [k,P]
         target = sample_region(ref.detach().cpu(), t, level.size, (oh, ow)).double().reshape(-1)
         anchors.append((small, target, lam * t.height * t.width / (oh * ow)))
     # Flat samples: rows [S,2k] of the equations' coefficients, their unknowns' indices, weights.
@@ -130,7 +141,8 @@ def solve_level(
     a_w = torch.cat([torch.full_like(target, wq) for _, target, wq in anchors])
     a_id = torch.cat([torch.full((len(target),), q) for q, (_, target, _) in enumerate(anchors)])
     p_rw, a_rw = torch.ones_like(p_w), torch.ones_like(a_w)  # robust weights, updated per pass
-    pinned = torch.zeros(n, dtype=torch.bool)  # tiles whose s is held at 0 (flipped)
+    # Tiles whose s is held at 0: flat ones (no scale in them) and, below, flipped ones.
+    pinned = torch.tensor([float(d.max() - d.min()) <= 1e-6 * max(1.0, float(d.abs().max())) for d in cpu])
     x = torch.zeros(k * n, dtype=torch.float64)
     s_rows = torch.arange(0, k * n, k)
     for it in range(max(1, iters)):
@@ -145,8 +157,7 @@ def solve_level(
             a_mat.index_put_((first[:, :, None].expand(-1, m, m), first[:, None, :].expand(-1, m, m)),
                              blocks.reshape(-1, m, m), accumulate=True)
         rhs.index_put_((a_idx,), a_rows * (a_w * a_rw * a_tgt)[:, None], accumulate=True)
-        # A flat tile has an all-zero s column: a tiny ridge holds its s at 0 without
-        # moving any other tile's; pinned (flipped) tiles get a stiff one.
+        # A tiny ridge on every s keeps the system regular; pinned tiles get a stiff one.
         scale = float(a_mat.diagonal().abs().max().clamp_min(1e-12))
         a_mat[s_rows, s_rows] += torch.where(pinned, 1e6 * scale, 1e-10 * scale)
         x = torch.linalg.solve(a_mat, rhs)
