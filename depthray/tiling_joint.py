@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from depthray.tiling import Level, Tile, sample_region, tile_weights
 
 CELLS = 16  # samples per tile side the solve works on (overlaps and anchor are area-averaged;
-# tuned: 64 / 32 / 16 / 8 measured, docs/tiling.md)
+# tuned: full resolution / 32 / 16 / 8 measured, docs/tiling.md)
 ANCHOR = 0.03  # anchor weight per level pixel, relative to the overlaps' feather products (tuned:
 # 0.01-1 measured on yard/street ratios 8 and 16, docs/tiling.md)
 
