@@ -145,8 +145,9 @@ def solve_level(
     pinned = torch.tensor([float(d.max() - d.min()) <= 1e-6 * max(1.0, float(d.abs().max())) for d in cpu])
     x = torch.zeros(k * n, dtype=torch.float64)
     s_rows = torch.arange(0, k * n, k)
-    it = 0  # reweighting passes done; a pass that pins a flipped tile is repeated (at most n times)
-    while True:
+    # `iters` passes in all; a pass that finds a flipped tile pins it (s held at 0; a pinned
+    # tile whose s comes out at -0 counts again) and skips the reweighting, as measured.
+    for it in range(max(1, iters)):
         a_mat = torch.zeros(k * n, k * n, dtype=torch.float64)
         rhs = torch.zeros(k * n, dtype=torch.float64)
         for rows, idx, eq, w in ((p_rows, p_idx, p_id, p_w * p_rw), (a_rows, a_idx, a_id, a_w * a_rw)):
@@ -162,18 +163,16 @@ def solve_level(
         scale = float(a_mat.diagonal().abs().max().clamp_min(1e-12))
         a_mat[s_rows, s_rows] += torch.where(pinned, 1e6 * scale, 1e-10 * scale)
         x = torch.linalg.solve(a_mat, rhs)
-        flipped = (x[s_rows] < 0) & ~pinned
-        if bool(flipped.any()):  # never flip depth order: pin and solve again
-            pinned |= flipped
+        if bool((x[s_rows] < 0).any()):  # never flip depth order: pin and solve again
+            pinned |= x[s_rows] < 0
             continue
-        if it + 1 >= max(1, iters):
+        if it + 1 >= iters:
             break
         res_p = (p_rows * x[p_idx]).sum(1)
         res_a = (a_rows * x[a_idx]).sum(1) - a_tgt
         if len(res_p):
             p_rw = _robust(res_p, float(1.4826 * res_p.abs().median()), tukey=False)
         a_rw = _robust(res_a, float(1.4826 * res_a.abs().median()), tukey=it >= 3)
-        it += 1
     coef = x.reshape(n, k).clone()
     coef[:, 0].clamp_(min=0.0)
     coef[:, 1] -= coef[:, 0] * torch.tensor(means, dtype=torch.float64)  # u -> t
