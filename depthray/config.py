@@ -31,8 +31,9 @@ class TilingConfig:
     max_tiles: int = 64  # cap per image; working resolution shrinks to respect it
     # auto tiles only when the long side exceeds this multiple of the processing resolution
     auto_threshold: float = 1.5
-    # how tiles are fused: pyramid-split | pyramid | align | lowfreq | pyramid-lowfreq (docs/tiling.md)
-    fusion: str = "pyramid-split"
+    # how tiles are fused: pyramid-joint-split | pyramid-joint | pyramid-split | pyramid | align
+    # | lowfreq | pyramid-lowfreq (docs/tiling.md)
+    fusion: str = "pyramid-joint-split"
 
 
 @dataclass
@@ -167,7 +168,8 @@ class Config:
 _CHOICES = {
     "inference.ensemble_reduction": ("median", "mean"),
     "inference.tiling.mode": ("auto", "on", "off"),
-    "inference.tiling.fusion": ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split"),
+    "inference.tiling.fusion": ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split",
+                               "pyramid-joint", "pyramid-joint-split"),
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
     "model.kind": ("marigold", "marigold-e2e", "transformers"),
     "input.format": ("auto", "webdataset", "parquet", "images"),

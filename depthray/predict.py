@@ -7,7 +7,9 @@ The steps for a batch of images:
  3. level by level, run every (view, member) pair through the model, batched across images;
     a view's members are ensembled (align, fuse, uncertainty) as soon as they are all in,
     then dropped, so memory holds a few views' members, never all of them;
- 4. tiles are aligned to the level below and blended into the level's running sums;
+ 4. tiles are aligned to the level below and blended into the level's running sums (the
+    joint fusions hold a level's tiles and solve their scales and shifts together at its end,
+    depthray/tiling_joint.py);
  5. the finest level is brought back to the image size and normalised to [0,1].
 """
 
@@ -34,6 +36,7 @@ from depthray.tiling import (
     plan_tiles,
     tile_weights,
 )
+from depthray.tiling_joint import solve_level, uses_joint
 
 
 class NonFiniteDepth(ValueError):
@@ -125,6 +128,7 @@ class _ImageJob:
         self.level = -1  # -1 = global view, k = plan.levels[k]
         self.level_pixels: torch.Tensor | None = None  # [3,Hk,Wk] image at the level's size
         self.blender: TileBlender | None = None
+        self.held: list[tuple[Tile, torch.Tensor, torch.Tensor]] = []  # a joint fusion's tiles
         self._first_tile_index = 1
 
     def global_view(self) -> _View:
@@ -155,12 +159,22 @@ class _ImageJob:
             return
         assert self.blender is not None and self.reference is not None
         level = self.plan.levels[self.level]
+        if uses_joint(self.plan.fusion):  # held until the level ends (depthray/tiling_joint.py)
+            self.held.append((view.tile, depth, uncertainty))
+            return
         scale, shift = align_tile(depth, view.tile, level.size, self.reference)
         weights = tile_weights(view.tile, level, self.device)
         self.blender.add(view.tile, depth * scale + shift, uncertainty * scale, weights)
 
     def finish_level(self) -> None:
         assert self.blender is not None and self.reference is not None
+        if self.held:
+            level = self.plan.levels[self.level]
+            tiles = [t for t, _, _ in self.held]
+            affines = solve_level([d for _, d, _ in self.held], tiles, level, self.reference)
+            for (tile, depth, unc), (scale, shift) in zip(self.held, affines):
+                self.blender.add(tile, depth * scale + shift, unc * scale, tile_weights(tile, level, self.device))
+            self.held = []
         fused, uncertainty = self.blender.result()  # [Hk,Wk] x2
         fused = fuse_frequencies(fused, self.reference, self.plan, self.level)
         self.reference, self.uncertainty = fused, uncertainty

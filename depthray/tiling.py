@@ -17,6 +17,9 @@ Fusion variants (`tiling.fusion`; measured in benchmarks/tiling_quality.py, docs
 - ``pyramid-split``: ``pyramid`` with a frequency split at the tile scale: each level keeps what
                 its tiles see at periods shorter than one tile and takes longer periods from
                 the level below (where a tile's own layout error lives; see `split_frequencies`).
+- ``pyramid-joint``, ``pyramid-joint-split``: ``pyramid`` / ``pyramid-split`` with each level's
+                tiles' scales and shifts solved jointly over their overlaps and the level below
+                (depthray/tiling_joint.py; holds a level's tiles until it ends).
 
 Sizes are (height, width) tuples throughout; tiles are given in pixels of their level.
 """
@@ -31,7 +34,8 @@ import torch.nn.functional as F
 
 from depthray.config import TilingConfig
 
-FUSIONS = ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split")
+FUSIONS = ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split", "pyramid-joint",
+           "pyramid-joint-split")
 
 
 def uses_lowfreq(fusion: str) -> bool:
