@@ -29,8 +29,12 @@ from depthray.quality import assess
 SCALE_KEY = "depthray_uncertainty_scale"
 
 
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+_crc32 = _isal.crc32 if _isal is not None else zlib.crc32  # ISA-L's: ~4x faster, same value
+
+
+def _chunk(tag: bytes, data: bytes) -> list[bytes]:
+    """A PNG chunk as pieces, joined once by the caller (an IDAT is ~0.5 MB: no copies)."""
+    return [struct.pack(">I", len(data)), tag, data, struct.pack(">I", _crc32(data, _crc32(tag)))]
 
 
 def _deflate(data: bytes) -> bytes:
@@ -48,7 +52,9 @@ def _png16(values: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     difference to the row above, in numpy) and the rows are deflated fast (`_deflate`):
     smaller than PIL at level 3 and ~10x faster (benchmarks/scale.py prints the table;
     docs/scale.md)."""
-    q = np.rint(np.clip(values, 0.0, 1.0) * 65535.0).astype(">u2")  # [H,W] big-endian, as PNG stores it
+    v = np.clip(values, 0.0, 1.0)  # a new array: scaled and rounded in place
+    v *= 65535.0
+    q = np.rint(v, out=v).astype(">u2")  # [H,W] big-endian, as PNG stores it
     h, w = q.shape
     raw = q.view(np.uint8).reshape(h, w * 2)
     rows = np.empty((h, w * 2 + 1), np.uint8)
@@ -56,10 +62,10 @@ def _png16(values: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     rows[0, 1:] = raw[0]
     np.subtract(raw[1:], raw[:-1], out=rows[1:, 1:])  # uint8 wrap-around = PNG's mod 256
     idat = _deflate(rows.data)
-    texts = b"".join(_chunk(b"tEXt", k.encode("latin-1") + b"\0" + v.encode("latin-1"))
-                     for k, v in (text or {}).items())
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))
-            + texts + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    pieces = [b"\x89PNG\r\n\x1a\n", *_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0))]
+    for k, t in (text or {}).items():
+        pieces += _chunk(b"tEXt", k.encode("latin-1") + b"\0" + t.encode("latin-1"))
+    return b"".join(pieces + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
 
 
 def encode_depth_png16(depth: np.ndarray) -> bytes:

@@ -126,7 +126,8 @@ def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Tabl
             out.append(records.error_row(row, "decode", e.reason, str(e)))
             continue
         meta = {**json.loads(row.get("meta") or "{}"), **meta}  # the reader's facts (source key, ...)
-        row.update(pixels=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], meta=json.dumps(meta))
+        # arr.data: the pixels go into the Arrow column without another ~1 MB copy
+        row.update(pixels=np.ascontiguousarray(arr).data, height=arr.shape[0], width=arr.shape[1], meta=json.dumps(meta))
         if not row.get("ext") and meta.get("format"):  # Parquet inputs carry no file name
             row["ext"] = {"JPEG": "jpg", "TIFF": "tif"}.get(meta["format"], meta["format"].lower())
         if not keep_input:
