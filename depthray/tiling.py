@@ -197,6 +197,16 @@ def tile_weights(tile: Tile, level: Level, device: torch.device | str = "cpu") -
 # ---------------------------------------------------------------------------- alignment
 
 
+def robust_weights(r: torch.Tensor, sigma: float, tukey: bool) -> torch.Tensor:
+    """IRLS weights of residuals `r` for a robust sigma (1.4826 MAD): Huber (bounded), or
+    Tukey's biweight (gross outliers get 0); all ones when the residuals vanish."""
+    if sigma <= 1e-12:
+        return torch.ones_like(r)
+    if tukey:
+        return (1 - (r.abs() / (4.685 * sigma)).clamp(max=1.0) ** 2) ** 2
+    return (1.345 * sigma / r.abs().clamp_min(1e-12)).clamp(max=1.0)
+
+
 def fit_scale_shift(
     pred: torch.Tensor, ref: torch.Tensor, weight: torch.Tensor | None = None, iters: int = 10
 ) -> tuple[float, float]:
@@ -228,10 +238,7 @@ def fit_scale_shift(
         s, t = s_new, t_new
         if converged or sigma <= 1e-12:
             break
-        if it < 3:
-            w = w0 * (1.345 * sigma / r.clamp_min(1e-12)).clamp(max=1.0)  # Huber
-        else:
-            w = w0 * (1 - (r / (4.685 * sigma)).clamp(max=1.0) ** 2) ** 2  # Tukey biweight
+        w = w0 * robust_weights(r, sigma, tukey=it >= 3)  # Huber first, then Tukey
     return s, t
 
 

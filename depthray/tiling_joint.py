@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from depthray.tiling import Level, Tile, sample_region, tile_weights
+from depthray.tiling import Level, Tile, robust_weights, sample_region, tile_weights
 
 CELLS = 16  # samples per tile side the solve works on (overlaps and anchor are area-averaged;
 # tuned: full resolution / 32 / 16 / 8 measured, docs/tiling.md)
@@ -65,15 +65,6 @@ def _local(box: Tile, tile: Tile) -> tuple[slice, slice]:
     """`box` (level pixels) in the coordinates of `tile`."""
     return (slice(box.top - tile.top, box.top - tile.top + box.height),
             slice(box.left - tile.left, box.left - tile.left + box.width))
-
-
-def _robust(r: torch.Tensor, sigma: float, tukey: bool) -> torch.Tensor:
-    """Huber (or Tukey biweight) weights of residuals r for a robust sigma."""
-    if sigma <= 1e-12:
-        return torch.ones_like(r)
-    if tukey:
-        return (1 - (r.abs() / (4.685 * sigma)).clamp(max=1.0) ** 2) ** 2
-    return (1.345 * sigma / r.abs().clamp_min(1e-12)).clamp(max=1.0)
 
 
 def solve_level(
@@ -171,8 +162,8 @@ def solve_level(
         res_p = (p_rows * x[p_idx]).sum(1)
         res_a = (a_rows * x[a_idx]).sum(1) - a_tgt
         if len(res_p):
-            p_rw = _robust(res_p, float(1.4826 * res_p.abs().median()), tukey=False)
-        a_rw = _robust(res_a, float(1.4826 * res_a.abs().median()), tukey=it >= 3)
+            p_rw = robust_weights(res_p, float(1.4826 * res_p.abs().median()), tukey=False)
+        a_rw = robust_weights(res_a, float(1.4826 * res_a.abs().median()), tukey=it >= 3)
     coef = x.reshape(n, k).clone()
     coef[:, 0].clamp_(min=0.0)
     coef[:, 1] -= coef[:, 0] * torch.tensor(means, dtype=torch.float64)  # u -> t
