@@ -91,7 +91,8 @@ def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None) -
     def diffusers_run():
         for i, im in enumerate(pil):
             pipe(im, ensemble_size=s.ensemble_size, processing_resolution=s.resolution,
-                 num_inference_steps=s.steps, batch_size=s.batch_size, output_uncertainty=True,
+                 num_inference_steps=s.steps, batch_size=s.batch_size,
+                 output_uncertainty=s.ensemble_size > 1,  # diffusers refuses it for one member
                  generator=torch.Generator(device=gen_device).manual_seed(i))
 
     def engine_run(m):

@@ -90,7 +90,8 @@ def job_benchmark(model_dir: Path, workdir: Path, s: JobSettings) -> dict:
     # One torch thread in both contenders: what Ray gives a 1-CPU actor anyway, and it keeps
     # the plain loop from winning or losing on thread count (OpenMP threads spinning on a
     # busy 2-core machine swing its speed several-fold), so the ratio measures the job.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keeps a bundle's site
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     runs = {}
     for name, url in (("1x", small_in), ("10x", big_in)):
         cfg_path = workdir / f"job-{name}.json"

@@ -115,3 +115,43 @@ def test_scale_benchmark_smoke_ends_with_its_json_keys():
     for key in ("planning_s_100k", "driver_rss_mb_100k", "host_ms_per_image", "bytes_per_image"):
         assert last[key] is not None and last[key] > 0, key
     assert last["planning"]["50"]["shards"] == 50 and last["planning"]["50"]["skipped"] == 25
+
+
+@pytest.mark.timeout(300)
+def test_gpu_check_runs_every_section_and_keeps_results_line_by_line(tmp_path, tiny_model_dir):
+    """benchmarks/gpu.py (the issue-17 GPU check) at toy sizes on the CPU: every engine section
+    measures, and each result is on disk as its own line as soon as it exists."""
+    out = tmp_path / "gpu.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--model", str(tiny_model_dir),
+           "--rehearsal", "--compile-backend", "eager", "--skip", "job", "--skip", "tiling",
+           "--budget-s", "600", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["section"] for x in lines] == ["env", "matrix", "breakdown", "job", "compiled", "tiling"]
+    got = {x["section"]: x["result"] for x in lines}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == json.loads(json.dumps(got))
+    for cell in ("1x1", "2x2"):
+        m = got["matrix"][cell]
+        assert m["ratio"] > 0 and m["gpu_hours_per_million"] > 0
+    share = got["breakdown"]["predict"]["1x1"]["share"]
+    assert all(share[k] > 0 for k in ("vae_encode", "unet", "vae_decode"))
+    assert abs(sum(share.values()) - 1.0) < 1e-9 and share["other"] > -0.05
+    assert got["compiled"]["ratio_compiled"] > 0 and got["compiled"]["backend"] == "eager"
+    assert got["job"] == {"skipped": "--skip"} and got["tiling"] == {"skipped": "--skip"}
+
+
+def test_gpu_check_skips_a_section_that_no_longer_fits_its_budget(tmp_path):
+    """A section whose estimate exceeds the time left is recorded as skipped, never started."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu import Budget, Recorder, parse_args, run_section
+
+    ran = []
+    record = Recorder(tmp_path / "r.jsonl")
+    args = parse_args(["--device", "cpu"])
+    run_section("job", lambda: ran.append(1) or {}, Budget(10), 60, record, args)
+    run_section("tiling", lambda: ran.append(2) or {"x": 1}, Budget(100), 60, record, args)
+    assert ran == [2]
+    assert record.results["job"]["skipped"].endswith("estimate 60 s")
+    assert record.results["tiling"]["x"] == 1
+    assert [json.loads(x)["section"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == ["job", "tiling"]

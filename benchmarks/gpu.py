@@ -1,0 +1,303 @@
+"""The GPU check of issue 17, as one script with a time budget: run it on a lent GPU.
+
+    python benchmarks/gpu.py --device cuda --model sd2-random --budget-s 420 --out RESULTS.jsonl
+    bash benchmarks/gpu_run.sh 450 [--skip SECTION ...]   # on a machine prepared by gpu_bundle.sh
+
+Sections, in order of importance; one whose estimated cost no longer fits the budget is
+skipped (and says so), so a run always ends inside its time limit with what it measured:
+ 1. engine vs diffusers' MarigoldDepthPipeline at equal settings (resolution, dtype, batch
+    size, members, steps, seeded generators, uncertainty on both): steps 1 and 4 x members
+    1, 4 and 10, interleaved per cell; images/s and GPU-hours per million images;
+ 2. where a predict call's time goes: VAE encode, UNet, VAE decode (each call timed between
+    device syncs) and the rest; UNet FLOPs per call and its share of the bf16 peak (the
+    datasheet's and a measured bf16 matrix product's); full VAE decode vs TAESD;
+ 3. the Ray job (one local actor on the GPU) against a plain loop over the same stages,
+    steady state, and the actor's busy fraction (benchmarks/_job.py);
+ 4. the engine after model.compile() against eager and diffusers at 4 steps x 4 members;
+ 5. tiled cost per megapixel.
+Each section's result is appended to --out as one JSON line as soon as it is measured (a
+run killed at its time limit keeps what it measured); the last line printed is every
+result as one JSON object. benchmarks/gpu_bundle.sh packs what a bare GPU machine lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import _common, _engine  # noqa: E402
+from benchmarks._engine import EngineSettings  # noqa: E402
+from benchmarks._job import JobSettings  # noqa: E402
+from benchmarks._tiling import TileSettings  # noqa: E402
+
+
+class Budget:
+    """Seconds left of the run; a section starts only if its estimate fits."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def fits(self, estimate_s: float) -> bool:
+        return self.left() >= estimate_s
+
+
+class Recorder:
+    """Prints each section's result and appends it to the JSON-lines file at once."""
+
+    def __init__(self, out: Path | None):
+        self.out = out
+        self.results: dict = {}
+
+    def __call__(self, name: str, value) -> None:
+        self.results[name] = value
+        line = json.dumps({"section": name, "result": value}, default=float)
+        print(f"[{name}] {line}", flush=True)
+        if self.out is not None:
+            with open(self.out, "a") as f:
+                f.write(line + "\n")
+
+
+# ------------------------------------------------------------------------- 1. matrix
+def matrix(model, pipe, images, base: EngineSettings, cells) -> dict:
+    """Engine vs diffusers per (steps, members) cell, each cell interleaved on its own."""
+    out = {}
+    for steps, members in cells:
+        s = EngineSettings(**{**base.__dict__, "steps": steps, "ensemble_size": members})
+        r = _engine.engine_vs_diffusers(model, pipe, images, s)
+        ips = r["depthray_images_per_s"]
+        out[f"{steps}x{members}"] = {
+            "steps": steps, "members": members, "depthray_images_per_s": ips,
+            "diffusers_images_per_s": r["diffusers_images_per_s"], "ratio": r["ratio"],
+            "gpu_hours_per_million": 1e6 / ips / 3600,
+            "diffusers_gpu_hours_per_million": 1e6 / r["diffusers_images_per_s"] / 3600,
+            "times_s": r["times_s"]}
+        print(f"  {steps} step(s) x {members} member(s): depthray {ips:.2f} img/s, diffusers "
+              f"{r['diffusers_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f}x", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------- 2. breakdown
+class PartTimer:
+    """Wraps the engine's encode, UNet and decode calls with device syncs and sums their
+    seconds: the syncs cost a little overlap, so shares are of a slightly slower call."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: Counter = Counter()
+        self.batch: Counter = Counter()
+
+    def _wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            _common.sync(self.device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _common.sync(self.device)
+            self.seconds[name] += time.perf_counter() - t0
+            self.calls[name] += 1
+            self.batch[name] += int(args[0].shape[0]) if args and hasattr(args[0], "shape") else 0
+            return out
+        return timed
+
+    def __enter__(self) -> "PartTimer":
+        m = self.model
+        self._saved = (m.unet, m.__dict__.get("encode"), m.__dict__.get("decode"))
+        m.unet = self._wrap("unet", m.unet)
+        m.encode = self._wrap("vae_encode", m.encode)
+        m.decode = self._wrap("vae_decode", m.decode)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        m = self.model
+        m.unet = self._saved[0]
+        for name in ("encode", "decode"):
+            m.__dict__.pop(name, None)
+
+
+def breakdown(model, images, base: EngineSettings, cells, rounds: int) -> dict:
+    """Share of a predict_images call spent in each part, per (steps, members) cell."""
+    from depthray.predict import predict_images
+
+    out = {}
+    for steps, members in cells:
+        s = EngineSettings(**{**base.__dict__, "steps": steps, "ensemble_size": members})
+        model.clear_cache()
+        predict_images(images, model, s.inference())  # warm-up
+        totals, parts = [], []
+        for _ in range(rounds):
+            model.clear_cache()
+            with PartTimer(model, s.device) as pt:
+                _common.sync(s.device)
+                t0 = time.perf_counter()
+                predict_images(images, model, s.inference())
+                _common.sync(s.device)
+                totals.append(time.perf_counter() - t0)
+            parts.append(pt)
+        total = _common.median(totals)
+        share = {k: _common.median([p.seconds[k] for p in parts]) / total for k in ("vae_encode", "unet", "vae_decode")}
+        share["other"] = 1.0 - sum(share.values())
+        per_call = {k: _common.median([p.seconds[k] / max(p.calls[k], 1) for p in parts]) for k in ("vae_encode", "unet", "vae_decode")}
+        per_sample = {k: _common.median([p.seconds[k] / max(p.batch[k], 1) for p in parts]) for k in ("vae_encode", "unet", "vae_decode")}
+        out[f"{steps}x{members}"] = {"seconds_per_call_of_predict": total, "share": share,
+                                     "seconds_per_part_call": per_call, "seconds_per_sample": per_sample,
+                                     "calls": dict(parts[-1].calls), "samples": dict(parts[-1].batch)}
+        print(f"  {steps}x{members}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items()), flush=True)
+    return out
+
+
+def matmul_peak(device: str, n: int = 8192, reps: int = 10) -> float:
+    """Measured bf16 TFLOP/s of an n^3 matrix product: what the card gives dense math."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _common.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _common.sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+# ------------------------------------------------------------------------- 4. compiled
+def compiled_section(folder, images, s: EngineSettings, pipe, eager, backend: str = "inductor") -> dict:
+    """model.compile() vs eager vs diffusers, one cell (shapes fixed: one compilation)."""
+    comp = _engine.load_engine(folder, s)
+    comp.compile(backend=backend)
+    r = _engine.engine_vs_diffusers(eager, pipe, images, s, compiled=comp)
+    out = {"steps": s.steps, "members": s.ensemble_size}
+    out.update({k: r[k] for k in ("depthray_images_per_s", "diffusers_images_per_s", "compiled_images_per_s",
+                             "ratio", "ratio_compiled", "compile_first_call_s", "times_s")})
+    out["compiled_vs_eager"] = r["compiled_images_per_s"] / r["depthray_images_per_s"]
+    del comp
+    return out
+
+
+# ------------------------------------------------------------------------- main
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="sd2-random", help="tiny | sd2-random | a diffusers Marigold folder")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting sections after this")
+    ap.add_argument("--out", type=Path, default=None, help="JSON-lines file, one line per section")
+    ap.add_argument("--rehearsal", action="store_true",
+                    help="toy sizes and estimates (checks every section runs, e.g. on a CPU)")
+    ap.add_argument("--compile-backend", default="inductor", help="eager: checks the plumbing fast")
+    ap.add_argument("--skip", action="append", default=[],
+                    choices=("matrix", "breakdown", "job", "compiled", "tiling"))
+    return ap.parse_args(argv)
+
+
+def sizes(rehearsal: bool, device: str, dtype: str) -> dict:
+    if rehearsal:
+        return dict(engine=EngineSettings(device, dtype, 64, 4, 4, 8, 1), images=2, image_size=(48, 64),
+                    cells=[(1, 1), (2, 2)], compile_cell=(1, 2),
+                    job=JobSettings(1, 4, (40, 56), 32, 2, 2, device),
+                    tiles=TileSettings(((96, 128),), 48, 1, 8, 1, device),
+                    estimate={"matrix": 1, "breakdown": 1, "job": 1, "compiled": 1, "tiling": 1})
+    return dict(engine=EngineSettings(device, dtype, 768, 4, 4, 16, 3), images=4, image_size=(480, 640),
+                cells=[(1, 1), (1, 4), (1, 10), (4, 1), (4, 4), (4, 10)], compile_cell=(4, 4),
+                job=JobSettings(2, 12, (480, 640), 768, 4, 8, device),
+                tiles=TileSettings(((1536, 2048), (3072, 4096)), 768, 1, 16, 1, device),
+                # measured on an H200 (benchmarks/results/h200-2026-11-28-*.jsonl): diffusers' scipy
+                # ensembling at 10 members is most of the matrix; a full pass is ~11 min
+                estimate={"matrix": 210, "breakdown": 20, "job": 250, "compiled": 110, "tiling": 20})
+
+
+def run_section(name: str, fn, budget: Budget, estimate: float, record: Recorder, args) -> None:
+    if name in args.skip:
+        record(name, {"skipped": "--skip"})
+        return
+    if not budget.fits(estimate):
+        record(name, {"skipped": f"{budget.left():.0f} s left, estimate {estimate:.0f} s"})
+        return
+    t0 = time.time()
+    print(f"== {name} ({budget.left():.0f} s left)", flush=True)
+    try:
+        value = fn()
+        value = {**value, "section_s": time.time() - t0} if isinstance(value, dict) else value
+        record(name, value)
+    except Exception as e:  # one broken section must not cost the others their numbers
+        traceback.print_exc()
+        record(name, {"error": f"{type(e).__name__}: {e}"[:2000], "section_s": time.time() - t0})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.budget_s)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    p = sizes(args.rehearsal, args.device, dtype)
+    s: EngineSettings = p["engine"]
+    record = Recorder(args.out)
+    cuda = args.device.startswith("cuda")
+    import diffusers
+
+    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": args.device,
+           "dtype": dtype, "model": args.model, "settings": {**s.__dict__, "images": p["images"],
+                                                              "image_size": p["image_size"]}}
+    if cuda:
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   bf16_matmul_tflops=matmul_peak(args.device))
+    t0 = time.time()
+    folder = _common.model_dir(args.model)
+    env["model_build_s"] = time.time() - t0
+    t0 = time.time()
+    model = _engine.load_engine(folder, s)
+    pipe = _engine.load_diffusers(folder, s)
+    env["model_load_s"] = time.time() - t0
+    record("env", env)
+    images = _common.scene_images(p["images"], *p["image_size"])
+    est = p["estimate"]
+
+    run_section("matrix", lambda: matrix(model, pipe, images, s, p["cells"]), budget, est["matrix"], record, args)
+
+    def parts():
+        out = {"predict": breakdown(model, images, s, [c for c in p["cells"] if c in ((1, 1), (1, 10), (4, 4))] or p["cells"][:1], s.rounds)}
+        out["unet"] = _engine.unet_throughput(model, s, s.rounds)
+        if cuda:
+            out["unet"]["fraction_of_measured_bf16_matmul"] = out["unet"]["achieved_tflops"] / env["bf16_matmul_tflops"]
+        out["taesd"] = _engine.tiny_decoder_effect(model, _common.tiny_decoder_dir(args.model), images, s)
+        return out
+    run_section("breakdown", parts, budget, est["breakdown"], record, args)
+
+    def job():
+        from benchmarks._job import job_benchmark
+
+        with tempfile.TemporaryDirectory(prefix="depthray-gpu-job-") as tmp:
+            return job_benchmark(folder, Path(tmp), p["job"])
+    run_section("job", job, budget, est["job"], record, args)
+
+    def compiled():
+        steps, members = p["compile_cell"]
+        cs = EngineSettings(**{**s.__dict__, "steps": steps, "ensemble_size": members})
+        return {"backend": args.compile_backend,
+                **compiled_section(folder, images, cs, pipe, model, args.compile_backend)}
+    run_section("compiled", compiled, budget, est["compiled"], record, args)
+
+    def tiling():
+        from benchmarks._tiling import tiled_cost
+
+        ts: TileSettings = p["tiles"]
+        return tiled_cost(model, ts)
+    run_section("tiling", tiling, budget, est["tiling"], record, args)
+
+    print(json.dumps(record.results, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
