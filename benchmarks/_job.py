@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -79,6 +80,18 @@ def run_child(args: list[str], env: dict) -> tuple[dict, int]:
     return json.loads(out.strip().splitlines()[-1]), mem.peak
 
 
+def infer_span_s(stages: list[str]) -> float | None:
+    """Seconds from the inference operator's first task start to its last task end, as Ray
+    Data's stats line reports it ("MapBatches(DepthPredictor): N tasks executed, N blocks
+    produced in X s"): the actor's active span, without its model load or the pipeline's
+    fill before and drain after."""
+    for line in stages:
+        m = re.search(r"MapBatches\(DepthPredictor\).*produced in ([0-9.]+)s", line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def _steady_rate(small_images: int, small_s: float, big_images: int, big_s: float) -> float:
     return (big_images - small_images) / max(big_s - small_s, 1e-9)
 
@@ -111,8 +124,13 @@ def job_benchmark(model_dir: Path, workdir: Path, s: JobSettings) -> dict:
     # run) and pipeline fill/drain cancel, as they do in the steady-state rates.
     busy_steady = (r10["infer_seconds"] - r1["infer_seconds"]) / max(
         (r10["wall_seconds"] - r1["wall_seconds"]) * actors, 1e-9)
+    span = infer_span_s(r10["stages"])
     return {
         "pipeline_vs_engine": ray_rate / loop_rate,
+        # infer seconds over the actor's active span, in one run: no cross-run difference, so
+        # no noise from start-up costs that differ between the 1x and 10x runs
+        "actor_busy_fraction_active": r10["infer_seconds"] / (span * actors) if span else None,
+        "infer_span_s_10x": span,
         "ray_images_per_s": ray_rate,
         "loop_images_per_s": loop_rate,
         "ray_startup_s": {"ray_init": r10["ray_init_s"],

@@ -159,6 +159,8 @@ def job_section(args, folder: Path, p: dict, table: list) -> dict:
                "ray.init + fixed job cost (actor, model load, fill/drain)"),
               ("job", "actor busy fraction", f"{r['actor_busy_fraction_10x']:.2f} / {r['actor_busy_fraction_steady']:.2f}",
                "infer seconds / wall: whole 10x run / steady state (10x-1x)"),
+              ("job", "actor busy, active span", f"{r['actor_busy_fraction_active'] or float('nan'):.3f}",
+               "infer seconds / the inference operator's first-task-start to last-task-end (10x run)"),
               ("job", "rss_growth", f"{r['rss_growth']:.2f}", f"peak PSS {r['peak_pss_mb']['1x']:.0f} -> {r['peak_pss_mb']['10x']:.0f} MB")]
     return r
 

@@ -155,3 +155,14 @@ def test_gpu_check_skips_a_section_that_no_longer_fits_its_budget(tmp_path):
     assert record.results["job"]["skipped"].endswith("estimate 60 s")
     assert record.results["tiling"]["x"] == 1
     assert [json.loads(x)["section"] for x in (tmp_path / "r.jsonl").read_text().splitlines()] == ["job", "tiling"]
+
+
+def test_actor_active_span_is_read_from_ray_datas_stats_line():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._job import infer_span_s
+
+    stages = ["Operator 1 MapBatches(read_shards)->MapBatches(decode_batch): 20 tasks executed, 20 blocks produced in 2.71s",
+              "Operator 3 MapBatches(DepthPredictor): 21 tasks executed, 21 blocks produced in 70.14s",
+              "Operator 4 MapBatches(encode_batch)->MapBatches(write_batch): 2 tasks executed, 2 blocks produced in 32.23s"]
+    assert infer_span_s(stages) == 70.14
+    assert infer_span_s(stages[:1]) is None
