@@ -114,7 +114,7 @@ class PartTimer:
 
     def __enter__(self) -> "PartTimer":
         m = self.model
-        self._saved = (m.unet, m.__dict__.get("encode"), m.__dict__.get("decode"))
+        self._unet = m.unet
         m.unet = self._wrap("unet", m.unet)
         m.encode = self._wrap("vae_encode", m.encode)
         m.decode = self._wrap("vae_decode", m.decode)
@@ -122,8 +122,8 @@ class PartTimer:
 
     def __exit__(self, *exc) -> None:
         m = self.model
-        m.unet = self._saved[0]
-        for name in ("encode", "decode"):
+        m.unet = self._unet
+        for name in ("encode", "decode"):  # the instance attributes hid the methods
             m.__dict__.pop(name, None)
 
 

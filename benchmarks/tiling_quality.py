@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiling.max_tiles for every tiled variant (default: the config's)")
     parser.add_argument("--ensemble-size", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--working-resolutions", type=int, nargs="*", default=[],
+                        help="also run the default fusion with tiles cut from the image resized to "
+                             "this long side (above the image's: finer than its pixels), one variant each")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 768x1024, ratios 4 8 16, two scenes per synthetic family, "
                              "global only vs the default fusion, max_tiles 1000 (~1-2 minutes on 2 "
@@ -287,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {name: dict(VARIANTS[name]) if name in VARIANTS else {"mode": "on", "fusion": name}
                 for name in args.variants}
     variants.get("default", {}).update(fusion=default_fusion)
+    for wr in args.working_resolutions:
+        variants[f"tiles at {wr} px"] = {"mode": "on", "fusion": default_fusion, "working_resolution": wr}
     for name, over in variants.items():
         if over.get("mode") == "on" and args.max_tiles is not None:
             over["max_tiles"] = args.max_tiles
