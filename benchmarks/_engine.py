@@ -76,7 +76,7 @@ def _views(images: list[np.ndarray], model, device: str = "cpu") -> torch.Tensor
 
 
 # ------------------------------------------------------------------------- 1. vs diffusers
-def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None) -> dict:
+def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None, warmup: int = 1) -> dict:
     """Images/s of predict_images vs the diffusers pipeline, one call per image (its API
     takes one image, or a batch of equal-sized ones), same members, steps, batch size.
     With `compiled` (the same engine after model.compile()), it runs as a third contender
@@ -110,7 +110,7 @@ def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None) -
         contenders["depthray_compiled"]()  # compiles for these shapes
         sync(s.device)
         out["compile_first_call_s"] = time.perf_counter() - t0
-    t = interleave(contenders, s.rounds, s.device)
+    t = interleave(contenders, s.rounds, s.device, warmup=warmup)
     ips = {name: len(images) / median(times) for name, times in t.items()}
     out.update(depthray_images_per_s=ips["depthray"], diffusers_images_per_s=ips["diffusers"],
                ratio=ips["depthray"] / ips["diffusers"], times_s=t)
@@ -222,11 +222,13 @@ def peak_bf16_tflops(device: str) -> tuple[str, float | None]:
     return name, None
 
 
-def unet_throughput(model, s: EngineSettings, rounds: int) -> dict:
-    """FLOPs of one UNet call on a full batch (FlopCounterMode), its median time, TFLOP/s."""
+def unet_throughput(model, s: EngineSettings, rounds: int, latent: tuple[int, int] | None = None) -> dict:
+    """FLOPs of one UNet call on a full batch (FlopCounterMode), its median time, TFLOP/s.
+    `latent`: (h, w) of the latent; default square at the processing resolution (a compiled
+    model is timed at the shape it was compiled for, so it does not recompile)."""
     from benchmarks.flops import count_flops
 
-    h = w = s.resolution // model.vae_scale_factor
+    h, w = latent or (s.resolution // model.vae_scale_factor,) * 2
     b = s.batch_size
     x = torch.randn(b, 8, h, w, device=model.device, dtype=model.dtype)  # [B,8,h,w]
     if getattr(model, "channels_last", False):

@@ -138,6 +138,8 @@ def test_gpu_check_runs_every_section_and_keeps_results_line_by_line(tmp_path, t
     assert all(share[k] > 0 for k in ("vae_encode", "unet", "vae_decode"))
     assert abs(sum(share.values()) - 1.0) < 1e-9 and share["other"] > -0.05
     assert got["compiled"]["ratio_compiled"] > 0 and got["compiled"]["backend"] == "eager"
+    assert got["compiled"]["unet"]["latent"] == [6, 8]  # the shape it was compiled for: 48x64 at 64 px
+    assert got["compiled"]["unet"]["achieved_tflops"] > 0 and got["compiled"]["unet_eager"]["flops_per_call"] > 0
     assert got["job"] == {"skipped": "--skip"} and got["tiling"] == {"skipped": "--skip"}
 
 
