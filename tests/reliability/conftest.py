@@ -112,6 +112,11 @@ def assert_exactly_once(expected: dict[str, set[str]], outs: list[dict], errors:
     assert set(seen) == want, f"missing: {sorted(want - set(seen))}; unexpected: {sorted(set(seen) - want)}"
 
 
+# Committed shards' manifests under `_manifest/`: a driver killed mid-commit leaves its
+# temporary `.tmp-<id>-<shard>.json` there, which commits nothing (Path.glob matches dot names).
+COMMITTED = "[!.]*.json"
+
+
 def assert_no_partial_files(fs, root: str) -> None:
     fs.invalidate_cache()
     names = [p.split("/")[-1] for p in fs.find(root)]

@@ -22,6 +22,7 @@ from PIL import Image
 
 from depthray.job.driver import run_job
 from tests.reliability.conftest import (
+    COMMITTED,
     REPO,
     assert_exactly_once,
     assert_no_partial_files,
@@ -88,7 +89,7 @@ def test_kill_driver_mid_job_then_resume(tmp_path, make_image, capsys):
     try:
         deadline = time.time() + 150
         while time.time() < deadline and first.poll() is None:
-            manifests = list((out / "_manifest").glob("*.json")) if (out / "_manifest").exists() else []
+            manifests = list((out / "_manifest").glob(COMMITTED)) if (out / "_manifest").exists() else []
             if len(manifests) >= 3:
                 break
             time.sleep(0.2)
@@ -101,7 +102,7 @@ def test_kill_driver_mid_job_then_resume(tmp_path, make_image, capsys):
             os.killpg(first.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    committed = {p.stem for p in (out / "_manifest").glob("*.json")}
+    committed = {p.stem for p in (out / "_manifest").glob(COMMITTED)}
     assert 3 <= len(committed) < 12, committed
     # After the crash, every file under a final name is complete (temporaries are hidden
     # '.tmp-*' names), and committed shards already hold exactly their keys.
