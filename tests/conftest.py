@@ -97,14 +97,58 @@ def make_tar():
     return tar_bytes
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """A local Ray (2 CPUs) of the module's own, never a cluster another process started here.
-    (tests/reliability/ has its own, started after the S3 server so workers inherit its env.)"""
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_shared_ray: dict = {}  # {"gcs": address} of the one local Ray the suite shares, while it runs
+
+
+def _shutdown_ray() -> None:
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    if ray.is_initialized():
+        ray.shutdown()
+    _shared_ray.clear()
+
+
+@pytest.fixture(scope="session")
+def _ray_env(s3_endpoint):
+    """The environment every shared-Ray worker inherits (set before the first ray.init):
+    the S3 server's AWS_* variables, this repository on PYTHONPATH (workers import
+    tests.reliability.doubles) and one OpenMP thread per worker. Ends the shared Ray."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         yield
     finally:
-        ray.shutdown()
+        _shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_env):
+    """A local Ray (2 CPUs) of this test session's own, never a cluster another process
+    started here. One Ray serves every module that asks for it (starting one costs ~10 s
+    and a cold worker pool); it is started on first use, after the S3 server so workers
+    inherit its env, and ended at the session's end or by a module that needs `no_ray`."""
+    import ray
+
+    if ray.is_initialized() and _shared_ray.get("gcs") != ray.get_runtime_context().gcs_address:
+        ray.shutdown()  # connected to something else (a test's own cluster): not ours to keep
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        _shared_ray["gcs"] = ray.get_runtime_context().gcs_address
+    yield
+
+
+@pytest.fixture(scope="module")
+def no_ray():
+    """For a module that starts its own Ray (a cluster, one with its own env) or checks that
+    none runs: the shared Ray is ended first (the next `ray_session` starts it again)."""
+    _shutdown_ray()
+    yield
+    _shutdown_ray()
+
+
+def pytest_collection_modifyitems(items):
+    """Modules that need no shared Ray (`no_ray`) run first, so the shared Ray starts once
+    and is never ended in the middle of the suite and started again. Stable: the order
+    within each group is the usual one."""
+    items.sort(key=lambda item: 0 if "no_ray" in getattr(item, "fixturenames", ()) else 1)

@@ -20,18 +20,6 @@ from depthray.job.driver import run_job
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def ray_session(s3_endpoint):
-    """One local Ray for the module; started after the S3 fixture so workers inherit its env."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def job_config(tiny_model_dir, input_url, output_url, **sections):
     data = {
         "input": {"url": input_url},

@@ -1,5 +1,6 @@
-"""Fixtures for the reliability suite: one local Ray per module, a fault-injecting HTTP
-proxy in front of the moto S3 server, job configs, and the exactly-once check.
+"""Fixtures for the reliability suite: a fault-injecting HTTP proxy in front of the moto S3
+server, job configs, and the exactly-once check (the shared local Ray, `ray_session`, is
+tests/conftest.py's).
 
 Everything is real: Ray workers, the S3 protocol (moto over HTTP), files, processes.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import random
 import tarfile
 import threading
@@ -25,23 +25,6 @@ import pytest
 from depthray.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_session(s3_endpoint):
-    """One local Ray (2 CPUs) per module, started after the S3 fixture so workers inherit
-    the AWS_* environment; workers can import tests.reliability.doubles."""
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # address="local": a fresh Ray of our own, never a cluster another process started here
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def job_config(input_url: str, output_url: str, model: dict, **sections) -> Any:
@@ -127,6 +110,11 @@ def assert_exactly_once(expected: dict[str, set[str]], outs: list[dict], errors:
     assert not dupes, f"duplicated: {dupes}"
     want = {(s, k) for s, keys in expected.items() for k in keys}
     assert set(seen) == want, f"missing: {sorted(want - set(seen))}; unexpected: {sorted(set(seen) - want)}"
+
+
+# Committed shards' manifests under `_manifest/`: a driver killed mid-commit leaves its
+# temporary `.tmp-<id>-<shard>.json` there, which commits nothing (Path.glob matches dot names).
+COMMITTED = "[!.]*.json"
 
 
 def assert_no_partial_files(fs, root: str) -> None:

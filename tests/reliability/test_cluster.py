@@ -26,7 +26,8 @@ from depthray.job.driver import run_job
 from tests.reliability.conftest import REPO, assert_exactly_once, double_model, job_config, read_outputs
 from tests.reliability.test_crashes import write_shards
 
-pytestmark = pytest.mark.timeout(170)
+# no_ray: each test connects to a cluster of its own
+pytestmark = [pytest.mark.timeout(170), pytest.mark.usefixtures("no_ray")]
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ from depthray.config import ConfigError
 from depthray.job.driver import run_job
 from depthray.job.lease import OutputBusy
 from tests.reliability.conftest import (
+    COMMITTED,
     assert_exactly_once,
     assert_no_partial_files,
     double_model,
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.timeout(300)
 def committed_keys(out: Path) -> set[tuple[str, str]]:
     """(shard, key) of every output row the manifests commit, read from the parts they list."""
     keys = set()
-    for m in (json.loads(p.read_text()) for p in (out / "_manifest").glob("*.json")):
+    for m in (json.loads(p.read_text()) for p in (out / "_manifest").glob(COMMITTED)):
         for part in m["parts"]:
             keys |= {(r["source"], r["key"]) for r in pq.read_table(out / part, columns=["source", "key"]).to_pylist()}
     return keys
@@ -124,7 +125,7 @@ def test_second_run_on_a_busy_output_stops_at_once_and_readers_see_committed_sha
     config, out, expected = _slow_job(tmp_path, make_image)
     first = run_cli(config, tmp_path / "first.log")
     try:
-        _wait_for(lambda: len(list((out / "_manifest").glob("*.json"))) >= 2, first, tmp_path / "first.log")
+        _wait_for(lambda: len(list((out / "_manifest").glob(COMMITTED))) >= 2, first, tmp_path / "first.log")
         holder = json.loads((out / "_jobs" / "lease.json").read_text())
         # Mid-run: a shard in flight is staged, invisible; what readers see is what is committed.
         seen = plain_reader_keys(out)  # (a commit may land between this read and the next line)
@@ -144,7 +145,7 @@ def test_second_run_on_a_busy_output_stops_at_once_and_readers_see_committed_sha
         time.sleep(0.5)
     finally:
         _kill_group(first)
-    committed = {p.stem for p in (out / "_manifest").glob("*.json")}
+    committed = {p.stem for p in (out / "_manifest").glob(COMMITTED)}
     assert 2 <= len(committed) < 8
     seen = plain_reader_keys(out)  # after the crash: committed shards only, no duplicates
     assert len(seen) == len(set(seen)) and set(seen) == committed_keys(out)
@@ -204,7 +205,7 @@ def test_changed_config_is_refused_and_overwrite_relabels_shard_by_shard(ray_ses
     assert_exactly_once(expected, outs, errors)
     rows = pq.read_table(str(out), columns=["config_hash"]).column("config_hash").to_pylist()
     assert set(rows) == {changed.hash("cpu")} and len(rows) == 9
-    hashes = {json.loads(p.read_text())["config_hash"] for p in (out / "_manifest").glob("*.json")}
+    hashes = {json.loads(p.read_text())["config_hash"] for p in (out / "_manifest").glob(COMMITTED)}
     assert hashes == {changed.hash("cpu")}
     assert not (out / "_jobs" / "overwrite.json").exists(), "a finished overwrite is over"
     changed.output.overwrite = False

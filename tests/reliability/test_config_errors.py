@@ -13,7 +13,8 @@ import yaml
 
 from tests.reliability.conftest import REPO, double_model
 
-pytestmark = pytest.mark.timeout(120)
+# no_ray: run_job must raise before it starts a Ray, so none may be running here
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_ray")]
 
 
 def cli_run(tmp_path: Path, cfg: dict, *sets: str) -> subprocess.CompletedProcess:

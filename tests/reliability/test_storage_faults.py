@@ -31,8 +31,8 @@ SECRET = f"depthray-secret-{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="module")
-def secret_ray(s3_endpoint):
-    """A Ray whose workers see a unique AWS secret, so a leak is greppable."""
+def secret_ray(s3_endpoint, no_ray):
+    """A Ray of this module's own whose workers see a unique AWS secret, so a leak is greppable."""
     import os
 
     import ray
