@@ -47,6 +47,17 @@ def tiny_decoder_dir(model: str) -> Path:
     return out
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a benchmark's child process, with this repository first on
+    PYTHONPATH and whatever was there kept (a GPU bundle's site, benchmarks/gpu_run.sh)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def gpu_hours_per_million(images_per_s: float) -> float:
+    return 1e6 / images_per_s / 3600
+
+
 def scene_images(n: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
     """n synthetic RGB uint8 scenes [H,W,3] (depthray.samples)."""
     from depthray.samples import make_scene

@@ -14,7 +14,6 @@ Each run is its own process (benchmarks/_job_child.py) so runs share no Ray stat
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks._common import ROOT, PeakMemory, scene_images
+from benchmarks._common import ROOT, PeakMemory, child_env, scene_images
 
 
 @dataclass
@@ -106,8 +105,7 @@ def job_benchmark(model_dir: Path, workdir: Path, s: JobSettings) -> dict:
     # One torch thread in both contenders: what Ray gives a 1-CPU actor anyway, and it keeps
     # the plain loop from winning or losing on thread count (OpenMP threads spinning on a
     # busy 2-core machine swing its speed several-fold), so the ratio measures the job.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keeps a bundle's site
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     runs = {}
     for name, url in (("1x", small_in), ("10x", big_in)):
         cfg_path = workdir / f"job-{name}.json"

@@ -85,8 +85,8 @@ def matrix(model, pipe, images, base: EngineSettings, cells) -> dict:
         out[f"{steps}x{members}"] = {
             "steps": steps, "members": members, "depthray_images_per_s": ips,
             "diffusers_images_per_s": r["diffusers_images_per_s"], "ratio": r["ratio"],
-            "gpu_hours_per_million": 1e6 / ips / 3600,
-            "diffusers_gpu_hours_per_million": 1e6 / r["diffusers_images_per_s"] / 3600,
+            "gpu_hours_per_million": _common.gpu_hours_per_million(ips),
+            "diffusers_gpu_hours_per_million": _common.gpu_hours_per_million(r["diffusers_images_per_s"]),
             "times_s": r["times_s"]}
         print(f"  {steps} step(s) x {members} member(s): depthray {ips:.2f} img/s, diffusers "
               f"{r['diffusers_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f}x", flush=True)
@@ -94,6 +94,9 @@ def matrix(model, pipe, images, base: EngineSettings, cells) -> dict:
 
 
 # ------------------------------------------------------------------------- 2. breakdown
+PARTS = ("vae_encode", "unet", "vae_decode")
+
+
 class PartTimer:
     """Wraps the engine's encode, UNet and decode calls with device syncs and sums their
     seconds: the syncs cost a little overlap, so shares are of a slightly slower call."""
@@ -151,10 +154,14 @@ def breakdown(model, images, base: EngineSettings, cells, rounds: int) -> dict:
                 totals.append(time.perf_counter() - t0)
             parts.append(pt)
         total = _common.median(totals)
-        share = {k: _common.median([p.seconds[k] for p in parts]) / total for k in ("vae_encode", "unet", "vae_decode")}
+
+        def per_part(per) -> dict[str, float]:  # median over rounds, per part
+            return {k: _common.median([p.seconds[k] / per(p, k) for p in parts]) for k in PARTS}
+
+        share = {k: v / total for k, v in per_part(lambda p, k: 1).items()}
         share["other"] = 1.0 - sum(share.values())
-        per_call = {k: _common.median([p.seconds[k] / max(p.calls[k], 1) for p in parts]) for k in ("vae_encode", "unet", "vae_decode")}
-        per_sample = {k: _common.median([p.seconds[k] / max(p.batch[k], 1) for p in parts]) for k in ("vae_encode", "unet", "vae_decode")}
+        per_call = per_part(lambda p, k: max(p.calls[k], 1))
+        per_sample = per_part(lambda p, k: max(p.batch[k], 1))
         out[f"{steps}x{members}"] = {"seconds_per_call_of_predict": total, "share": share,
                                      "seconds_per_part_call": per_call, "seconds_per_sample": per_sample,
                                      "calls": dict(parts[-1].calls), "samples": dict(parts[-1].batch)}
@@ -214,12 +221,13 @@ def parse_args(argv):
 def sizes(rehearsal: bool, device: str, dtype: str) -> dict:
     if rehearsal:
         return dict(engine=EngineSettings(device, dtype, 64, 4, 4, 8, 1), images=2, image_size=(48, 64),
-                    cells=[(1, 1), (2, 2)], compile_cell=(1, 2),
+                    cells=[(1, 1), (2, 2)], breakdown_cells=[(1, 1)], compile_cell=(1, 2),
                     job=JobSettings(1, 4, (40, 56), 32, 2, 2, device),
                     tiles=TileSettings(((96, 128),), 48, 1, 8, 1, device),
                     estimate={"matrix": 1, "breakdown": 1, "job": 1, "compiled": 1, "tiling": 1})
     return dict(engine=EngineSettings(device, dtype, 768, 4, 4, 16, 3), images=4, image_size=(480, 640),
-                cells=[(1, 1), (1, 4), (1, 10), (4, 1), (4, 4), (4, 10)], compile_cell=(4, 4),
+                cells=[(1, 1), (1, 4), (1, 10), (4, 1), (4, 4), (4, 10)],
+                breakdown_cells=[(1, 1), (1, 10), (4, 4)], compile_cell=(4, 4),
                 job=JobSettings(2, 12, (480, 640), 768, 4, 8, device),
                 tiles=TileSettings(((1536, 2048), (3072, 4096)), 768, 1, 16, 1, device),
                 # measured on an H200 (benchmarks/results/h200-2026-11-28-*.jsonl): diffusers' scipy
@@ -275,7 +283,7 @@ def main(argv=None) -> int:
     run_section("matrix", lambda: matrix(model, pipe, images, s, p["cells"]), budget, est["matrix"], record, args)
 
     def parts():
-        out = {"predict": breakdown(model, images, s, [c for c in p["cells"] if c in ((1, 1), (1, 10), (4, 4))] or p["cells"][:1], s.rounds)}
+        out = {"predict": breakdown(model, images, s, p["breakdown_cells"], s.rounds)}
         out["unet"] = _engine.unet_throughput(model, s, s.rounds)
         if cuda:
             out["unet"]["fraction_of_measured_bf16_matmul"] = out["unet"]["achieved_tflops"] / env["bf16_matmul_tflops"]

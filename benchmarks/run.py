@@ -140,8 +140,9 @@ def gpu_throughput(model, images, s: EngineSettings, table: list) -> dict:
 
         t = _common.median(_common.interleave({"run": run}, s.rounds, s.device)["run"])
         ips = len(images) / t
-        out[f"members_{e}"] = {"images_per_s": ips, "gpu_hours_per_million": 1e6 / ips / 3600}
-        table.append(("gpu", f"1 step, {e} members", f"{ips:.2f} img/s", f"{1e6 / ips / 3600:.1f} GPU-h per 1M images"))
+        gpu_h = _common.gpu_hours_per_million(ips)
+        out[f"members_{e}"] = {"images_per_s": ips, "gpu_hours_per_million": gpu_h}
+        table.append(("gpu", f"1 step, {e} members", f"{ips:.2f} img/s", f"{gpu_h:.1f} GPU-h per 1M images"))
     return out
 
 

@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import child_env  # noqa: E402
 
 # ------------------------------------------------------------------ 1. planning
 def _plan_child(root: str) -> None:
@@ -72,7 +75,7 @@ def planning(n: int) -> dict:
         t0 = time.perf_counter()
         make_plan_fixture(Path(tmp), n)
         made = time.perf_counter() - t0
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+        env = child_env()
         out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--plan-child", tmp], cwd=ROOT, env=env,
                              capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
