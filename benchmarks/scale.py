@@ -12,7 +12,9 @@
     python -m benchmarks.scale [--shards 2000,20000] [--images 24]
 
 The last line is JSON: planning_s_100k, driver_rss_mb_100k (measured at the largest N
-given; `planning_shards` says which), host_ms_per_image, bytes_per_image, encoders.
+given; `planning_shards` says which: the keys name the planning target's scale, the values
+are what was measured at that N, seconds to three significant digits, never rounded to
+zero), host_ms_per_image, bytes_per_image, encoders.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def _plan_child(root: str) -> None:
     res = resume_shards(shards, cfg, fps, "bench")
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Three significant digits, not a fixed number of decimals: 50 shards plan in ~2 ms on a
+    # fast CPU, which two decimals would report as a planning time of zero.
     print(json.dumps({"shards": len(shards), "todo": len(res.todo), "skipped": len(res.skipped),
-                      "seconds": round(dt, 2), "rss_mb": round(peak, 1), "rss_before_mb": round(base, 1)}))
+                      "seconds": float(f"{dt:.3g}"), "rss_mb": round(peak, 1), "rss_before_mb": round(base, 1)}))
 
 def make_plan_fixture(root: Path, n: int) -> None:
     from depthray.config import config_from_dict
