@@ -311,7 +311,12 @@ class MarigoldDepthModel:
         """Depth latent [B,4,h,w] -> depth [B,PPH,PPW] in [0,1] (channel mean, clipped)."""
         vae = self.vae_decoder or self.vae
         img = vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]  # [B,3,PPH,PPW]
-        depth = img.mean(dim=1).clamp(-1.0, 1.0)  # [B,PPH,PPW]
+        depth = img.mean(dim=1)  # [B,PPH,PPW]
+        # An overflowing (float16) decoder gives +-inf: clamping first would turn it into a
+        # valid-looking far or near pixel. Made NaN, it reaches predict.py's finiteness check
+        # and the image becomes a `non_finite` error row instead of a label.
+        nan = float("nan")
+        depth = torch.nan_to_num(depth, nan=nan, posinf=nan, neginf=nan).clamp(-1.0, 1.0)
         return (depth + 1.0) / 2.0
 
     def steps(self, num_inference_steps: int | None) -> int:

@@ -300,3 +300,31 @@ def test_predict_image_refuses_non_finite_output():
     assert predict_image(np.full((20, 20, 3), 80, np.uint8), model, {"ensemble_size": 2}).depth.shape == (20, 20)
     with pytest.raises(NonFiniteDepth, match="non-finite"):
         predict_image(np.zeros((20, 20, 3), np.uint8), model, {"ensemble_size": 2})
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_marigold_decoder_overflow_is_refused_not_clamped(tiny_model_dir, bad):
+    """The real engine with its VAE decoder returning +-inf or NaN at one pixel of one image
+    (what a float16 decoder does when it overflows): that image raises NonFiniteDepth, which
+    the job writes as a `non_finite` error row; +-inf must not be clamped into a near or far
+    pixel first. The other image of the same batch is labelled."""
+    from depthray.models.loading import load_model
+    from depthray.predict import NonFiniteDepth, predict_images
+
+    model = load_model({"path": str(tiny_model_dir), "device": "cpu", "processing_resolution": 32})
+    images = [np.random.default_rng(i).integers(0, 255, (24, 32, 3), dtype=np.uint8) for i in range(2)]
+
+    def overflow_first_image(module, args, output):
+        output = output.clone()
+        output[0, :, 3, 5] = bad
+        return output
+
+    cfg = {"ensemble_size": 1, "batch_size": 2, "tiling": {"mode": "off"}}
+    handle = model.vae.decoder.register_forward_hook(overflow_first_image)
+    try:
+        with pytest.raises(NonFiniteDepth, match="1 of 1536"):  # the one pixel, not a clamped value
+            predict_images(images, model, cfg)
+    finally:
+        handle.remove()
+    clean = predict_images(images, model, cfg)
+    assert all(r.depth.shape == (24, 32) and np.isfinite(r.depth).all() for r in clean)
