@@ -158,6 +158,7 @@ def check_model(cfg: Config) -> None:
     if m.kind not in kinds:
         raise ConfigError(f"model.kind {m.kind!r} is unknown: use one of {', '.join(kinds)}, or set model.factory")
     path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
+    check_steps(cfg)
     if "://" in path:
         import fsspec
 
@@ -177,6 +178,29 @@ def check_model(cfg: Config) -> None:
         return
     if path.startswith(("/", ".", "~")) or not _HUB_ID.match(path):
         raise ConfigError(f"model.path {m.path!r}: no such folder, and not a hub id (org/name)")
+
+
+def check_steps(cfg: Config) -> None:
+    """`inference.num_inference_steps` the model kind can run, before Ray: otherwise every
+    image of the job would become an `infer` error row and the job would still exit 0.
+    transformers models have no steps; end-to-end checkpoints (by kind, by their published
+    name, or by a local model_index.json's `end_to_end`) take exactly one."""
+    import os
+
+    from depthray.models.marigold_e2e import is_end_to_end
+
+    m, steps = cfg.model, cfg.inference.num_inference_steps
+    if steps is None or m.factory:
+        return
+    if m.kind == "transformers":
+        raise ConfigError(f"inference.num_inference_steps: {steps}, but a transformers model runs one "
+                          "forward pass and has no denoising steps; leave it null")
+    path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
+    local = os.path.expanduser(path)
+    folder = local if "://" not in path and os.path.isdir(local) else None
+    if steps != 1 and (m.kind == "marigold-e2e" or is_end_to_end(m.path, folder)):
+        raise ConfigError(f"inference.num_inference_steps: {steps}, but {m.path!r} is an end-to-end "
+                          "fine-tuned checkpoint, defined for exactly one step; use 1 or null")
 
 
 def check_input(cfg: Config, shards: list[Shard]) -> None:

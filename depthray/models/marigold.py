@@ -269,15 +269,23 @@ class MarigoldDepthModel:
             if new_h == 0 or new_w == 0:
                 raise ValueError(f"extreme aspect ratio {w}x{h}: resizing to {res} px gives an empty side")
             x = F.interpolate(x, (new_h, new_w), mode="bilinear", antialias=True)  # [N,3,PH,PW]
-        ph, pw = -x.shape[-2] % self.vae_scale_factor, -x.shape[-1] % self.vae_scale_factor
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # [N,3,PPH,PPW]
+        ph, pw = self.padding(h, w) if res > 0 else self.padding(*x.shape[-2:])
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")  # [N,3,PPH,PPW]
         return x, (ph, pw)
+
+    # diffusers pads the processed image to a multiple of the VAE's factor with replicated
+    # edges and crops the prediction back; a subclass whose authors feed the VAE the odd size
+    # (e2e-ft) turns it off.
+    pad_to_vae_multiple = True
 
     def padding(self, h: int, w: int) -> tuple[int, int]:
         """Padding preprocess() adds to an [h,w] view (computed without resizing anything)."""
         res = self.processing_resolution
         if res > 0:
             h, w = h * res // max(h, w), w * res // max(h, w)
+        if not self.pad_to_vae_multiple:
+            return 0, 0
         return -h % self.vae_scale_factor, -w % self.vae_scale_factor
 
     @torch.no_grad()
@@ -318,6 +326,11 @@ class MarigoldDepthModel:
         nan = float("nan")
         depth = torch.nan_to_num(depth, nan=nan, posinf=nan, neginf=nan).clamp(-1.0, 1.0)
         return (depth + 1.0) / 2.0
+
+    def finish_members(self, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Decoded, cropped members [B,PH,PW] -> [B,h,w] at the view's size, as diffusers'
+        pipeline brings a prediction back (bilinear, no antialiasing)."""
+        return F.interpolate(depth.unsqueeze(1), size, mode="bilinear")[:, 0]
 
     def steps(self, num_inference_steps: int | None) -> int:
         """Denoising steps of a call: the argument, else the checkpoint's default."""
@@ -400,5 +413,4 @@ class MarigoldDepthModel:
         depth = self.decode(latent).float()  # [B,PPH,PPW]
         ph, pw = padding
         depth = depth[:, : depth.shape[1] - ph, : depth.shape[2] - pw]  # [B,PH,PW]
-        depth = F.interpolate(depth.unsqueeze(1), (h, w), mode="bilinear")[:, 0]  # [B,h,w]
-        return depth.clamp(0.0, 1.0)
+        return self.finish_members(depth, (h, w)).clamp(0.0, 1.0)  # [B,h,w]

@@ -103,3 +103,38 @@ def test_ray_that_fails_to_start_is_one_line_exit_2(tmp_path, make_image):
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run([sys.executable, "-m", "depthray.cli", "run", str(config), "--num-cpus", "-1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=100)
     check(res, tmp_path, "Ray did not start")
+
+
+def test_steps_an_end_to_end_checkpoint_cannot_run_are_exit_2_before_ray(tmp_path, make_image, tiny_model_dir):
+    """`inference.num_inference_steps: 4` with an end-to-end (single-step) checkpoint used to
+    start Ray, turn every image into an `infer` error row and exit 0: now one line, exit 2,
+    before any work."""
+    cfg = base(tmp_path, make_image)
+    cfg["model"] = {"kind": "marigold-e2e", "path": str(tiny_model_dir)}
+    check(cli_run(tmp_path, cfg, "inference.num_inference_steps=4"), tmp_path,
+          "inference.num_inference_steps: 4", "exactly one step")
+
+
+@pytest.mark.parametrize("model", [{"kind": "marigold", "path": "GonzaloMG/marigold-e2e-ft-depth"},
+                                   {"kind": "transformers", "path": "depth-anything/Depth-Anything-V2-Small-hf"}])
+def test_steps_refused_by_kind_and_by_published_name(tmp_path, make_image, model):
+    """The same refusal for a published e2e-ft name under `kind: marigold` (run as e2e by its
+    name) and for a transformers model (no steps at all), without downloading either; one
+    step is what an e2e checkpoint runs, so 1 passes the check."""
+    import ray
+
+    from depthray.config import ConfigError, config_from_dict
+    from depthray.job.checks import check_steps
+
+    data = base(tmp_path, make_image)
+    data["model"] = model
+    data["inference"] = {"num_inference_steps": 2}
+    with pytest.raises(ConfigError, match="inference.num_inference_steps: 2"):
+        check_steps(config_from_dict(data, require_io=True))
+    data["inference"] = {"num_inference_steps": 1}
+    if model["kind"] == "transformers":
+        with pytest.raises(ConfigError, match="no denoising steps"):
+            check_steps(config_from_dict(data, require_io=True))
+    else:
+        check_steps(config_from_dict(data, require_io=True))
+    assert not ray.is_initialized()
