@@ -93,6 +93,17 @@ def fit_long_side(height: int, width: int, long_side: int, upscale: bool = False
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def global_view_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """The global view: long side at `long_side`, the other side floor(side * long / max), as
+    diffusers' Marigold image processor sizes it (round() would give 45 px where diffusers
+    gives 44 for a 70x100 image at 64, and a different label); never enlarged here (the model
+    enlarges small images with the same rule)."""
+    m = max(height, width)
+    if m <= long_side:
+        return height, width
+    return max(1, height * long_side // m), max(1, width * long_side // m)
+
+
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     """Start offsets of tiles of size `tile` covering [0, length) with at least `overlap`.
 
@@ -144,7 +155,7 @@ def plan_tiles(height: int, width: int, processing_resolution: int, tiling: Tili
     if fusion not in FUSIONS:
         raise ValueError(f"tiling.fusion must be one of {FUSIONS}, got {fusion!r}")
     # 1. Global view.
-    plan = TilePlan((height, width), fit_long_side(height, width, res), fusion)
+    plan = TilePlan((height, width), global_view_size(height, width, res), fusion)
     # 2. Tile at all?
     long_side = max(height, width)
     if tiling.mode == "off" or (tiling.mode == "auto" and long_side <= tiling.auto_threshold * res):
