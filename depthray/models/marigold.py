@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from depthray.models.base import check_view_tensor, check_views
 from depthray.models.checkpoints import checkpoint_defaults, resolve_checkpoint
+from depthray.models.latent_cache import LatentCache
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +81,6 @@ def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
     return module.to(device).eval()
 
 
-class _LatentCache:
-    """Small LRU of encoded views, so members split across calls still encode once.
-
-    Keys are cheap fingerprints; a hit is confirmed with an exact comparison, so a
-    fingerprint collision can only cost an extra encode, never a wrong latent.
-    """
-
-    def __init__(self, capacity: int = 32):
-        self.capacity = capacity
-        self._items: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-
-    @staticmethod
-    def key(view: torch.Tensor) -> tuple:
-        flat = view.reshape(-1)
-        return (tuple(view.shape), float(flat.sum()), float(flat[:: 97].sum()), float(flat[1::13].square().sum()))
-
-    def get(self, key: tuple, view: torch.Tensor) -> torch.Tensor | None:
-        hit = self._items.get(key)
-        if hit is None or not torch.equal(hit[0], view):
-            return None
-        self._items.move_to_end(key)
-        return hit[1]
-
-    def put(self, key: tuple, view: torch.Tensor, latent: torch.Tensor) -> None:
-        self._items[key] = (view, latent)
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-
 class MarigoldDepthModel:
     """Marigold depth estimation with the depthray model interface (see models/base.py)."""
 
@@ -144,7 +114,7 @@ class MarigoldDepthModel:
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.name = name
         self.max_batch_size = max_batch_size
-        self._cache = _LatentCache()
+        self._cache = LatentCache()
         self.compiled = False
         # channels_last helps cuDNN convolutions on tensor cores; SDPA attention is the
         # default attention processor in diffusers on torch >= 2.
@@ -182,7 +152,7 @@ class MarigoldDepthModel:
 
     def clear_cache(self) -> None:
         """Forget the encoded views (benchmarks use it so repeated runs pay every encode)."""
-        self._cache = _LatentCache(self._cache.capacity)
+        self._cache = LatentCache(self._cache.capacity)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -345,7 +315,7 @@ class MarigoldDepthModel:
         """
         check_views(views, seeds)
         views = views.float().cpu()
-        keys = [_LatentCache.key(v) for v in views]
+        keys = [LatentCache.key(v) for v in views]
         first: list[int] = []  # row of each distinct view
         index: list[int] = []  # member -> distinct view
         for i, k in enumerate(keys):
@@ -388,7 +358,7 @@ class MarigoldDepthModel:
         """views [U,3,h,w] distinct (CPU), member n = views[index[n]] -> [N,h,w] on the device."""
         h, w = views.shape[-2:]
         # 1. Distinct views already encoded by an earlier call come from the cache.
-        keys = [_LatentCache.key(v) for v in views]
+        keys = [LatentCache.key(v) for v in views]
         latents: dict[int, torch.Tensor] = {}
         to_encode: list[int] = []
         for u, k in enumerate(keys):
