@@ -21,8 +21,8 @@ CONFIG = {
     "input": {"format": "webdataset"},
     "output": {"format": "parquet"},
     "model": {"factory": "depthray.demo:tiny_model", "options": {"processing_resolution": 64}},
-    # fusion pinned: the golden guards the plumbing, not the tiling default (which moves on purpose)
-    "inference": {"ensemble_size": 3, "batch_size": 8, "seed": 0, "tiling": {"fusion": "pyramid"}},
+    # the default tiling fusion (no `tiling:` section): the golden guards what users get
+    "inference": {"ensemble_size": 3, "batch_size": 8, "seed": 0},
     "compute": {"images_per_batch": 4},
 }
 

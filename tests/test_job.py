@@ -74,16 +74,25 @@ def _assert_same_record(got, want, where: str) -> None:
 
 
 def test_job_outputs_match_the_golden_run(ray_output):
-    """The outputs of a fixed job equal those recorded before the job package existed:
-    every column exactly, the maps as 8x8 block means (to 1e-4: only model-batch
-    composition may move a value, and it moves it by ~1e-5)."""
+    """The outputs of a fixed job (the default tiling fusion) equal those recorded in
+    tests/data/job_golden.json: every column exactly, floats inside `meta` with the
+    uncertainty columns' tolerance, the maps as 8x8 block means (depth to 1e-4: only
+    model-batch composition and the CPU's float path move a value, by ~1e-5)."""
     want = json.loads(GOLDEN.read_text())
     got = golden_job.summarize(ray_output)
     assert sorted(got) == sorted(want)
     for key in want:
         for field, value in want[key].items():
-            if field.endswith("_blocks"):
+            if field == "depth_blocks":
                 np.testing.assert_allclose(got[key][field], value, atol=1e-4, err_msg=f"{key}.{field}")
+            elif field == "uncertainty_blocks":
+                # The uncertainty is a median absolute deviation, an order statistic: where two
+                # members' deviations are nearly equal, a last-bit difference between CPUs'
+                # float paths (AVX-512, AVX2, default) swaps which one is the middle one, and
+                # the joint tile solve's robust reweighting passes that on. 1e-3 is 1 % of the
+                # largest block (~0.1), far below what a plumbing bug moves (a block's whole
+                # value); depth, a mean of aligned members, keeps 1e-4.
+                np.testing.assert_allclose(got[key][field], value, atol=1e-3, err_msg=f"{key}.{field}")
             elif field in ("uncertainty_mean", "uncertainty_scale"):
                 assert got[key][field] == pytest.approx(value, rel=1e-3, abs=1e-6), (key, field)
             elif field == "meta":
