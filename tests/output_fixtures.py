@@ -82,8 +82,10 @@ def _noise_files(out: Path) -> None:
         "error_parts": {"_errors/s.part-0.parquet": (out / "_errors" / "s.part-0.parquet").stat().st_size}}))
 
 
-def write_parquet(out: Path, samples: list[Sample], parts: int = 2, image_dir: Path | None = None) -> Path:
-    """`image_dir`: where the inputs `{key}.jpg` are (meta `source_url`, as a job writes it)."""
+def write_parquet(out: Path, samples: list[Sample], parts: int = 2, image_dir: Path | None = None,
+                  output_space: str = "depth") -> Path:
+    """`image_dir`: where the inputs `{key}.jpg` are (meta `source_url`, as a job writes it);
+    `output_space`: what the labels hold, in each row's meta as a job writes it."""
     out.mkdir(parents=True, exist_ok=True)
     for p in range(parts):
         rows = []
@@ -93,21 +95,22 @@ def write_parquet(out: Path, samples: list[Sample], parts: int = 2, image_dir: P
                              depth=png16(s.pred), uncertainty=u, uncertainty_scale=scale,
                              uncertainty_mean=float(s.unc.mean()), model="test", config_hash="0" * 16,
                              ensemble_size=5, num_views=1, meta=json.dumps(
-                                 {"low_confidence": False,
+                                 {"low_confidence": False, "output_space": output_space,
                                   **({"source_url": f"file://{image_dir}/{s.key}.jpg"} if image_dir else {})})))
         pq.write_table(pa.Table.from_pylist(rows), out / f"shard{p}.part-{p:016x}.parquet")
     _noise_files(out)
     return out
 
 
-def write_webdataset(out: Path, samples: list[Sample], include_image: bool = True) -> Path:
+def write_webdataset(out: Path, samples: list[Sample], include_image: bool = True,
+                     output_space: str = "depth") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "shard0.part-0000000000000000.tar", "w") as tar:
         for s in samples:
             u, scale = unc_png(s.unc)
             safe = s.key.replace(".", "_")
             meta = {"key": s.key, "uncertainty_scale": scale, "uncertainty_mean": float(s.unc.mean()),
-                    "width": s.gt.shape[1], "height": s.gt.shape[0]}
+                    "width": s.gt.shape[1], "height": s.gt.shape[0], "output_space": output_space}
             members = [("depth.png", png16(s.pred)), ("uncertainty.png", u), ("json", json.dumps(meta).encode())]
             if include_image:
                 members.append(("jpg", jpeg(s.rgb)))

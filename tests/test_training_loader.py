@@ -71,3 +71,19 @@ def test_parquet_recipe(tmp_path, samples, doc_code):
     order = [int(r["key"].split("_")[1]) for r in ds.rows]
     loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False)
     _check_pairs(list(loader), samples, keep=order)
+
+
+def test_recipes_refuse_a_disparity_label_when_asked_for_depth(tmp_path, samples, doc_code):
+    """A Depth Anything output (meta.output_space: disparity, 1 = near) read by a depth loss
+    would train on inverted targets: both recipes raise, naming the space, and load it when
+    asked for disparity."""
+    out = fx.write_webdataset(tmp_path / "wds", samples, output_space="disparity")
+    tar = [str(next(out.glob("*.tar")))]
+    with pytest.raises(ValueError, match="holds disparity"):
+        list(doc_code["make_webdataset_loader"](tar, batch_size=2, num_workers=0, size=(24, 32)))
+    _check_pairs(list(doc_code["make_webdataset_loader"](tar, batch_size=2, num_workers=0, size=(24, 32),
+                                                         space="disparity")), samples, keep=[0, 1, 2, 3, 4])
+    out = fx.write_parquet(tmp_path / "pq", samples, image_dir=None, output_space="disparity")
+    with pytest.raises(ValueError, match="holds disparity"):
+        doc_code["ParquetDepthDataset"](str(out), size=(24, 32))
+    assert len(doc_code["ParquetDepthDataset"](str(out), size=(24, 32), space="disparity")) == 5
