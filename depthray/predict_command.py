@@ -42,6 +42,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from depthray.config import load_config
+    from depthray.io.codecs import SPACE_KEY
     from depthray.io.fs import storage_options
     from depthray.job.local import predict_files
     from depthray.models.loading import load_model
@@ -75,8 +76,11 @@ def run_predict(args: argparse.Namespace) -> int:
                                preview_max_side=args.preview_size, model=model)
     seconds = time.perf_counter() - t0
     preview = f"long side at most {args.preview_size} px" if args.preview_size else "full size"
+    space = getattr(model, "output_space", "depth")
+    held = "depth*65535, 0 = near" if space == "depth" else "disparity*65535, 1 = near (not depth)"
     print(f"wrote {len(files) - failed} depth maps to {args.out}/ "
-          "({stem}.depth.png: 16-bit, depth*65535, 0 = near; {stem}.preview.png: input | depth, "
+          f"({{stem}}.depth.png: 16-bit, {held}, recorded in its text chunk {SPACE_KEY}; "
+          "{stem}.preview.png: input | depth, "
           f"{preview}) in {seconds:.1f} s "
           f"({seconds / len(files):.2f} s per image, model loading excluded)")
     return 1 if failed else 0

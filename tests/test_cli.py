@@ -39,6 +39,8 @@ def test_predict_writes_png16_and_preview(tiny_model_dir, tmp_path):
     depth = np.asarray(Image.open(tmp_path / "out" / "a.depth.png"))
     assert depth.dtype == np.uint16 and depth.shape == (45, 70)
     assert int(depth.max()) - int(depth.min()) > 10000  # a real depth map, not a constant
+    assert Image.open(tmp_path / "out" / "a.depth.png").text["depthray_output_space"] == "depth"
+    assert "0 = near" in out.stdout
     assert np.asarray(Image.open(tmp_path / "out" / "b.depth.png")).shape == (30, 20)
     preview = np.asarray(Image.open(tmp_path / "out" / "a.preview.png"))
     assert preview.shape[0] == 45 and preview.shape[1] > 2 * 70
@@ -107,3 +109,31 @@ def test_predict_takes_folders_warns_on_costly_images_and_shows_views(tiny_model
     (tmp_path / "no-images" / "a.txt").write_text("x")
     empty = _depthray("predict", str(tmp_path / "no-images"), "--out", str(tmp_path / "o2"), "--model", str(tiny_model_dir))
     assert empty.returncode == 2 and "no image files" in empty.stderr and "1 .txt" in empty.stderr
+
+
+def test_predict_with_a_disparity_model_says_so_and_eval_refuses_it_as_depth(tmp_path):
+    """A transformers model that predicts disparity (Depth Anything layout): each depth PNG
+    records `disparity` in its text chunk, the closing message says 1 = near, and `depthray
+    eval` on the folder refuses to score it as depth (exit 1, the reason per image) but scores
+    it as disparity; the output reader that `depthray preview` uses reads the same chunk."""
+    from depthray.io.outputs import read_outputs
+
+    from depthray.models.hf_depth import build_tiny_depth_anything
+
+    model = build_tiny_depth_anything(tmp_path / "da")
+    rng = np.random.default_rng(1)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "gt").mkdir()
+    for name in ("p", "q"):
+        Image.fromarray(rng.integers(0, 256, (42, 56, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{name}.png")
+        np.save(tmp_path / "gt" / f"{name}.npy", 1.0 + rng.random((42, 56)).astype(np.float32))
+    out = _depthray("predict", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                    "--set", "model.kind=transformers", "--set", f"model.path={model}")
+    assert out.returncode == 0, out.stderr
+    assert "disparity*65535, 1 = near" in out.stdout and "0 = near" not in out.stdout
+    assert Image.open(tmp_path / "out" / "p.depth.png").text["depthray_output_space"] == "disparity"
+    as_depth = _depthray("eval", str(tmp_path / "out"), str(tmp_path / "gt"))
+    assert as_depth.returncode == 1 and as_depth.stdout.count("holds disparity") >= 2, as_depth.stdout
+    as_disp = _depthray("eval", str(tmp_path / "out"), str(tmp_path / "gt"), "--space", "disparity")
+    assert as_disp.returncode == 0 and "holds disparity" not in as_disp.stdout, as_disp.stdout
+    assert {r.meta.get("output_space") for r in read_outputs(str(tmp_path / "out"))} == {"disparity"}

@@ -27,6 +27,7 @@ from depthray.io import records
 from depthray.quality import assess
 
 SCALE_KEY = "depthray_uncertainty_scale"
+SPACE_KEY = "depthray_output_space"  # what a depth PNG holds: depth (0 = near) or disparity (1 = near)
 
 
 _crc32 = _isal.crc32 if _isal is not None else zlib.crc32  # ISA-L's: ~4x faster, same value
@@ -68,13 +69,22 @@ def _png16(values: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     return b"".join(pieces + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
 
 
-def encode_depth_png16(depth: np.ndarray) -> bytes:
-    """float [H,W] in [0,1] -> 16-bit grayscale PNG of depth * 65535."""
-    return _png16(depth)
+def encode_depth_png16(depth: np.ndarray, output_space: str | None = None) -> bytes:
+    """float [H,W] in [0,1] -> 16-bit grayscale PNG of depth * 65535. `output_space`
+    ("depth": 0 = near, "disparity": 1 = near) goes into the PNG's text chunk, so a file that
+    leaves its row (`depthray predict`'s folder, a copied PNG) still says what it holds."""
+    return _png16(depth, {SPACE_KEY: output_space} if output_space else None)
 
 
 def decode_depth_png16(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 65535.0
+
+
+def depth_png_space(data: bytes) -> str | None:
+    """The output space a depth PNG's text chunk records (None: not a PNG, or written without)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    return getattr(Image.open(io.BytesIO(data)), "text", {}).get(SPACE_KEY)
 
 
 def decode_depth(data: bytes) -> np.ndarray:
@@ -131,14 +141,14 @@ def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:
         try:
             depth = np.frombuffer(maps[0][i], dtype=np.float32).reshape(h, w)
             unc = np.frombuffer(maps[1][i], dtype=np.float32).reshape(h, w)
-            row["depth"] = encode_depth_png16(depth)
+            meta = json.loads(row.get("meta") or "{}")
+            row["depth"] = encode_depth_png16(depth, meta.get("output_space", "depth"))
             row["uncertainty"], row["uncertainty_scale"] = encode_uncertainty_png16(unc)
         except Exception as e:  # a bad result must not take its neighbours with it
             out.append(records.error_row(row, "encode", "encode", f"{type(e).__name__}: {e}"))
             continue
         row["uncertainty_mean"] = float(unc.mean())
         if quality is not None:
-            meta = json.loads(row.get("meta") or "{}")
             meta.update(assess(depth, unc, quality).to_meta())
             row["meta"] = json.dumps(meta)
         out.append(row)

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from depthray.config import StorageConfig
-from depthray.io.codecs import decode_depth, decode_uncertainty_png16
+from depthray.io.codecs import decode_depth, decode_uncertainty_png16, depth_png_space
 from depthray.io.decode import IMAGE_EXTS, decode_rgb
 from depthray.io.manifest import MANIFEST_DIR, manifest_parts
 from depthray.io.fs import filesystem
@@ -142,6 +142,10 @@ def _record(key: str, row: dict, with_uncertainty: bool) -> OutputRecord:
     meta = row.get("meta") or {}
     if isinstance(meta, (str, bytes)):
         meta = json.loads(meta or "{}")
+    if "output_space" not in meta:  # a folder of PNGs: the depth PNG's own text chunk says it
+        space = depth_png_space(row["depth"])
+        if space is not None:
+            meta = {**meta, "output_space": space}
     unc = None
     mean = row.get("uncertainty_mean")
     # Folders store no mean: decode the map for it even when the map itself is not wanted.
