@@ -94,11 +94,13 @@ def test_predict_views_equals_one_view_per_member(model):
         model.predict_views(v, [0, 1], [1])
 
 
-def test_output_in_unit_range_and_view_size(model):
+def test_output_at_view_size(model):
     out = model(_views(2, 37, 91), [0, 1])
     assert out.shape == (2, 37, 91)
     assert out.dtype == torch.float32
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    # Clamped to [0,1] by the engine, so a range check could not fail; a map that the clamp
+    # flattened (a broken decode scale) could.
+    assert all(float(m.std()) > 1e-3 for m in out)
 
 
 def test_model_interface_validates_arguments(model):
@@ -196,7 +198,6 @@ def test_tiny_vae_decoder_option(tiny_model_dir, tmp_path):
     v = _views(2)
     a, b = fast(v, [1, 2]), full(v, [1, 2])
     assert a.shape == b.shape == (2, 50, 70)
-    assert float(a.min()) >= 0 and float(a.max()) <= 1
     assert float((a - b).abs().max()) > 1e-3  # another decoder really ran
 
 

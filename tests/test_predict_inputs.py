@@ -40,8 +40,10 @@ def test_odd_inputs_give_depth_at_input_size(model, image):
     assert res.depth.shape == (h, w) and res.depth.dtype == np.float32
     assert res.uncertainty.shape == (h, w) and res.uncertainty.dtype == np.float32
     assert np.isfinite(res.depth).all() and np.isfinite(res.uncertainty).all()
-    assert res.depth.min() >= 0.0 and res.depth.max() <= 1.0
-    assert res.uncertainty.min() >= 0.0
+    # The fused map is normalised to span [0,1] (it is clamped too, so only the span can fail),
+    # and three members of a random model disagree somewhere.
+    assert float(res.depth.max() - res.depth.min()) > 0.5
+    assert float(res.uncertainty.max()) > 0.0
     assert res.ensemble_size == 3
 
 

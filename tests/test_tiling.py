@@ -316,12 +316,17 @@ def test_default_fusion_holds_at_ratio_16():
         scores[fusion] = score(res_.depth, gt, edges, rows, cols)
     glob, pyr, split = scores["off"], scores["pyramid"], scores["pyramid-split"]
     joint = scores["pyramid-joint-split"]
-    assert split.absrel < 0.96 * pyr.absrel
-    assert joint.absrel < 0.62 * glob.absrel
-    assert joint.absrel < 0.93 * split.absrel
-    assert joint.edge_absrel < 0.60 * glob.edge_absrel
-    assert joint.edge_absrel < 0.90 * split.edge_absrel
-    assert joint.seam < 1.2  # no seams: the feathered borders read like anywhere else
+    # Bars from what the default is for, not from this run's numbers (above): tiling must pay
+    # for its views by cutting the global pass's errors by at least a quarter, and each
+    # default must beat the one it replaced.
+    assert split.absrel < pyr.absrel
+    assert joint.absrel < 0.75 * glob.absrel
+    assert joint.absrel < split.absrel
+    assert joint.edge_absrel < 0.75 * glob.edge_absrel
+    assert joint.edge_absrel < split.edge_absrel
+    # no seams: the feathered borders read like anywhere else (~1; unfeathered tiles read
+    # 1.3-2.1 on these lines, docs/tiling.md)
+    assert joint.seam < 1.2
 
 
 # ---------------------------------------------------------------------------- predict
@@ -338,7 +343,9 @@ def test_predict_image_tiled_recovers_depth_and_counts_views(fusion):
     assert res.num_views == plan.num_views > 10
     assert res.model_evaluations == plan.num_views * 3 == sum(c["n"] for c in model.calls)
     assert all(c["n"] <= 8 for c in model.calls)
-    assert 0.0 <= res.depth.min() and res.depth.max() <= 1.0
+    # Tiled maps are renormalised to span [0,1] exactly (not clipped: a pole the global view
+    # missed keeps its detail); the clamp after it cannot make that fail.
+    assert float(res.depth.min()) == 0.0 and float(res.depth.max()) == pytest.approx(1.0, abs=1e-6)
     assert res.uncertainty.shape == (600, 900) and (res.uncertainty >= 0).all()
     # The double returns an affine map of what it sees, so the fused depth is an affine map of
     # the truth: after a least-squares fit the error is tiny, sharp box edges included.
