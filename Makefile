@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test test-portability install clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The numeric tests again on other float paths (no expectation may hold a float one CPU made):
+# torch's generic kernels, AVX2 instead of AVX-512, and one thread (other reduction orders).
+NUMERIC_TESTS ?= tests/conformance tests/test_ensemble.py tests/test_ensemble_diffusers.py tests/test_tiling.py \
+	tests/test_tiling_joint.py tests/test_engine.py tests/test_predict_inputs.py tests/test_metrics.py \
+	tests/test_quality.py tests/test_job.py tests/test_model_kinds.py
+test-portability: $(VENV)/.installed
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
