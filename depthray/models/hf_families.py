@@ -25,24 +25,24 @@ class Family:
     conversion: str
     # how upstream resizes the raw map to the image: "bicubic" (DPT, no antialias) | "bilinear"
     output_resample: str
-    test: str  # the test that holds the row
+    test: str  # the test that holds the row (tests/conformance/test_transformers.py)
     tested: bool = True
 
 
 FAMILIES = {
     ("depth_anything", "relative"): Family(
         "Depth Anything (relative)", "relative inverse depth", "the raw map, bicubic-resized to the image",
-        "disparity", "same", "bicubic", "test_depth_anything_matches_the_pipeline"),
+        "disparity", "same", "bicubic", "test_family_matches_the_transformers_pipeline[depth_anything-*]"),
     ("depth_anything", "metric"): Family(
         "Depth Anything (metric)", "metric depth (sigmoid x max_depth)", "the raw map, bicubic-resized to the image",
-        "depth", "same", "bicubic", "test_depth_anything_metric_matches_the_pipeline"),
+        "depth", "same", "bicubic", "test_family_matches_the_transformers_pipeline[depth_anything_metric-*]"),
     ("dpt", None): Family(
         "DPT / MiDaS", "relative inverse depth", "the raw map, bicubic-resized to the image",
-        "disparity", "same", "bicubic", "test_dpt_matches_the_pipeline"),
+        "disparity", "same", "bicubic", "test_family_matches_the_transformers_pipeline[dpt-*]"),
     ("depth_pro", None): Family(
         "Depth Pro", "canonical inverse depth (x W/f = metric inverse depth)",
         "depth = 1 / clamp(raw x W/f, 1e-4, 1e4), the inverse depth bilinear-resized to the image first",
-        "disparity", "inverse-fov", "bilinear", "test_depth_pro_matches_the_authors_inference"),
+        "disparity", "inverse-fov", "bilinear", "test_depth_pro_matches_the_authors_inference[*]"),
 }
 
 # Families depthray recognises and will not run, with the reason (raised at load).

@@ -124,8 +124,6 @@ PIPELINE_FAMILIES = [("depth_anything", "disparity"), ("depth_anything_metric", 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[1]}x{s[0]}")
 @pytest.mark.parametrize("name,upstream_space", PIPELINE_FAMILIES, ids=[f for f, _ in PIPELINE_FAMILIES])
 def test_family_matches_the_transformers_pipeline(name, upstream_space, size, models, pipelines):
-    """test_depth_anything_matches_the_pipeline, test_depth_anything_metric_matches_the_pipeline,
-    test_dpt_matches_the_pipeline (docs/models.md's table): one test, three families."""
     image, model, pipe = scene(*size), models[name], pipelines[name]
     with network_inputs(pipe.model) as theirs:
         upstream = pipe(Image.fromarray(image))["predicted_depth"].float().numpy()
@@ -238,3 +236,15 @@ def test_published_depth_anything_size_at_640x480(tmp_path, checkpoints):
     cfg = config_from_dict({"model": {"kind": "transformers", "path": str(folder)}, "inference": NO_TILES})
     assert ours == [(1, 3, 518, 686)]
     assert plan_image(480, 640, cfg).global_size == (518, 686) == model.view_size(480, 640)
+
+
+def test_every_family_row_names_a_test_here():
+    """docs/models.md's table names, per row, the test that holds it: each exists in this
+    module with a case for that family, and every row is a tested one."""
+    from depthray.models.hf_families import FAMILIES
+
+    cases = {f"{name}-*" for name, _ in PIPELINE_FAMILIES} | {"*"}
+    for family in FAMILIES.values():
+        function, _, case = family.test.partition("[")
+        assert family.tested and callable(globals().get(function)), family
+        assert case.rstrip("]") in cases, family
