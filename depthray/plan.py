@@ -72,14 +72,18 @@ def transformers_view_rule(cfg: Config, processing_resolution: int | None = None
     """The view rule (models/hf_sizes.py) of a local transformers checkpoint, read from its
     config.json and preprocessor_config.json as the model reads them at load; None when the
     checkpoint is not a local folder."""
+    from types import SimpleNamespace
+
+    from depthray.models.hf_families import family_of
     from depthray.models.hf_sizes import view_rule
 
     folder = Path(cfg.model.path) if "://" not in cfg.model.path else None
     if folder is None or not all((folder / name).is_file() for name in ("config.json", "preprocessor_config.json")):
         return None
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    config = json.loads((folder / "config.json").read_text())
+    family_of(SimpleNamespace(**config), cfg.model.options.get("output_space"))  # a refused family fails here too
     pre = json.loads((folder / "preprocessor_config.json").read_text())
-    return view_rule(model_type, pre, processing_resolution or cfg.model.processing_resolution)
+    return view_rule(config.get("model_type", ""), pre, processing_resolution or cfg.model.processing_resolution)
 
 
 def global_view_size(height: int, width: int, cfg: Config,

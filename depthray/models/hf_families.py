@@ -75,7 +75,8 @@ def family_of(config: Any, declared: str | None = None) -> Family:
     model_type = getattr(config, "model_type", "")
     if model_type in REFUSED:
         raise ValueError(f"transformers model_type {model_type!r} is not supported: {REFUSED[model_type]}")
-    estimation = getattr(config, "depth_estimation_type", None) if model_type == "depth_anything" else None
+    # "relative" is DepthAnythingConfig's default, what a config.json without the key loads as
+    estimation = getattr(config, "depth_estimation_type", "relative") if model_type == "depth_anything" else None
     if model_type == "depth_anything" and estimation not in ("relative", "metric"):
         raise ValueError(f"depth_anything checkpoint with depth_estimation_type {estimation!r}: "
                          "expected 'relative' or 'metric'")
