@@ -147,15 +147,19 @@ class Config:
     def settings(self, device_kind: str | None = None) -> dict[str, Any]:
         """What determines the depth values, flat (`model.dtype`, `inference.ensemble_size`, ...).
 
-        `dtype: auto` and `device: auto` are given as what they resolve to on the kind of
-        device the model runs on (`device_kind`: "cpu" | "cuda"; None = the kind model.device
-        names, else "cpu"): a CPU float32 run and a GPU bfloat16 run give different depths.
+        `dtype: auto` and `device: auto` are given as what the model's kind runs them as on
+        the kind of device it runs on (`device_kind`: "cpu" | "cuda"; None = the kind
+        model.device names, else "cpu"; depthray/precision.py): a CPU float32 run and a GPU
+        half-precision run give different depths.
         """
+        from depthray.precision import device_type, resolve_dtype
+
         model = dataclasses.asdict(self.model)
-        kind = model["device"].split(":")[0] if model["device"] != "auto" else (device_kind or "cpu")
-        model["device"] = kind
-        if model["dtype"] == "auto":  # as models/marigold.py pick_dtype resolves it
-            model["dtype"] = "bfloat16" if kind == "cuda" else "float32"
+        model["device"] = device_type(model["device"], device_kind)
+        # A factory is not handed model.dtype and picks its own; its rows keep the Marigold
+        # row's reading of `auto`, as before (what it runs is the factory's to say).
+        kind = model["kind"] if model["factory"] is None else "marigold"
+        model["dtype"] = resolve_dtype(kind, model["dtype"], model["device"])
         return _flatten({"model": model, "inference": dataclasses.asdict(self.inference)})
 
     def hash(self, device_kind: str | None = None) -> str:

@@ -57,7 +57,8 @@ class CallRecorder:
 
     def __init__(self, model: Any):
         self.processing_resolution = model.processing_resolution
-        for name in ("device", "output_space", "deterministic", "default_num_inference_steps"):
+        for name in ("device", "output_space", "deterministic", "default_num_inference_steps",
+                     "view_size", "resize_view", "resize_label"):
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
         if hasattr(model, "predict_views"):

@@ -30,6 +30,7 @@ class ImagePlan:
     height: int
     width: int
     processing_resolution: int
+    global_size: tuple[int, int]  # (height, width) of the global view the model sees
     levels: list[tuple[int, int, int]]  # per tile level: (height, width, tiles); [] = global only
     views: int
     ensemble_size: int
@@ -55,18 +56,50 @@ def model_settings(cfg: Config) -> tuple[int, int, str]:
         steps = 1  # end-to-end checkpoints take exactly one step (models/marigold_e2e.py)
     if cfg.model.kind == "transformers":
         # One forward, no steps; the input size its preprocessor_config.json registers.
-        pre = Path(local) / "preprocessor_config.json" if local else None
-        if res is None and pre is not None and pre.is_file():
-            size = json.loads(pre.read_text()).get("size") or {}
-            size = {"height": size, "width": size} if isinstance(size, int) else size
-            res = size.get("shortest_edge") or max(size.get("height", 0), size.get("width", 0)) or None
+        rule = transformers_view_rule(cfg)
+        if rule is not None:
+            return rule.side, 1, f"config + {Path(local) / 'preprocessor_config.json'}"
         if res is None:
             raise ValueError(f"model.path {cfg.model.path!r}: no local preprocessor_config.json; "
                              "set model.processing_resolution for a transformers model's plan")
-        return int(res), 1, f"config + {pre if pre is not None and pre.is_file() else 'config'}"
+        return int(res), 1, "config"
     found = registered(local)
     return (int(res or found.processing_resolution), int(steps or found.denoising_steps),
             f"config + {found.source}")
+
+
+def transformers_view_rule(cfg: Config, processing_resolution: int | None = None):
+    """The view rule (models/hf_sizes.py) of a local transformers checkpoint, read from its
+    config.json and preprocessor_config.json as the model reads them at load; None when the
+    checkpoint is not a local folder."""
+    from types import SimpleNamespace
+
+    from depthray.models.hf_families import family_of
+    from depthray.models.hf_sizes import view_rule
+
+    folder = Path(cfg.model.path) if "://" not in cfg.model.path else None
+    if folder is None or not all((folder / name).is_file() for name in ("config.json", "preprocessor_config.json")):
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    family_of(SimpleNamespace(**config), cfg.model.options.get("output_space"))  # a refused family fails here too
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    return view_rule(config.get("model_type", ""), pre, processing_resolution or cfg.model.processing_resolution)
+
+
+def global_view_size(height: int, width: int, cfg: Config,
+                     processing_resolution: int | None = None) -> tuple[int, int] | None:
+    """The global view a job gives the model for an image (None: the long side at the
+    processing resolution, the planner's default). A transformers model takes it at its
+    processor's size for the image (TransformersDepthModel.view_size), which only its local
+    checkpoint says; `processing_resolution` overrides the config's, as at load."""
+    if cfg.model.kind != "transformers" or cfg.model.factory:
+        return None
+    rule = transformers_view_rule(cfg, processing_resolution)
+    if rule is None:
+        raise ValueError(f"model.path {cfg.model.path!r}: the network input size of a transformers model "
+                         "follows its preprocessor_config.json, which is not in a local folder here; plan "
+                         "with model.path set to a local copy of the checkpoint")
+    return rule.size(height, width)
 
 
 def plan_image(
@@ -82,7 +115,8 @@ def plan_image(
     default_res, default_steps, _ = model_settings(cfg)
     res = processing_resolution or default_res
     steps = steps or default_steps
-    plan = plan_tiles(height, width, res, cfg.inference.tiling)
+    global_size = global_view_size(height, width, cfg, processing_resolution)
+    plan = plan_tiles(height, width, res, cfg.inference.tiling, global_size=global_size)
     e = cfg.inference.ensemble_size
     members = plan.num_views * e
     evaluations = members * steps
@@ -90,6 +124,7 @@ def plan_image(
         height=height,
         width=width,
         processing_resolution=res,
+        global_size=plan.global_size,
         levels=[(lv.size[0], lv.size[1], len(lv.tiles)) for lv in plan.levels],
         views=plan.num_views,
         ensemble_size=e,

@@ -2,7 +2,8 @@
 
 The steps for a batch of images:
  1. convert each image to float RGB [3,H,W] in [0,1];
- 2. plan its views: the global view, plus levels of overlapping tiles when tiling applies
+ 2. plan its views: the global view (at the model's `view_size` when it has one, made with
+    its `resize_view`), plus levels of overlapping tiles when tiling applies
     (depthray.tiling.plan_tiles);
  3. level by level, run every (view, member) pair through the model, batched across images;
     a view's members are ensembled (align, fuse, uncertainty) as soon as they are all in,
@@ -117,12 +118,17 @@ class _View:
 class _ImageJob:
     """One image on its way through the levels: pixels, plan, reference and running sums."""
 
-    def __init__(self, index: int, image: torch.Tensor, plan: TilePlan, device: torch.device):
+    def __init__(self, index: int, image: torch.Tensor, plan: TilePlan, device: torch.device,
+                 hooks: ViewHooks | None = None):
         self.index = index
         self.image = image  # [3,H,W], on the CPU: what the model is given
         self.plan = plan
         self.device = device  # where the fused maps live (see _fusion_device)
-        self.global_pixels = resize(image, plan.global_size, antialias=True)  # [3,h,w]
+        self.hooks = hooks or ViewHooks()
+        if self.hooks.resize_view is not None:  # the model's own resampling, once, from the full image
+            self.global_pixels = self.hooks.resize_view(image[None], plan.global_size)[0]  # [3,h,w]
+        else:
+            self.global_pixels = resize(image, plan.global_size, antialias=True)  # [3,h,w]
         self.reference: torch.Tensor | None = None  # [h,w] fused depth of the last finished level
         self.uncertainty: torch.Tensor | None = None  # [h,w]
         self.level = -1  # -1 = global view, k = plan.levels[k]
@@ -183,9 +189,12 @@ class _ImageJob:
     def result(self, cfg: InferenceConfig, output_space: str = "depth", members: str = "seeds") -> DepthResult:
         assert self.reference is not None and self.uncertainty is not None
         full = tuple(self.image.shape[1:])
-        shrink = self.reference.shape[0] > full[0]
-        depth = resize(self.reference[None], full, antialias=shrink)[0]  # [H,W]
-        unc = resize(self.uncertainty[None], full, antialias=shrink)[0]  # [H,W]
+        if self.hooks.resize_label is not None:  # as the model's upstream post-processing resamples
+            depth, unc = self.hooks.resize_label(torch.stack([self.reference, self.uncertainty]), full)  # [H,W] x2
+        else:
+            shrink = self.reference.shape[0] > full[0]
+            depth = resize(self.reference[None], full, antialias=shrink)[0]  # [H,W]
+            unc = resize(self.uncertainty[None], full, antialias=shrink)[0]  # [H,W]
         self.reference = self.uncertainty = None  # in-place below may reuse their memory
         # One NaN in one member spreads through alignment and normalisation to the whole map
         # and would be written as 0 (= near): never a label.
@@ -294,6 +303,24 @@ def predict_images(
     return _predict_images(images, model, cfg, progress)
 
 
+@dataclass(frozen=True)
+class ViewHooks:
+    """A model's optional `view_size`, `resize_view` and `resize_label` (models/base.py)."""
+
+    view_size: Callable[[int, int], tuple[int, int]] | None = None
+    resize_view: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None
+    resize_label: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None
+
+
+def view_hooks(model: DepthModel) -> ViewHooks:
+    """The model's view hooks; without `view_size` its global view is the image with the long
+    side at the processing resolution, resized here, and labels are resized back here."""
+    hooks = ViewHooks(*(getattr(model, name, None) for name in ("view_size", "resize_view", "resize_label")))
+    if (hooks.view_size is None) != (hooks.resize_view is None):
+        raise TypeError(f"{type(model).__name__} has only one of view_size and resize_view; they come together")
+    return hooks
+
+
 def _fusion_device(model: DepthModel) -> torch.device:
     """Where members arrive: the model's device when it keeps them there (predict_views),
     else the CPU. Ensembling, tile alignment and blending run there too, so a GPU actor's
@@ -307,12 +334,15 @@ def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConf
                     progress: Progress | None = None) -> list[DepthResult]:
     res = int(model.processing_resolution)
     device = _fusion_device(model)
+    hooks = view_hooks(model)
 
     # 1. + 2. Images -> float RGB tensors, each with its plan of views.
     jobs = []
     for idx, img in enumerate(images):
         t = image_to_tensor(img)  # [3,H,W]
-        jobs.append(_ImageJob(idx, t, plan_tiles(t.shape[1], t.shape[2], res, cfg.tiling), device))
+        h, w = t.shape[1:]
+        plan = plan_tiles(h, w, res, cfg.tiling, global_size=hooks.view_size(h, w) if hooks.view_size else None)
+        jobs.append(_ImageJob(idx, t, plan, device, hooks))
     total, done = sum(job.plan.num_views for job in jobs), 0
 
     def tick() -> None:

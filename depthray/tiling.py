@@ -140,11 +140,14 @@ def _level_long_sides(target: int, res: int, fusion: str) -> list[int]:
     return sides + [target]
 
 
-def plan_tiles(height: int, width: int, processing_resolution: int, tiling: TilingConfig) -> TilePlan:
+def plan_tiles(height: int, width: int, processing_resolution: int, tiling: TilingConfig,
+               global_size: tuple[int, int] | None = None) -> TilePlan:
     """Plan the views of one image: the global view, plus tile levels when tiling applies.
 
     Steps:
-     1. the global view: the image with its long side at the processing resolution;
+     1. the global view: the image with its long side at the processing resolution, or
+        `global_size` when the model says what size it takes the whole image at (its
+        `view_size`, models/base.py);
      2. decide whether to tile (`off`; `auto` only above auto_threshold x resolution; `on`
         whenever the working size exceeds one tile);
      3. cut levels of overlapping tiles of the model's size; while the total exceeds
@@ -155,7 +158,8 @@ def plan_tiles(height: int, width: int, processing_resolution: int, tiling: Tili
     if fusion not in FUSIONS:
         raise ValueError(f"tiling.fusion must be one of {FUSIONS}, got {fusion!r}")
     # 1. Global view.
-    plan = TilePlan((height, width), global_view_size(height, width, res), fusion)
+    plan = TilePlan((height, width), tuple(global_size) if global_size else global_view_size(height, width, res),
+                    fusion)
     # 2. Tile at all?
     long_side = max(height, width)
     if tiling.mode == "off" or (tiling.mode == "auto" and long_side <= tiling.auto_threshold * res):

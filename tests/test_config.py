@@ -75,3 +75,16 @@ def test_hash_resolves_auto_dtype_and_device_for_where_the_model_runs():
     assert explicit.hash("cuda") == explicit.hash("cpu") == auto.hash("cpu")
     gpu = config_from_dict({"model": {"dtype": "bfloat16", "device": "cuda:1"}})
     assert gpu.hash() == auto.hash("cuda")
+
+
+def test_auto_dtype_is_recorded_as_each_kind_runs_it():
+    """`dtype: auto` on a GPU runs bfloat16 for Marigold and float16 for the transformers
+    backend (depthray/precision.py): the settings and hash of a GPU job say which ran, and an
+    explicit setting of what `auto` ran hashes the same."""
+    hf = {"kind": "transformers", "path": "org/depth"}
+    assert config_from_dict({"model": hf}).settings("cuda")["model.dtype"] == "float16"
+    assert config_from_dict({}).settings("cuda")["model.dtype"] == "bfloat16"
+    assert config_from_dict({"model": hf}).settings("cpu")["model.dtype"] == "float32"
+    fp16 = config_from_dict({"model": {**hf, "dtype": "float16", "device": "cuda"}})
+    bf16 = config_from_dict({"model": {**hf, "dtype": "bfloat16", "device": "cuda"}})
+    assert config_from_dict({"model": hf}).hash("cuda") == fp16.hash() != bf16.hash()

@@ -45,22 +45,32 @@ def _scene(h=40, w=60, seed=0):
 
 # ---------------------------------------------------------------- transformers backend
 def test_transformers_model_declares_disparity_and_keeps_the_interface(tiny_da_dir):
+    from transformers import pipeline
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
     model = load_model({"kind": "transformers", "path": str(tiny_da_dir), "device": "cpu"})
     assert type(model).__name__ == "TransformersDepthModel"
     assert model.output_space == "disparity" and model.deterministic
-    assert model.processing_resolution == 56 and model.input_size(40, 60) == (42, 56)  # multiples of 14
-    views = torch.rand(3, 3, 40, 60)
+    # DPT's rule: the width's scale (56/60) is nearer 1 than the height's, multiples of 14
+    assert model.processing_resolution == 56 and model.view_size(40, 60) == (42, 56)
+    views = torch.randint(0, 256, (3, 3, 40, 60)).float() / 255  # exact uint8 images for upstream
     out = model(views, [0, 1, 2])
     assert out.shape == (3, 40, 60) and out.dtype == torch.float32
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0 and float(out.max()) > 0.5
     assert torch.allclose(model(views[:1], [7])[0], out[0], atol=1e-5)  # seeds change nothing
-    # transformers' own forward pass on the same normalised input, resized the same way
-    x = torch.nn.functional.interpolate(views[:1], (42, 56), mode="bilinear", antialias=True)
-    x = (x - model.mean) / model.std
-    ref = model.net(pixel_values=x).predicted_depth
-    ref = torch.nn.functional.interpolate(ref[:, None], (40, 60), mode="bilinear")[0, 0]
-    ref = (ref - ref.min()) / (ref.max() - ref.min())
-    assert torch.allclose(ref, out[0], atol=1e-5)
+    # A view handed over as it is, against transformers' own pipeline on the same pixels as an
+    # image (DPT's PIL processor: torchvision has no build here; tests/conformance has the rest)
+    pipe = pipeline("depth-estimation", model=str(tiny_da_dir),
+                    image_processor=DPTImageProcessorPil.from_pretrained(tiny_da_dir))
+    seen = []
+    for net in (pipe.model, model.net):
+        net.register_forward_pre_hook(lambda _m, _a, kw: seen.append(tuple(kw["pixel_values"].shape)), with_kwargs=True)
+    image = (views[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    ref = pipe(Image.fromarray(image))["predicted_depth"].flatten().double()
+    mine = model(views[:1], [0])[0].flatten().double()
+    assert seen == [(1, 3, 42, 56), (1, 3, 42, 56)]  # upstream's input size, then depthray's
+    # relative disparity both: a positive least-squares fit at issue #23's bound (0.99)
+    assert torch.corrcoef(torch.stack([mine, ref]))[0, 1] >= 0.99
 
 
 def test_transformers_output_space_must_be_known(tiny_da_dir, tmp_path):
@@ -72,11 +82,19 @@ def test_transformers_output_space_must_be_known(tiny_da_dir, tmp_path):
     with pytest.raises(ValueError, match="output_space"):
         checkpoint_output_space(Cfg())
     assert checkpoint_output_space(Cfg(), "depth") == "depth"
-    Cfg.model_type = "depth_pro"
-    assert checkpoint_output_space(Cfg()) == "depth"
+    Cfg.model_type = "depth_pro"  # its network predicts inverse depth, kept as such
+    assert checkpoint_output_space(Cfg()) == "disparity"
+    for refused in ("zoedepth", "glpn"):
+        Cfg.model_type = refused
+        with pytest.raises(ValueError, match="not supported"):
+            checkpoint_output_space(Cfg(), "depth")
+    # a declaration may confirm a known family's space, never invert it
     model = load_model({"kind": "transformers", "path": str(tiny_da_dir), "device": "cpu",
-                        "options": {"output_space": "depth"}})
-    assert model.output_space == "depth"
+                        "options": {"output_space": "disparity"}})
+    assert model.output_space == "disparity"
+    with pytest.raises(ValueError, match="contradicts"):
+        load_model({"kind": "transformers", "path": str(tiny_da_dir), "device": "cpu",
+                    "options": {"output_space": "depth"}})
     with pytest.raises(ConfigError, match="output_space"):
         config_from_dict({"model": {"kind": "transformers", "options": {"output_space": "inverse"}}})
     with pytest.raises(ConfigError, match="model.kind"):
@@ -85,6 +103,37 @@ def test_transformers_output_space_must_be_known(tiny_da_dir, tmp_path):
     shutil.copy(tiny_da_dir / "config.json", tmp_path / "nopre")
     with pytest.raises(FileNotFoundError, match="preprocessor_config"):
         load_model({"kind": "transformers", "path": str(tmp_path / "nopre"), "device": "cpu"})
+
+
+@pytest.mark.parametrize("kind", ["transformers", "marigold"])
+def test_auto_dtype_on_a_gpu_is_what_the_rows_record(kind, tiny_da_dir, tiny_model_dir, monkeypatch):
+    """Without a GPU: the loader is told its device is CUDA and stopped when it asks for the
+    network's weights; the dtype it asked for is the one `Config.settings("cuda")` records
+    (the config hash and manifests of a GPU job)."""
+    import diffusers
+    import transformers
+
+    from depthray.models import hf_depth, marigold
+
+    class Asked(Exception):
+        pass
+
+    def stop(*_args, **kwargs):
+        raise Asked(str(kwargs.get("dtype") or kwargs.get("torch_dtype")).removeprefix("torch."))
+
+    if kind == "transformers":
+        monkeypatch.setattr(hf_depth, "resolve_device", lambda _device: torch.device("cuda"))
+        monkeypatch.setattr(transformers.AutoModelForDepthEstimation, "from_pretrained", staticmethod(stop))
+        folder = tiny_da_dir
+    else:
+        monkeypatch.setattr(marigold, "pick_device", lambda _device: torch.device("cuda"))
+        monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", staticmethod(stop))
+        folder = tiny_model_dir
+    with pytest.raises(Asked) as asked:
+        load_model({"kind": kind, "path": str(folder)})
+    recorded = config_from_dict({"model": {"kind": kind, "path": str(folder)}}).settings("cuda")
+    assert str(asked.value) == recorded["model.dtype"] == {"transformers": "float16", "marigold": "bfloat16"}[kind]
+    assert recorded["model.device"] == "cuda"
 
 
 def test_deterministic_models_ensemble_over_augmentations(tiny_da_dir):

@@ -13,7 +13,7 @@ class DepthModel(Protocol):
     """Any object with these two members is a depthray depth model.
 
     ``__call__`` takes views float32 ``[N,3,h,w]`` in [0,1] (h, w at most about
-    ``processing_resolution``) and one seed per view, and returns float32 ``[N,h,w]`` in
+    ``processing_resolution``, or what ``view_size`` gives) and one seed per view, and returns float32 ``[N,h,w]`` in
     [0,1]: one affine-invariant ensemble member per view, deterministic for a given seed.
     Callers ensemble by repeating a view with different seeds; a good implementation
     notices the repeats and encodes each distinct view once.
@@ -22,6 +22,20 @@ class DepthModel(Protocol):
     member n = views[index[n]]: the same members, left on the model's device. predict.py
     uses it when present, so a view crosses to the device once however many members it
     has, and members are ensembled and fused where they were made.
+
+    Optional, together: ``view_size(height, width) -> (h, w)`` and ``resize_view(pixels
+    [N,3,H,W], (h, w)) -> [N,3,h,w]``, for a model whose network input size follows a rule
+    on the size of what it is given (a transformers image processor's). predict.py then
+    makes the global view of an HxW image at ``view_size(H, W)`` with ``resize_view`` (one
+    resample from the full image, with the model's kernel) instead of the long side at
+    ``processing_resolution``; tiles are handed over as cut, and the model applies its rule to
+    each. A view at the size the rule gives for it goes to the network unresized, so the rule
+    must map its own output to itself. `depthray plan` must compute the same size without
+    loading the model (plan.py).
+
+    Optional: ``resize_label(maps [N,h,w], (H, W)) -> [N,H,W]``: how a finished label (and
+    its uncertainty) is brought back to the image size, for a model whose upstream
+    post-processing has its own kernel; without it, bilinear, antialiased when shrinking.
 
     Optional: a ``num_inference_steps`` keyword on both calls, for models with denoising
     steps (see `step_arguments`); without it, `inference.num_inference_steps` must be null.

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from depthray.models.base import check_view_tensor, check_views
 from depthray.models.checkpoints import checkpoint_defaults, resolve_checkpoint
 from depthray.models.latent_cache import LatentCache
+from depthray.precision import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA (Marigold is trained in it and it halves memory), float32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    """auto: Marigold's row of depthray/precision.py (bf16 on CUDA, float32 on CPU)."""
+    return _DTYPES[resolve_dtype("marigold", dtype, device.type)]
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
