@@ -160,13 +160,21 @@ class Config:
         # row's reading of `auto`, as before (what it runs is the factory's to say).
         kind = model["kind"] if model["factory"] is None else "marigold"
         model["dtype"] = resolve_dtype(kind, model["dtype"], model["device"])
-        return _flatten({"model": model, "inference": dataclasses.asdict(self.inference)})
+        return _flatten({"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)})
 
     def hash(self, device_kind: str | None = None) -> str:
         """Short hash of `settings(device_kind)`: stored with every row and manifest, so two
         configurations never mix unnoticed in one output."""
         payload = json.dumps(self.settings(device_kind), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# How depthray turns a model's output into a label, for the same settings. Bumped when a fix
+# changes labels without a setting changing, so an output labelled before is refused rather
+# than resumed into a mix (`labels: 1 -> 2`, relabel with output.overwrite). 2: transformers
+# families as upstream's processors and post-processing (Depth Pro stored as disparity, was
+# inverted), e2e-ft as its authors run it, the global view sized as diffusers sizes it.
+LABELS_VERSION = 2
 
 
 _CHOICES = {

@@ -88,3 +88,33 @@ def test_auto_dtype_is_recorded_as_each_kind_runs_it():
     fp16 = config_from_dict({"model": {**hf, "dtype": "float16", "device": "cuda"}})
     bf16 = config_from_dict({"model": {**hf, "dtype": "bfloat16", "device": "cuda"}})
     assert config_from_dict({"model": hf}).hash("cuda") == fp16.hash() != bf16.hash()
+
+
+def test_an_output_labelled_before_a_label_fix_is_not_resumed_into_a_mix(tmp_path):
+    """Fixes that change labels without a setting changing (Depth Pro's orientation, e2e-ft's
+    normalisation) bump LABELS_VERSION, which is part of the settings: an output committed
+    by the version before is refused, naming it, instead of being resumed into a mix of old
+    and new labels; output.overwrite relabels it."""
+    import json
+
+    from depthray.config import LABELS_VERSION, ConfigError
+    from depthray.job.checks import list_input_shards
+    from depthray.job.driver import input_fingerprints, resume_shards
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.tar").write_bytes(b"")
+    data = {"input": {"url": f"{tmp_path}/in/", "format": "webdataset"}, "output": {"url": f"{tmp_path}/out"},
+            "model": {"factory": "x:y"}}
+    cfg = config_from_dict(data, require_io=True)
+    before = {k: v for k, v in cfg.settings("cpu").items() if k != "labels"}
+    assert cfg.settings("cpu")["labels"] == LABELS_VERSION >= 2
+    (tmp_path / "out" / "_manifest").mkdir(parents=True)
+    (tmp_path / "out" / "_manifest" / "a.json").write_text(json.dumps({
+        "shard": "a", "status": "complete", "url": f"file://{tmp_path}/in/a.tar", "source_size": 0,
+        "config_hash": "0123456789abcdef", "settings": before, "inputs": 0, "outputs": 0, "errors": 0,
+        "parts": {}, "error_parts": {}}))
+    shards = list_input_shards(cfg)
+    with pytest.raises(ConfigError, match=f"labels: None -> {LABELS_VERSION}"):
+        resume_shards(shards, cfg, input_fingerprints(shards, cfg.storage), "r1")
+    cfg.output.overwrite = True
+    assert [s.name for s in resume_shards(shards, cfg, input_fingerprints(shards, cfg.storage), "r2").todo] == ["a"]
