@@ -37,7 +37,8 @@ def _check_pairs(batches, samples, keep):
     depths = torch.cat([b[1] for b in batches])
     assert images.shape == (len(keep), 3, 24, 32) and depths.shape == (len(keep), 1, 24, 32)
     assert images.dtype == depths.dtype == torch.float32
-    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    # uint8 / 255 (the recipe's scaling, nothing clamps it): a wrong divisor leaves [0, 1]
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and float(images.max()) > 0.5
     # The depth of pair i is sample keep[i]'s stored depth (resized): pairs stay paired.
     for i, k in enumerate(keep):
         small = samples[k].pred.reshape(24, 2, 32, 2).mean(axis=(1, 3))
