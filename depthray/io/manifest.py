@@ -1,19 +1,12 @@
 """Per-shard manifests: the commit record that makes a job resumable and exactly-once.
 
-Commit protocol for one shard (depthray/job/ledger.py calls `ManifestStore.commit` once the
-write stage has acknowledged every row the reader announced):
-
- 1. its parts already lie under `_staging/` (written there by depthray/io/sinks.py);
- 2. they are moved to their final names (atomic rename on disk, server-side copy on S3);
- 3. parts of the shard's previous manifest that the new one does not list are deleted
-    (an overwrite replaces a shard's data only once its new data is in place);
- 4. `_manifest/{shard}.json` is written last, atomically.
-
-The manifest identifies the shard fully: input URL, size and ETag (or mtime), the config
-hash and settings, and every part with its size. `resume_shards` counts a shard as done
-only if all of that matches the input and a single listing of the output shows each part
-at its size; anything else is redone, and its leftovers (staged or promoted parts of an
-interrupted commit) are deleted first, so no key is ever written twice.
+`_manifest/{shard}.json` is written last in a shard's commit (depthray/io/commit.py) and
+identifies the shard fully: input URL, size and ETag (or mtime), the config hash and
+settings, every part with its size, and the lease generation of the run that wrote it.
+`resume_shards` counts a shard as done only if all of that matches the input and a single
+listing of the output shows each part at its size; anything else is redone, and its
+leftovers (staged parts, parts no manifest lists) are deleted first, so no key is ever
+written twice.
 """
 
 from __future__ import annotations
@@ -25,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from depthray.config import Config, ConfigError, StorageConfig
-from depthray.io.fs import filesystem, join, move, write_atomic
-from depthray.io.sinks import ERRORS_DIR, PART_RE, STAGING_DIR
+from depthray.io.fs import filesystem, join, write_atomic
+from depthray.io.sinks import STAGING_DIR, part_shard
 from depthray.io.sources import Shard
 
 log = logging.getLogger(__name__)
@@ -81,18 +74,6 @@ class ManifestStore:
 
     def write(self, shard: str, manifest: dict) -> None:
         write_atomic(self.fs, self.path(shard), json.dumps(manifest, indent=1, sort_keys=True).encode())
-
-    def commit(self, shard: str, manifest: dict, replaced: list[str] | None = None) -> None:
-        """Promote the shard's staged parts, drop the parts they replace, write the manifest."""
-        new = set(manifest.get("parts") or {}) | set(manifest.get("error_parts") or {})
-        for rel in sorted(new):
-            move(self.fs, join(self.root, STAGING_DIR, rel), join(self.root, rel))
-        for rel in sorted(set(replaced or []) - new):
-            try:
-                self.fs.rm_file(join(self.root, rel))
-            except FileNotFoundError:
-                pass
-        self.write(shard, manifest)
 
     def write_job_summary(self, run_id: str, summary: dict) -> str:
         path = join(self.root, JOBS_DIR, f"{run_id}.json")
@@ -230,10 +211,12 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
             resume.redo[s.name] = why or ""
             if why == "overwriting":
                 resume.replaced[s.name] = sorted(manifest_parts(m))
-    # 3. Leftovers of the shards to (re)do: staged parts, promoted parts of an interrupted
-    #    commit, temp files; parts an overwrite replaces stay until their shard commits.
+    # 3. Leftovers: staged and visible parts of the shards to (re)do, temp files, and visible
+    #    parts a shard's manifest does not list (left by a commit of the earlier, side-by-side
+    #    layout that a crash cut short); parts an overwrite replaces stay until their shard commits.
     redo = {s.name for s in resume.todo}
     keep = {p for parts in resume.replaced.values() for p in parts}
+    listed = {n: set(manifest_parts(m)) for n, m in manifests.items()}
     stale = []
     for rel in listing:
         base = posixpath.basename(rel)
@@ -245,11 +228,10 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
             if name in redo and name not in resume.replaced:
                 stale.append(rel)  # a manifest that no longer proves anything
             continue
-        part = rel[len(STAGING_DIR) + 1:] if rel.startswith(STAGING_DIR + "/") else rel
-        if part.startswith(ERRORS_DIR + "/"):
-            part = part[len(ERRORS_DIR) + 1:]
-        m = PART_RE.match(part)
-        if m and m.group("shard") in redo and rel not in keep:
+        shard = part_shard(rel)
+        if shard is None or rel in keep:
+            continue
+        if shard in redo or (shard in listed and rel not in listed[shard] and not rel.startswith(STAGING_DIR + "/")):
             stale.append(rel)
     for rel in stale:
         fs.rm_file(join(root, rel))
