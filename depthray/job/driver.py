@@ -20,6 +20,7 @@ from typing import Any
 
 from depthray import __version__
 from depthray.config import Config, ConfigError
+from depthray.io import output_config
 from depthray.io.commit import Committer, repair
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
 from depthray.io.sinks import ensure_errors_file
@@ -134,6 +135,8 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
                               "re-run the same command once Ray can start") from e
         res = resolve_resources(cfg)
     device_kind = ("cuda" if res.gpus_per_actor > 0 else "cpu") if res else None
+    if device_kind is not None:  # `auto` resolved: the output's one configuration, checked again and recorded
+        output_config.record(store, cfg, device_kind, run_id)
     static = {"config_hash": cfg.hash(device_kind), "model": model_label(cfg), "run_id": run_id,
               "depthray_version": __version__}
     identities = {s.name: {"url": s.url, **{f"source_{k}": v for k, v in fingerprints.get(s.url, {}).items()}}
