@@ -99,5 +99,5 @@ def record(store, cfg: Config, kind: str, run_id: str) -> None:
         current = {"config_hash": h, "settings": cfg.settings(kind), "hashes": {}, "run_id": run_id}
     elif h in (current.get("hashes") or {}) and store.fs.exists(_path(store)):
         return  # already recorded
-    current.setdefault("hashes", {})[h] = kind
+    current.setdefault("hashes", {})[h] = cfg.settings(kind)["model.device"]  # an explicit device wins
     write_atomic(store.fs, _path(store), json.dumps(current, indent=1, sort_keys=True).encode())
