@@ -148,3 +148,48 @@ def test_a_crash_while_taking_over_a_lease_changes_nothing(ray_session, output, 
     for name in ("out-plain", "out-overwrite"):
         generations = {output.read_json(f"_manifest/{s}.json", name)["lease_generation"] for s in expected}
         assert generations <= {1, 2} and 2 in generations, generations
+
+
+def test_a_commit_whose_parts_were_lost_is_dropped_and_its_visible_parts_deleted(ray_session, output, tmp_path,
+                                                                                  make_image):
+    """Killed after its first move; then one of the shard's new parts is lost (deleted by
+    hand). The record cannot be finished: the next run drops it and deletes the parts it
+    had made visible (no manifest claims them), whatever it runs: here only the other shards."""
+    expected = inputs(tmp_path, make_image)
+    killed_at("part_moved:1", job(tmp_path, output.url()), tmp_path)
+    (record,) = state(output)[1]
+    shard = record["shard"]
+    lost = sorted(record["manifest"]["parts"])[-1]  # S3: still staged; local disk: in place
+    for rel in (lost, f"_staging/{lost}"):
+        if output.fs.exists(f"{output.root()}/{rel}"):
+            output.fs.rm_file(f"{output.root()}/{rel}")
+    assert shard in visible(output)[0]
+    others = [s for s in expected if s != shard]
+    cfg = load_config(job(tmp_path, output.url(), name="others",
+                          input={"url": str(tmp_path / "in" / f"{{{','.join(others)}}}.tar")}))
+    summary = run_job(cfg)
+    assert summary["repaired"]["commits_dropped"] == 1 and summary["repaired"]["orphan_parts_deleted"] >= 1
+    rows, errors = output.plain_view()
+    assert_exactly_once({s: expected[s] for s in others}, rows, errors)
+
+
+def test_a_side_by_side_output_left_with_old_and_new_parts_is_cleaned(tmp_path):
+    """Outputs written before shard folders kept parts side by side; an overwrite killed
+    between moving the new parts and deleting the old ones left both visible (issue #24's
+    permanent duplicates). The next run deletes the visible part the manifest does not list,
+    whatever its mode, before anything else."""
+    from depthray.config import StorageConfig, config_from_dict
+    from depthray.io.manifest import ManifestStore, resume_shards
+    from depthray.io.sources import Shard
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old, new = "a.part-0123456789abcdef.parquet", "a.part-fedcba9876543210.parquet"
+    (out / old).write_bytes(b"x")
+    (out / new).write_bytes(b"y")
+    cfg = config_from_dict({"output": {"url": str(out)}, "input": {"url": "x"}})
+    ManifestStore(str(out), StorageConfig()).write("a", {"status": "complete", "url": "file:///a.tar",
+                                                         "config_hash": cfg.hash(), "parts": {old: 1}})
+    plan = resume_shards([Shard("a", "file:///a.tar", "webdataset")], cfg)
+    assert plan.skipped == ["a"] and plan.deleted_parts == 1
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [old]

@@ -111,3 +111,25 @@ def test_a_run_that_lost_its_lease_stops_committing(ray_session, output, tmp_pat
     assert output.read_json(manifests[0])["lease_generation"] == held["generation"]
     assert not [f for f in files if f.startswith("_pending/")], files  # not even begun
     assert output.read_json("_jobs/lease.json")["run_id"] == "intruder-run"
+
+
+def test_a_heartbeat_never_overwrites_a_lease_another_run_took(output):
+    """The heartbeat is conditional on the lease being as this run last wrote it: once
+    another run took it over, the beat fails, the lease stays the other run's, and this run
+    knows it lost (the next commit's `verify` raises LeaseLost naming the other run)."""
+    from depthray.config import StorageConfig
+    from depthray.job.lease import LeaseLost, OutputLease
+
+    lease = OutputLease(output.url(), StorageConfig(), "me", timeout_s=30, heartbeat_s=0.1).acquire()
+    try:
+        other = {**output.read_json("_jobs/lease.json"), "run_id": "other-run", "generation": 2,
+                 "heartbeat": time.time()}
+        _put_lease(output, other)
+        _wait_for(lambda: lease.lost is not None, 10, "the heartbeat to notice")
+        time.sleep(0.3)  # beats that would have overwritten it
+        assert output.read_json("_jobs/lease.json") == other
+        with pytest.raises(LeaseLost, match="other-run"):
+            lease.verify()
+    finally:
+        lease.release()
+    assert output.read_json("_jobs/lease.json") == other  # not released: it is not ours
