@@ -55,20 +55,31 @@ def _put_lease(output: Output, lease: dict) -> None:
     output.fs.pipe_file(path, json.dumps(lease).encode())
 
 
-def test_two_processes_taking_over_one_stale_lease_at_once_one_wins(output, tmp_path):
+@pytest.mark.parametrize("release", ["together", "staggered"])
+def test_two_processes_taking_over_one_stale_lease_at_once_one_wins(output, tmp_path, release):
+    """Both contenders read the stale lease and stand at the takeover before either writes.
+    `together`: both are let go at once. `staggered`: the first is let go and its takeover
+    lands before the second is let go, which then writes against the lease it read (now
+    gone): the case a delete-then-create takeover loses deterministically."""
     _put_lease(output, {"run_id": "dead-run", "host": "elsewhere", "pid": 1,
                         "heartbeat": time.time() - 3600, "generation": 7})
-    go, done = tmp_path / "go", tmp_path / "done"
-    env = dict(os.environ, DEPTHRAY_PAUSE_AT=f"lease_takeover={go}",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    done = tmp_path / "done"
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, output.url(), f"contender-{i}", str(done)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, env=dict(os.environ, DEPTHRAY_PAUSE_AT=f"lease_takeover={tmp_path / f'go{i}'}",
+                                                 PYTHONPATH=path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
-        # Both have read the stale lease and stand at the takeover, neither has written.
-        _wait_for(lambda: len(list(tmp_path.glob("go.*.reached"))) == 2, 60, "both contenders at the takeover")
-        go.touch()
-        results = [json.loads(p.stdout.readline() or "{}") for p in procs]
+        _wait_for(lambda: all(list(tmp_path.glob(f"go{i}.*.reached")) for i in range(2)), 60,
+                  "both contenders at the takeover")
+        (tmp_path / "go0").touch()
+        if release == "staggered":
+            first = json.loads(procs[0].stdout.readline() or "{}")
+            assert first.get("won"), first
+        (tmp_path / "go1").touch()
+        results = [first if release == "staggered" and i == 0 else json.loads(p.stdout.readline() or "{}")
+                   for i, p in enumerate(procs)]
     finally:
         done.touch()
         for p in procs:
