@@ -1,4 +1,4 @@
-"""One configuration per output: `_jobs/config.json`, written by the first run that labels.
+"""One configuration per output: `config.json` under `_jobs/`, written by the first run that labels.
 
 It records the config hash and the settings behind it, with `model.device` and
 `model.dtype` as they resolved (a CPU run labels in float32, a GPU run in bfloat16: other
