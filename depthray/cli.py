@@ -74,6 +74,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("depthray: interrupted before the job started; nothing was committed", file=sys.stderr)
         return 130
     _print_summary(summary)
+    if summary.get("lease_lost"):  # another run writes this output now: say which, stop
+        print(f"depthray: {summary['lease_lost']}", file=sys.stderr)
+        return 3
     if summary.get("interrupted"):
         _stop_ray()  # now, not in an exit hook a late signal or worker error can turn into exit 1
         print(f"interrupted: {summary['shards_complete']} shard(s) committed by this run, "

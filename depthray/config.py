@@ -89,6 +89,9 @@ class OutputConfig:
     format: str = "parquet"  # parquet | webdataset
     include_image: bool = False  # webdataset: pass the input image through as {key}.{ext}, upright
     overwrite: bool = False  # relabel every shard (one at a time; old parts go when new ones commit)
+    # One configuration per output (_jobs/config.json): true also accepts runs that differ only
+    # in model.device / model.dtype as they resolve (CPU float32 labels beside GPU bfloat16 ones).
+    allow_mixed_devices: bool = False
     # Most rows in one part file (a shard is written as parts). The write stage gathers this
     # many rows before it writes, so it is also how far commits lag the model: 128 rows are
     # ~120 MB of 640x480 labels, and a few seconds of a GPU pool's output (docs/scale.md).

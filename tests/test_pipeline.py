@@ -143,7 +143,7 @@ def test_parquet_from_s3_to_webdataset_with_passthrough(ray_session, s3_bucket, 
     assert (summary["shards_complete"], summary["images"], summary["errors"]) == (2, 6, 0)
 
     seen = []
-    for part in fs.glob(f"{s3_bucket}/wds/*.tar"):
+    for part in fs.glob(f"{s3_bucket}/wds/*.parts/*.tar"):  # one folder per shard
         local = tmp_path / part.rsplit("/", 1)[-1]
         fs.get_file(part, str(local))
         for sample in wds.WebDataset(str(local), shardshuffle=False):  # plain webdataset

@@ -102,18 +102,6 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move a finished file into place: an atomic, durable rename on local disk; a
-    server-side copy then delete on object stores (the copy appears whole or not at all)."""
-    if is_local(fs):
-        fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-        os.replace(src, dst)
-        fsync_dir(posixpath.dirname(dst))
-        return
-    fs.copy(src, dst)
-    fs.rm_file(src)
-
-
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Write `path` only if it does not exist; False if it does. Atomic where the store
     supports it: O_EXCL on local disk, a conditional PUT (If-None-Match) on S3. Elsewhere

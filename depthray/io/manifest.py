@@ -1,19 +1,12 @@
 """Per-shard manifests: the commit record that makes a job resumable and exactly-once.
 
-Commit protocol for one shard (depthray/job/ledger.py calls `ManifestStore.commit` once the
-write stage has acknowledged every row the reader announced):
-
- 1. its parts already lie under `_staging/` (written there by depthray/io/sinks.py);
- 2. they are moved to their final names (atomic rename on disk, server-side copy on S3);
- 3. parts of the shard's previous manifest that the new one does not list are deleted
-    (an overwrite replaces a shard's data only once its new data is in place);
- 4. `_manifest/{shard}.json` is written last, atomically.
-
-The manifest identifies the shard fully: input URL, size and ETag (or mtime), the config
-hash and settings, and every part with its size. `resume_shards` counts a shard as done
-only if all of that matches the input and a single listing of the output shows each part
-at its size; anything else is redone, and its leftovers (staged or promoted parts of an
-interrupted commit) are deleted first, so no key is ever written twice.
+`_manifest/{shard}.json` is written last in a shard's commit (depthray/io/commit.py) and
+identifies the shard fully: input URL, size and ETag (or mtime), the config hash and
+settings, every part with its size, and the lease generation of the run that wrote it.
+`resume_shards` counts a shard as done only if all of that matches the input and a single
+listing of the output shows each part at its size; anything else is redone, and its
+leftovers (staged parts, parts no manifest lists) are deleted first, so no key is ever
+written twice.
 """
 
 from __future__ import annotations
@@ -25,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from depthray.config import Config, ConfigError, StorageConfig
-from depthray.io.fs import filesystem, join, move, write_atomic
-from depthray.io.sinks import ERRORS_DIR, PART_RE, STAGING_DIR
+from depthray.io.fs import filesystem, join, write_atomic
+from depthray.io import output_config
+from depthray.io.output_config import config_difference, possible_kinds, same_but_device
+from depthray.io.sinks import STAGING_DIR, part_shard
 from depthray.io.sources import Shard
 
 log = logging.getLogger(__name__)
@@ -82,18 +77,6 @@ class ManifestStore:
     def write(self, shard: str, manifest: dict) -> None:
         write_atomic(self.fs, self.path(shard), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
-    def commit(self, shard: str, manifest: dict, replaced: list[str] | None = None) -> None:
-        """Promote the shard's staged parts, drop the parts they replace, write the manifest."""
-        new = set(manifest.get("parts") or {}) | set(manifest.get("error_parts") or {})
-        for rel in sorted(new):
-            move(self.fs, join(self.root, STAGING_DIR, rel), join(self.root, rel))
-        for rel in sorted(set(replaced or []) - new):
-            try:
-                self.fs.rm_file(join(self.root, rel))
-            except FileNotFoundError:
-                pass
-        self.write(shard, manifest)
-
     def write_job_summary(self, run_id: str, summary: dict) -> str:
         path = join(self.root, JOBS_DIR, f"{run_id}.json")
         write_atomic(self.fs, path, json.dumps(summary, indent=1, sort_keys=True).encode())
@@ -112,13 +95,21 @@ class ManifestStore:
         return json.loads(self.fs.cat_file(path))
 
     # -------------------------------------------------------------- overwrite epochs
-    def overwrite_epoch(self, run_id: str) -> str:
-        """The overwrite in progress (started by this or an interrupted earlier run)."""
-        path = join(self.root, JOBS_DIR, OVERWRITE_FILE)
-        if self.fs.exists(path):
-            return json.loads(self.fs.cat_file(path))["epoch"]
-        write_atomic(self.fs, path, json.dumps({"epoch": run_id}).encode())
-        return run_id
+    def overwrite_in_progress(self) -> dict | None:
+        """{epoch, config_hashes (the settings it relabels to)} of an unfinished overwrite."""
+        try:
+            return json.loads(self.fs.cat_file(join(self.root, JOBS_DIR, OVERWRITE_FILE)))
+        except FileNotFoundError:
+            return None
+
+    def overwrite_epoch(self, run_id: str, hashes: list[str]) -> str:
+        """The overwrite in progress (started by this or an interrupted earlier run), now
+        relabelling to `hashes`."""
+        now = self.overwrite_in_progress() or {"epoch": run_id}
+        if now.get("config_hashes") != hashes:
+            write_atomic(self.fs, join(self.root, JOBS_DIR, OVERWRITE_FILE),
+                         json.dumps({"epoch": now["epoch"], "config_hashes": hashes}).encode())
+        return now["epoch"]
 
     def end_overwrite(self) -> None:
         path = join(self.root, JOBS_DIR, OVERWRITE_FILE)
@@ -163,12 +154,6 @@ def why_not_done(m: dict, shard: Shard, fingerprint: dict | None, listing: dict[
     return None
 
 
-def config_difference(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every setting that differs."""
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 # What a resume decision reads from a manifest (the rest, e.g. error counts, is for people).
 _DECISION_KEYS = ("status", "url", "config_hash", "source_size", "source_etag", "parts", "error_parts",
                   "overwrite_epoch")
@@ -187,16 +172,20 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
                   run_id: str = "") -> Resume:
     """Which shards are done, which to (re)do; clears the leftovers of the ones to redo.
 
-    Refuses (ConfigError, before deleting anything) an output whose shards were labelled
-    with other settings unless `output.overwrite`, and an input whose shard names are
-    already taken in this output by shards from other URLs.
+    Refuses (ConfigError, before deleting anything) an output labelled with other settings
+    (depthray/io/output_config.py; and, for outputs labelled before its record, any of this
+    input's shards) unless `output.overwrite`, and an input whose shard names are already
+    taken in this output by shards from other URLs. A run with the settings an interrupted
+    overwrite relabels to continues that overwrite, with or without `output.overwrite`.
     """
+
     store = ManifestStore(cfg.output.url, cfg.storage)
     fs, root = store.fs, store.root
     listing = store.listing()
     have = ManifestStore.names_in(listing)
     names = {s.name for s in shards}
-    these = {cfg.hash("cpu"), cfg.hash("cuda")}  # the job resolves `auto` where its actors run
+    kinds = possible_kinds(cfg)  # the job resolves `auto` where its actors run
+    these = {cfg.hash(k) for k in kinds}
     manifests = store.read_many(sorted(have & names), keep=lambda m: _decision_fields(m, these))
     # 1. Identity: a shard name in this output belongs to one input URL.
     for s in shards:
@@ -206,15 +195,19 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
                 f"output.url {cfg.output.url!r} already holds shard {s.name!r} from {m['url']}; this input "
                 f"has {s.name!r} at {s.url}. Two inputs with the same shard names need two outputs.")
     # 2. Settings: one configuration per output, unless overwriting.
-    other = {n: m for n, m in manifests.items() if m.get("config_hash") not in these}
-    if other and not cfg.output.overwrite:
+    output_config.check(output_config.recorded(store, listing), cfg, kinds)
+    progress = store.overwrite_in_progress() if not cfg.output.overwrite else None
+    overwriting = cfg.output.overwrite or bool(progress and set(progress.get("config_hashes") or []) & these)
+    other = {n: m for n, m in manifests.items() if m.get("config_hash") not in these and not (
+        cfg.output.allow_mixed_devices and same_but_device(m.get("settings"), cfg.settings(kinds[0])))}
+    if other and not overwriting:
         name, m = sorted(other.items())[0]
         diff = config_difference(m.get("settings") or {}, cfg.settings())
         raise ConfigError(
             f"output.url {cfg.output.url!r}: {len(other)} shard(s) were labelled with other settings "
             f"(e.g. {name}: {'; '.join(diff) if diff else 'config hash ' + str(m.get('config_hash'))}). "
             "Use another output, or set output.overwrite: true to relabel them (shard by shard, resumable).")
-    epoch = store.overwrite_epoch(run_id) if cfg.output.overwrite else None
+    epoch = store.overwrite_epoch(run_id, sorted(these)) if overwriting else None
     resume = Resume(todo=[], overwrite_epoch=epoch)
     for s in shards:
         m = manifests.get(s.name)
@@ -230,10 +223,12 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
             resume.redo[s.name] = why or ""
             if why == "overwriting":
                 resume.replaced[s.name] = sorted(manifest_parts(m))
-    # 3. Leftovers of the shards to (re)do: staged parts, promoted parts of an interrupted
-    #    commit, temp files; parts an overwrite replaces stay until their shard commits.
+    # 3. Leftovers: staged and visible parts of the shards to (re)do, temp files, and visible
+    #    parts a shard's manifest does not list (left by a commit of the earlier, side-by-side
+    #    layout that a crash cut short); parts an overwrite replaces stay until their shard commits.
     redo = {s.name for s in resume.todo}
     keep = {p for parts in resume.replaced.values() for p in parts}
+    listed = {n: set(manifest_parts(m)) for n, m in manifests.items()}
     stale = []
     for rel in listing:
         base = posixpath.basename(rel)
@@ -245,11 +240,10 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
             if name in redo and name not in resume.replaced:
                 stale.append(rel)  # a manifest that no longer proves anything
             continue
-        part = rel[len(STAGING_DIR) + 1:] if rel.startswith(STAGING_DIR + "/") else rel
-        if part.startswith(ERRORS_DIR + "/"):
-            part = part[len(ERRORS_DIR) + 1:]
-        m = PART_RE.match(part)
-        if m and m.group("shard") in redo and rel not in keep:
+        shard = part_shard(rel)
+        if shard is None or rel in keep:
+            continue
+        if shard in redo or (shard in listed and rel not in listed[shard] and not rel.startswith(STAGING_DIR + "/")):
             stale.append(rel)
     for rel in stale:
         fs.rm_file(join(root, rel))

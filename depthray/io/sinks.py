@@ -4,13 +4,15 @@ A sink turns a group of rows from one input shard into one part file's bytes; th
 class names the part and writes it atomically. Part names are a hash of the keys they
 hold, so a retried write task rewrites the same file instead of adding a duplicate:
 
-    {output}/{shard}.part-{hash}.parquet|.tar      depth results
-    {output}/_errors/{shard}.part-{hash}.parquet    error records (any output format)
-    {output}/_errors/empty.parquet                   0 rows, so `_errors/` always reads
+    {output}/{shard}.parts/{name}.part-{hash}.parquet|.tar     depth results
+    {output}/_errors/{shard}.parts/{name}.part-{hash}.parquet   error records (any output format)
+    {output}/_errors/empty.parquet                               0 rows, so `_errors/` always reads
 
+({name}: the shard name's last component.) A shard's parts share one folder so that on
+local disk the commit makes them visible with one directory rename (depthray/io/commit.py).
 Parts are written under `{output}/_staging/` (readers skip `_` folders: pyarrow's dataset
-discovery, `*.tar` globs, depthray's own readers) and moved to the names above only when
-their shard commits (depthray/io/manifest.py), so nobody reads a shard still in flight.
+discovery, depthray's own readers) and moved to the names above only when their shard
+commits, so nobody reads a shard still in flight.
 """
 
 from __future__ import annotations
@@ -31,7 +33,25 @@ from depthray.io.tar_samples import tar_bytes
 
 ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
-PART_RE = re.compile(r"^(?P<shard>.+)\.part-(?P<hash>[0-9a-f]{16})\.(?P<ext>parquet|tar)$")
+SHARD_DIR = ".parts"  # a shard's parts lie in {shard}.parts/
+PART_RE = re.compile(r"^(?P<shard>.+)\.parts/[^/]+\.part-(?P<hash>[0-9a-f]{16})\.(?P<ext>parquet|tar)$")
+# Parts of outputs written before shard folders: {shard}.part-{hash}.{ext}, side by side.
+FLAT_PART_RE = re.compile(r"^(?P<shard>.+)\.part-(?P<hash>[0-9a-f]{16})\.(?P<ext>parquet|tar)$")
+
+
+def part_rel(shard: str, digest: str, extension: str, subdir: str = "") -> str:
+    """A part's path relative to the output (and to `_staging/`)."""
+    rel = f"{shard}{SHARD_DIR}/{shard.rsplit('/', 1)[-1]}.part-{digest}.{extension}"
+    return f"{subdir}/{rel}" if subdir else rel
+
+
+def part_shard(rel: str) -> str | None:
+    """The shard a part belongs to, from its path relative to the output (staged, error or
+    result part, either layout); None for anything else."""
+    for prefix in (STAGING_DIR + "/", ERRORS_DIR + "/"):
+        rel = rel[len(prefix):] if rel.startswith(prefix) else rel
+    m = PART_RE.match(rel) or FLAT_PART_RE.match(rel)
+    return m.group("shard") if m else None
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -79,8 +99,7 @@ class Sink:
     def write(self, shard: str, rows: list[dict[str, Any]], digest: str) -> tuple[str, int]:
         """Write `rows` (all from input shard `shard`) as one staged part; returns its path
         relative to the output (where it goes on commit) and its size in bytes."""
-        rel = f"{shard}.part-{digest}.{self.extension}"
-        rel = f"{self.subdir}/{rel}" if self.subdir else rel
+        rel = part_rel(shard, digest, self.extension, self.subdir)
         fs, root = filesystem(self.url, self.storage)
         data = self.encode(rows)
         write_atomic(fs, join(root, STAGING_DIR, rel), data)

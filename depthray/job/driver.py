@@ -1,9 +1,10 @@
 """The driver: `run_job(cfg)` lists the input, resumes, runs the stages on Ray, and commits.
 
-    1. list + resume   depthray/job/checks.py, depthray/io/manifest.py (before Ray starts)
+    1. lease, repair,  depthray/job/lease.py, depthray/io/commit.py (finish commits a crash
+       list + resume   cut short), depthray/job/checks.py, depthray/io/manifest.py (before Ray)
     2. run             depthray/job/stages.py as a Ray Data graph (depthray/job/ray_graph.py)
     3. commit          the write stage's acknowledgements -> depthray/job/ledger.py, which
-                       writes a shard's manifest once all of its rows have landed
+                       commits a shard (depthray/io/commit.py) once all of its rows have landed
     4. summary         `_jobs/{run_id}.json`
 
 `depthray run` (and `depthray submit`, on a cluster) is the one way in.
@@ -19,6 +20,8 @@ from typing import Any
 
 from depthray import __version__
 from depthray.config import Config, ConfigError
+from depthray.io import output_config
+from depthray.io.commit import Committer, repair
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
 from depthray.io.sinks import ensure_errors_file
 from depthray.job.checks import (
@@ -31,7 +34,7 @@ from depthray.job.checks import (
     list_input_shards,
 )
 from depthray.job.interrupt import DeferredInterrupt
-from depthray.job.lease import OutputLease
+from depthray.job.lease import LeaseLost, OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.pool_watch import PoolWatch
 from depthray.job.ray_graph import build_dataset, resolve_resources
@@ -102,15 +105,18 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     except Exception as e:
         raise ConfigError(f"output.url {cfg.output.url!r}: not writable ({describe_error(e)})") from e
     try:
-        return _run(cfg, run_id, shards, log_every_s, address, num_cpus, quiet)
+        return _run(cfg, run_id, shards, lease, log_every_s, address, num_cpus, quiet)
     finally:
         lease.release()
 
 
-def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: str | None,
+def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s: float, address: str | None,
          num_cpus: int | None, quiet: bool = False) -> dict[str, Any]:
     check_input(cfg, shards)
+    store = ManifestStore(cfg.output.url, cfg.storage)
     try:
+        # Whatever this run's settings and mode: first finish what a killed run left mid-commit.
+        repaired = repair(store)
         fingerprints = input_fingerprints(shards, cfg.storage)
         resume = resume_shards(shards, cfg, fingerprints, run_id)
     except ConfigError:
@@ -119,7 +125,6 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({describe_error(e)})") from e
     log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
     ensure_errors_file(cfg.output.url, cfg.storage)
-    store = ManifestStore(cfg.output.url, cfg.storage)
     res = None
     if resume.todo:
         try:
@@ -130,17 +135,21 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
                               "re-run the same command once Ray can start") from e
         res = resolve_resources(cfg)
     device_kind = ("cuda" if res.gpus_per_actor > 0 else "cpu") if res else None
+    if device_kind is not None:  # `auto` resolved: the output's one configuration, checked again and recorded
+        output_config.record(store, cfg, device_kind, run_id)
     static = {"config_hash": cfg.hash(device_kind), "model": model_label(cfg), "run_id": run_id,
               "depthray_version": __version__}
     identities = {s.name: {"url": s.url, **{f"source_{k}": v for k, v in fingerprints.get(s.url, {}).items()}}
                   for s in resume.todo}
     manifest_fields = {**static, "settings": cfg.settings(device_kind), "overwrite_epoch": resume.overwrite_epoch}
-    ledger = ShardLedger(identities, lambda name, m: store.commit(name, m, resume.replaced.get(name)),
+    committer = Committer(store, fence=lease.verify)
+    ledger = ShardLedger(identities, lambda name, m: committer.commit(name, m, resume.replaced.get(name)),
                          manifest_fields, log_every_s)
     stages: list[str] = []
     job_error = None
     watch = None
     interrupted = False
+    lease_lost = None
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
         ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
@@ -156,6 +165,8 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
                     with stop.critical():  # Ctrl-C never lands inside a commit
                         for ack in batch.to_pylist():
                             ledger.update(ack)
+        except LeaseLost as e:  # another run took the output over: not one more commit
+            lease_lost = job_error = str(e)
         except KeyboardInterrupt:  # Ctrl-C: stop, keep what committed, write the summary
             interrupted, job_error = True, "interrupted (Ctrl-C)"
             log.warning("interrupted: stopping; committed shards stay committed, a re-run resumes")
@@ -163,7 +174,7 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
             job_error = describe_error(e)
             log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
         ledger.maybe_log(force=True)
-        if not interrupted:
+        if not interrupted and not lease_lost:
             stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
     # 3. Summary.
     totals = ledger.summary(job_error)
@@ -173,7 +184,8 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         "output": cfg.output.url,
         "shards_total": len(shards),
         "shards_skipped": len(resume.skipped),
-        "leftover_files_deleted": resume.deleted_parts,
+        "leftover_files_deleted": resume.deleted_parts + repaired["orphan_parts_deleted"],
+        "repaired": repaired,
         "input_files_skipped": dict(getattr(shards, "skipped", {})),
         **totals,
         "gpu_seconds": round(totals["infer_seconds"] * (res.gpus_per_actor if res else 0), 3),
@@ -183,11 +195,12 @@ def _run(cfg: Config, run_id: str, shards: list, log_every_s: float, address: st
         **(watch.summary() if watch is not None else {}),
         "job_error": job_error,
         "interrupted": interrupted,
+        "lease_lost": lease_lost,
         **static,
     }
     summary["shards_redone"] = resume.redo
     summary["summary_path"] = store.write_job_summary(run_id, summary)
-    if resume.overwrite_epoch and not summary["shards_unfinished"]:
+    if resume.overwrite_epoch and not summary["shards_unfinished"] and not lease_lost:
         store.end_overwrite()  # every shard relabelled: the overwrite is over
     if summary["shards_unfinished"]:
         log.warning("%d shard(s) unfinished; re-run the same command to retry them: %s",

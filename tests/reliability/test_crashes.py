@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import fsspec
@@ -110,6 +111,12 @@ def test_kill_driver_mid_job_then_resume(ray_session, tmp_path, make_image, caps
     outs, errors = read_outputs(fs, str(out))  # parses every visible part: none is truncated
     assert_exactly_once({k: v for k, v in expected.items() if k in committed},
                         [r for r in outs if r["source"] in committed], [e for e in errors if e["source"] in committed])
+    # Unfiltered, as a plain reader sees it: no key twice, and a shard's results all or none
+    # (on local disk they appear with one folder rename, even if the kill cut a commit).
+    seen = Counter((r["source"], r["key"]) for r in outs + errors)
+    assert max(seen.values()) == 1, seen
+    for shard in {r["source"] for r in outs}:
+        assert {r["key"] for r in outs if r["source"] == shard} == expected[shard], shard
     # `depthray status` reads the same state: committed shards done, the rest to do, and no
     # run summary (the killed driver never wrote one).
     rc, st = _status(config, capsys)
@@ -128,7 +135,7 @@ def test_kill_driver_mid_job_then_resume(ray_session, tmp_path, make_image, caps
     text = captured.out + captured.err
     assert rc == 0, text
     assert f"{len(committed)} already complete" in text, text
-    summaries = [json.loads(p.read_text()) for p in sorted((out / "_jobs").glob("*.json"))]
+    summaries = [json.loads(p.read_text()) for p in sorted((out / "_jobs").glob("2*.json"))]  # run summaries
     resumed = summaries[-1]
     assert resumed["shards_skipped"] == len(committed) and resumed["shards_complete"] == 12 - len(committed)
     rc, st = _status(config, capsys)

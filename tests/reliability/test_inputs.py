@@ -37,7 +37,7 @@ rgb = functools.partial(noise_rgb, RNG)  # rgb(h, w): noise images, this module'
 def tar_members(fs, root: str) -> dict[str, bytes]:
     fs.invalidate_cache()
     out = {}
-    for p in fs.glob(f"{root}/*.tar"):
+    for p in fs.glob(f"{root}/*.parts/*.tar"):  # a folder of parts per shard
         with tarfile.open(fileobj=io.BytesIO(fs.cat_file(p))) as tar:
             for m in tar.getmembers():
                 out[m.name] = tar.extractfile(m).read()
