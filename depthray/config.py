@@ -115,6 +115,10 @@ class ComputeConfig:
     # plug-in): the actor ends its process, Ray restarts it, and an image that hangs again on
     # its own becomes an error. None = 1800 s on GPU actors, off on CPU; 0 = off.
     batch_timeout_s: float | None = None
+    # Start Ray's dashboard with a local Ray (joining a cluster keeps the cluster's own). Off:
+    # its processes take a core for seconds while Ray starts (a local start took 9 s instead
+    # of 19 s on a 2-core machine) and a one-machine job rarely needs it.
+    dashboard: bool = False
 
 
 @dataclass

@@ -43,19 +43,22 @@ from depthray.job.stages import job_stages, model_label
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
+             dashboard: bool = False) -> None:
     """Join `address` (a cluster, "auto"), or with `num_cpus` start a local Ray of that size
     (never a stray `ray start` cluster's); no-op if already connected.
 
     `quiet` (`depthray run` without --verbose): Ray's own warnings, its C++ error lines and
     the workers' output (where each failure's traceback is printed again) stay in Ray's log
     files (/tmp/ray/session_latest/logs); failures still reach the summary, one line each.
+    `dashboard`: start Ray's dashboard with a local Ray (`compute.dashboard`; ignored by Ray
+    when joining a running cluster, which keeps its own).
     """
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": not quiet,
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": not quiet, "include_dashboard": dashboard,
                               "logging_level": logging.ERROR if quiet else logging.WARNING}
     if address is None and num_cpus is not None:
         kwargs.update(address="local", num_cpus=num_cpus)
@@ -128,7 +131,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     res = None
     if resume.todo:
         try:
-            init_ray(address or cfg.compute.address, num_cpus=num_cpus, quiet=quiet)
+            init_ray(address or cfg.compute.address, num_cpus=num_cpus, quiet=quiet, dashboard=cfg.compute.dashboard)
         except Exception as e:  # a node start-up timeout under load, a wrong address: one line, exit 2
             where = address or cfg.compute.address or "a local Ray"
             raise ConfigError(f"Ray did not start ({where}): {describe_error(e)}; nothing was run, "

@@ -359,6 +359,11 @@ def test_verbose_run_keeps_rays_own_output(monkeypatch):
     init_ray(num_cpus=2, quiet=True)
     assert calls[-1]["log_to_driver"] is False and calls[-1]["logging_level"] == logging.ERROR
     assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal"
+    # A local Ray starts without the dashboard unless compute.dashboard asks for it (#25):
+    # its processes took a core for ~10 s of every start on a 2-core machine.
+    assert all(c["include_dashboard"] is False for c in calls)
+    init_ray(num_cpus=2, dashboard=True)
+    assert calls[-1]["include_dashboard"] is True
     parse = build_parser().parse_args
     assert parse(["run", "job.yaml", "--verbose"]).ray_logs and parse(["-v", "run", "job.yaml"]).verbose
     assert not parse(["run", "job.yaml"]).ray_logs
