@@ -103,6 +103,10 @@ class OutputConfig:
 
 @dataclass
 class ComputeConfig:
+    # Who runs the stage chain: "ray" (tasks and an actor pool, one machine or a cluster) or
+    # "local" (this process, one model, no Ray to start: small jobs, debugging, CI). Both
+    # commit shards through the same ledger, manifests and lease.
+    executor: str = "ray"
     address: str | None = None  # Ray address; None = start or join a local Ray
     num_actors: int | None = None  # fixed actor pool size; None = autoscaling min_actors..max_actors
     min_actors: int = 1  # autoscaling pool: actors kept even when idle
@@ -193,6 +197,7 @@ _CHOICES = {
     "model.kind": ("marigold", "marigold-e2e", "transformers"),
     "input.format": ("auto", "webdataset", "parquet", "images"),
     "output.format": ("parquet", "webdataset"),
+    "compute.executor": ("ray", "local"),
 }
 
 

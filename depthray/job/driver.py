@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -37,7 +38,8 @@ from depthray.job.interrupt import DeferredInterrupt
 from depthray.job.lease import LeaseLost, OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.pool_watch import PoolWatch
-from depthray.job.ray_graph import build_dataset, resolve_resources
+from depthray.job.local import LocalRunner, shard_tables
+from depthray.job.ray_graph import Resources, build_dataset, resolve_resources
 from depthray.job.stages import job_stages, model_label
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,16 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
         lease.release()
 
 
+def local_resources(cfg: Config) -> Resources:
+    """compute.executor local: one model in this process, on the device model.device
+    resolves to here (auto: CUDA when there is one)."""
+    from depthray.precision import resolve_device
+
+    cuda = resolve_device(cfg.model.device).type == "cuda"
+    return Resources(min_actors=1, max_actors=1, gpus_per_actor=1.0 if cuda else 0.0,
+                     cpus_per_actor=cfg.compute.num_cpus_per_actor)
+
+
 def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s: float, address: str | None,
          num_cpus: int | None, quiet: bool = False) -> dict[str, Any]:
     check_input(cfg, shards)
@@ -129,7 +141,10 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
     ensure_errors_file(cfg.output.url, cfg.storage)
     res = None
-    if resume.todo:
+    local = cfg.compute.executor == "local"
+    if resume.todo and local:
+        res = local_resources(cfg)
+    elif resume.todo:
         try:
             init_ray(address or cfg.compute.address, num_cpus=num_cpus, quiet=quiet, dashboard=cfg.compute.dashboard)
         except Exception as e:  # a node start-up timeout under load, a wrong address: one line, exit 2
@@ -155,16 +170,21 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     lease_lost = None
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
-        ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
-        if quiet:
-            quiet_ray_data()
-        log.info("Starting execution: %d shard(s) on Ray, %s inference actor(s)", len(resume.todo),
-                 res.num_actors if res.fixed else f"{res.min_actors}..{res.max_actors or 'cluster limit'}")
-        watch = PoolWatch()
         stop = DeferredInterrupt()
+        if local:
+            log.info("Starting execution: %d shard(s) in this process (compute.executor: local)", len(resume.todo))
+            batches = LocalRunner(job_stages(cfg, run_id, device_kind)).run(shard_tables(resume.todo))
+        else:
+            ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
+            if quiet:
+                quiet_ray_data()
+            log.info("Starting execution: %d shard(s) on Ray, %s inference actor(s)", len(resume.todo),
+                     res.num_actors if res.fixed else f"{res.min_actors}..{res.max_actors or 'cluster limit'}")
+            watch = PoolWatch()
+            batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
         try:
-            with watch, stop.installed():
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            with watch or contextlib.nullcontext(), stop.installed():
+                for batch in batches:
                     with stop.critical():  # Ctrl-C never lands inside a commit
                         for ack in batch.to_pylist():
                             ledger.update(ack)
@@ -177,7 +197,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
             job_error = describe_error(e)
             log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
         ledger.maybe_log(force=True)
-        if not interrupted and not lease_lost:
+        if not interrupted and not lease_lost and not local:
             stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
     # 3. Summary.
     totals = ledger.summary(job_error)
