@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from depthray.config_build import build, flatten
 
 
 class ConfigError(ValueError):
@@ -171,7 +171,7 @@ class Config:
         # row's reading of `auto`, as before (what it runs is the factory's to say).
         kind = model["kind"] if model["factory"] is None else "marigold"
         model["dtype"] = resolve_dtype(kind, model["dtype"], model["device"])
-        return _flatten({"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)})
+        return flatten({"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)})
 
     def hash(self, device_kind: str | None = None) -> str:
         """Short hash of `settings(device_kind)`: stored with every row and manifest, so two
@@ -205,70 +205,8 @@ _CHOICES = {
 _BOOL_WORDS = {"inference.tiling.mode": {True: "on", False: "off"}}
 
 
-def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
-    """Check `value` against annotation `tp`; return the (possibly coerced) value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            sub: list[str] = []
-            out = _check_value(value, arg, where, sub)
-            if not sub:
-                return out
-        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            errors.append(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{where}: expected a mapping, got {value!r}")
-        return value
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if args:
-        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    return getattr(tp, "__name__", str(tp))
-
-
-def _build(cls: type, data: Mapping[str, Any] | None, prefix: str, errors: list[str]):
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        errors.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            errors.append(f"{prefix}{key}: unknown key (valid: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        where = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], where + ".", errors)
-        else:
-            value = data[f.name]
-            if isinstance(value, bool) and where in _BOOL_WORDS:
-                value = _BOOL_WORDS[where][value]
-            kwargs[f.name] = _check_value(value, tp, where, errors)
-    return cls(**kwargs)
-
-
 def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             errors.append(f"{key}: must be one of {', '.join(allowed)}, got {flat[key]!r}")
@@ -329,16 +267,6 @@ def _validate_input(inp: InputConfig, errors: list[str]) -> None:
         errors.append("input.images_per_shard: must be >= 1")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and k != "options":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def model_kinds() -> tuple[str, ...]:
     """The `model.kind` values depthray knows (one list: validation, checks and docs use it)."""
     return _CHOICES["model.kind"]
@@ -364,7 +292,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 def config_from_dict(data: Mapping[str, Any] | None, *, require_io: bool = False) -> Config:
     """Build and validate a Config; raises ConfigError listing every problem."""
     errors: list[str] = []
-    cfg = _build(Config, dict(data or {}), "", errors)
+    cfg = build(Config, dict(data or {}), "", errors, _BOOL_WORDS)
     if not errors:
         _validate(cfg, errors, require_io)
     if errors:
