@@ -1,6 +1,7 @@
-"""Data as teams have it (#18), through real jobs (local Ray, test-double model, real
-files): the right image, the right key, the right orientation; column mistakes stop the
-job before Ray starts; folders are cut into stable shards; `_errors/` always reads."""
+"""Data as teams have it (#18), through real jobs (test-double model, real files): the right
+image, the right key, the right orientation; column mistakes stop the job before Ray starts;
+folders are cut into stable shards; `_errors/` always reads. What inputs become is the stage
+chain's work, so those jobs run it locally; Ctrl-C and the quiet terminal are real Ray jobs."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ from depthray.io.records import ERRORS
 from depthray.io.tar_samples import tar_bytes as tar_of
 from depthray.job.driver import run_job
 from depthray.job.ledger import summary_lines
-from tests.reliability.conftest import assert_exactly_once, double_model, enc, job_config, noise_rgb, read_outputs
+from tests.reliability.conftest import (
+    assert_exactly_once,
+    double_model,
+    enc,
+    job_config,
+    local_job_config,
+    noise_rgb,
+    read_outputs,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,7 +53,7 @@ def tar_members(fs, root: str) -> dict[str, bytes]:
     return out
 
 
-def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_path):
+def test_webdataset_passthrough_orientation_and_member_choice(tmp_path):
     """Items 1, 2, 12: the passthrough opens (with or without EXIF handling) in the depth's
     orientation; the photo is labelled, not the mask beside it; an ambiguous sample is an
     error row; `_errors/` reads as 0+ rows with the schema."""
@@ -61,7 +70,7 @@ def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_p
         ("two.jpg", photo), ("two.png", mask),
     ]))
     out = tmp_path / "out"
-    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(),
+    cfg = local_job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(),
                      output={"format": "webdataset", "include_image": True})
     summary = run_job(cfg)
     fs = fsspec.filesystem("file")
@@ -83,14 +92,14 @@ def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_p
     assert json.loads(Path(summary["summary_path"]).read_text())["image_members_unlabelled"] == {"seg.png": 1}
     assert "1 image member(s) of WebDataset samples not labelled (1 .seg.png)" in "\n".join(summary_lines(summary))
     # 12: `_errors/` is there with its schema even where nothing failed (second output)
-    cfg2 = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out2"), double_model(),
+    cfg2 = local_job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out2"), double_model(),
                       input={"image_member": ["jpg"]})
     run_job(cfg2)
     table = pq.read_table(str(tmp_path / "out2" / "_errors"))
     assert table.num_rows == 0 and table.schema.names == ERRORS.names
 
 
-def test_image_folder_shards_stable_and_skipped_counted(ray_session, tmp_path):
+def test_image_folder_shards_stable_and_skipped_counted(tmp_path):
     """Items 6, 7: shards of at most images_per_shard per folder, recursive, named from the
     root: an image added to the root later adds one shard and renames none (each key once);
     files that are not images are counted in the summary."""
@@ -105,7 +114,7 @@ def test_image_folder_shards_stable_and_skipped_counted(ray_session, tmp_path):
     expected = {"trip/chunk-00000": {"p0", "p1"}, "trip/chunk-00001": {"p2", "p3"},
                 "trip/chunk-00002": {"p4"}, "trip/day2/chunk-00000": {"q"}}
     out = tmp_path / "out"
-    cfg = job_config(str(root), str(out), double_model(), input={"images_per_shard": 2})
+    cfg = local_job_config(str(root), str(out), double_model(), input={"images_per_shard": 2})
     first = run_job(cfg)
     assert first["input_files_skipped"] == {"heic": 1, "txt": 1}
     assert first["shards_complete"] == 4
@@ -116,7 +125,7 @@ def test_image_folder_shards_stable_and_skipped_counted(ray_session, tmp_path):
     assert_exactly_once({**expected, "chunk-00000": {"cover"}}, outs, errors)
 
 
-def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path):
+def test_parquet_keys_unique_across_files_and_kept_columns(tmp_path):
     """Items 4, 5: no key column -> the image struct's path, else "{shard}/{row}" (two files
     never collide); the source key/path and input.keep_columns ride along in every row."""
     (tmp_path / "in").mkdir()
@@ -128,7 +137,7 @@ def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path
                    "caption": ["cat", "dog"]})
     pq.write_table(hf, tmp_path / "in" / "hf.parquet")
     out = tmp_path / "out"
-    cfg = job_config(str(tmp_path / "in" / "*.parquet"), str(out), double_model(),
+    cfg = local_job_config(str(tmp_path / "in" / "*.parquet"), str(out), double_model(),
                      input={"keep_columns": ["caption"]})
     run_job(cfg)
     outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
@@ -140,7 +149,7 @@ def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path
     table = pq.read_table(str(out), columns=["key", "caption"])  # a real column, as plain pyarrow reads it
     assert dict(zip(table["key"].to_pylist(), table["caption"].to_pylist()))["a/00000001"] == "a two"
     wds_out = tmp_path / "wds"
-    run_job(job_config(str(tmp_path / "in" / "*.parquet"), str(wds_out), double_model(),
+    run_job(local_job_config(str(tmp_path / "in" / "*.parquet"), str(wds_out), double_model(),
                        input={"keep_columns": ["caption"]}, output={"format": "webdataset"}))
     outs, _ = read_outputs(fsspec.filesystem("file"), str(wds_out), "webdataset")
     assert {r["key"]: r["meta"]["columns"]["caption"] for r in outs}["imgs/cat"] == "cat"
@@ -234,7 +243,11 @@ def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "depthray.cli", "run", str(config), "--address", "local"],
+    import ray
+
+    # On the suite's Ray, as a job submitted to a running cluster (no Ray start of its own)
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "depthray.cli", "run", str(config), "--address", address],
                             cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
