@@ -67,6 +67,17 @@ def test_other_settings_with_new_shard_names_are_refused_before_ray(tmp_path, ma
     capsys.readouterr()
     assert cli_main(["run", str(config)]) == 2
     assert "inference.ensemble_size: 1 -> 2" in capsys.readouterr().err
+    # `depthray status` reads the same record and says what `depthray run` would do.
+    assert cli_main(["status", str(config)]) == 1
+    text = capsys.readouterr().out
+    assert "refused `depthray run` would stop before any work" in text and "inference.ensemble_size: 1 -> 2" in text
+    first_yaml = tmp_path / "first.yaml"
+    first_yaml.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "inference": {
+        "ensemble_size": 1, "tiling": {"mode": "off"}}}))
+    assert cli_main(["status", str(first_yaml), "--json"]) == 1  # b's shards are still to do
+    st = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert st["output_config"] == {"config_hash": first.hash("cpu"), "hashes": {first.hash("cpu"): "cpu"},
+                                   "refused": None}
     # GPU labels (bfloat16) beside CPU ones (float32), new shard names: refused, naming both.
     with pytest.raises(ConfigError, match=r"model.device: 'cpu' -> 'cuda'; model.dtype: 'float32' -> 'bfloat16'"
                                           r".*output.allow_mixed_devices"):
