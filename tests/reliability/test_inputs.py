@@ -155,6 +155,27 @@ def test_parquet_keys_unique_across_files_and_kept_columns(tmp_path):
     assert {r["key"]: r["meta"]["columns"]["caption"] for r in outs}["imgs/cat"] == "cat"
 
 
+def test_any_key_fits_a_webdataset_output(tmp_path):
+    """#26 item 1: keys of 300 characters, unicode, and ones that fill ustar's 100-byte name
+    field all end as samples a stock `webdataset` reader opens, each key exactly once (the
+    job used to abort on the first long name, every shard unfinished, on every re-run)."""
+    import webdataset as wds
+
+    keys = ["k" * 300, "ünïcødé/ключ 图" * 8, "a" * 84, "short"]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"key": keys, "image": [enc(rgb(16, 16), "PNG") for _ in keys]}),
+                   tmp_path / "in" / "long.parquet")
+    out = tmp_path / "out"
+    summary = run_job(local_job_config(str(tmp_path / "in" / "*.parquet"), str(out), double_model(),
+                                       input={"key_column": "key"}, output={"format": "webdataset"}))
+    assert (summary["shards_complete"], summary["images"], summary["errors"]) == (1, 4, 0), summary
+    tars = sorted(str(p) for p in out.glob("*.parts/*.tar"))
+    seen = [json.loads(sample["json"])["key"] for sample in wds.WebDataset(tars, shardshuffle=False)]
+    assert sorted(seen) == sorted(keys)
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out), "webdataset")
+    assert_exactly_once({"long": set(keys)}, outs, errors)
+
+
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
     """Item 3: a wrong image_column or a misspelt key_column is exit 2 naming the columns
     that exist, found while planning (seconds, no Ray, nothing written)."""
