@@ -140,6 +140,9 @@ class QualityConfig:
     min_valid_fraction: float | None = None
     # a pixel counts as valid when its uncertainty is at most this (depth units, [0,1] range)
     max_pixel_uncertainty: float | None = None
+    # `depthray run` exits 4 when this run's error rows are at least this fraction of the
+    # images it took (errors are still committed). 1.0: only when every image failed.
+    max_error_fraction: float = 1.0
 
 
 @dataclass
@@ -240,6 +243,8 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append(f"model.options: only read for model.factory and kind transformers, not kind {cfg.model.kind}")
     if cfg.compute.batch_timeout_s is not None and cfg.compute.batch_timeout_s < 0:
         errors.append("compute.batch_timeout_s: must be >= 0 (0 = off) or null (auto)")
+    if not 0.0 < cfg.quality.max_error_fraction <= 1.0:
+        errors.append("quality.max_error_fraction: must be in (0, 1] (1 = fail only when every image failed)")
     if cfg.output.rows_per_part < 1:
         errors.append("output.rows_per_part: must be >= 1")
     if cfg.output.lease_timeout_s <= 0:

@@ -176,6 +176,37 @@ def test_any_key_fits_a_webdataset_output(tmp_path):
     assert_exactly_once({"long": set(keys)}, outs, errors)
 
 
+def test_a_run_whose_images_all_failed_is_not_a_success(tmp_path, capsys):
+    """#26 item 8: through `depthray run`: every image an error row -> exit 4 naming the
+    setting (was 0); `quality.max_error_fraction` fails a run at that fraction of errors;
+    the error rows are committed either way, and a run that took no images is exit 0."""
+    from depthray.cli import main as cli_main
+
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"broken{i}.jpg").write_bytes(b"not an image")
+    (tmp_path / "in" / "ok.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+
+    def run(out: str, *overrides: str) -> tuple[int, str]:
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump({
+            "input": {"url": str(tmp_path / "in"), "images_per_shard": 8}, "output": {"url": str(tmp_path / out)},
+            "model": double_model(), "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+            "compute": {"executor": "local"}}))
+        capsys.readouterr()
+        rc = cli_main(["run", str(config), *[a for o in overrides for a in ("--set", o)]])
+        return rc, capsys.readouterr().err
+
+    assert run("default")[0] == 0  # 2 of 3 failed: under the default (every image)
+    rc, err = run("strict", "quality.max_error_fraction=0.5")
+    assert rc == 4 and "2 of the 3 images" in err and "quality.max_error_fraction: 0.5" in err, err
+    assert len(pq.read_table(tmp_path / "strict" / "_errors")) == 2  # committed all the same
+    assert run("strict", "quality.max_error_fraction=0.5")[0] == 0  # nothing left to take: no errors now
+    (tmp_path / "in" / "ok.jpg").unlink()
+    rc, err = run("all-failed")
+    assert rc == 4 and "2 of the 2 images" in err, err
+
+
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
     """Item 3: a wrong image_column or a misspelt key_column is exit 2 naming the columns
     that exist, found while planning (seconds, no Ray, nothing written)."""
