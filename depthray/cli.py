@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Exit status: 0 done; 1 shards left unfinished (re-run to retry); 2 config "
                        "or storage error, nothing started; 3 another run took the output's lease; "
                        "4 too many error rows (quality.max_error_fraction; default: every image "
-                       "failed); 130 interrupted (Ctrl-C), committed shards kept.")
+                       "failed); 130 interrupted (Ctrl-C) or 143 terminated (SIGTERM), after a summary, "
+                       "committed shards kept.")
     p.add_argument("config", help="YAML config (`depthray init` writes one)")
     _add_set_option(p)
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")

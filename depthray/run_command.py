@@ -1,7 +1,8 @@
 """`depthray run`: the job from a config, its summary, and the exit status.
 
 0 done; 1 shards left unfinished (a re-run retries them); 3 another run took the output's
-lease; 4 too many error rows (`quality.max_error_fraction`); 130 interrupted. Config and
+lease; 4 too many error rows (`quality.max_error_fraction`); 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM), both after a summary with the committed shards kept. Config and
 storage errors (2) are raised before anything starts and reported by the CLI's `main`.
 """
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         _stop_ray()  # now, not in an exit hook a late signal or worker error can turn into exit 1
         print(f"interrupted: {summary['shards_complete']} shard(s) committed by this run, "
               f"{summary['shards_skipped']} before it; re-run the same command to resume")
-        return 130
+        return 143 if summary.get("interrupted_by") == "SIGTERM" else 130  # 128 + the signal, as shells report
     if summary["shards_unfinished"]:
         return 1
     failed = error_fraction_failed(summary, cfg.quality.max_error_fraction)

@@ -166,7 +166,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     stages: list[str] = []
     job_error = None
     watch = None
-    interrupted = False
+    interrupted, interrupted_by = False, None
     lease_lost = None
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
@@ -191,7 +191,8 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
         except LeaseLost as e:  # another run took the output over: not one more commit
             lease_lost = job_error = str(e)
         except KeyboardInterrupt:  # Ctrl-C: stop, keep what committed, write the summary
-            interrupted, job_error = True, "interrupted (Ctrl-C)"
+            interrupted, interrupted_by = True, stop.signal_name or "SIGINT"
+            job_error = f"interrupted ({'Ctrl-C' if interrupted_by == 'SIGINT' else interrupted_by})"
             log.warning("interrupted: stopping; committed shards stay committed, a re-run resumes")
         except Exception as e:  # a stage failed past Ray's retries: report, don't lose the summary
             job_error = describe_error(e)
@@ -218,6 +219,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
         **(watch.summary() if watch is not None else {}),
         "job_error": job_error,
         "interrupted": interrupted,
+        "interrupted_by": interrupted_by,  # "SIGINT" (Ctrl-C) or "SIGTERM"
         "lease_lost": lease_lost,
         **static,
     }

@@ -269,9 +269,12 @@ def test_missing_config_file_is_one_line(tmp_path, capsys):
     assert rc == 2 and "nope.yaml: cannot read the config file" in err and "Traceback" not in err
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
-    """Item 9: SIGINT to a real `depthray run`: exit 130, a summary written, the committed
-    shard count and the advice to re-run printed; the re-run finishes each key once."""
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path, signame, code):
+    """Item 9 (#18), and #26 item 9 for SIGTERM (how Kubernetes and spot schedulers stop a
+    pod; Ray's own handler exited 15 with no summary): the signal to a real `depthray run`
+    on Ray: exit 130 / 143, a summary written, the lease released, the committed shard count
+    and the advice to re-run printed; the re-run finishes each key once."""
     import os
     import signal
     import subprocess
@@ -309,16 +312,17 @@ def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
             time.sleep(0.2)
         time.sleep(3)  # mid-job: the model sleeps 0.5 s a call, 24 calls
         assert proc.poll() is None, log.read_text()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signame))
         rc = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert rc == 130, text
+    assert rc == code, text
     assert "re-run the same command to resume" in text and "KeyboardInterrupt" not in text, text
     summaries = [json.loads(p.read_text()) for p in (out / "_jobs").glob("2*.json")]
     assert len(summaries) == 1 and summaries[0]["interrupted"] is True
+    assert summaries[0]["interrupted_by"] == signame and not (out / "_jobs" / "lease.json").exists()
     committed = summaries[0]["shards_complete"]
     assert committed == len(list((out / "_manifest").glob("*.json")))  # the count is exact
     assert committed < 24 and f"interrupted: {committed} shard(s) committed" in text
