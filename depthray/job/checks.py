@@ -221,3 +221,29 @@ def check_input(cfg: Config, shards: list[Shard]) -> None:
         raise
     except Exception as e:
         raise ConfigError(f"input.url {cfg.input.url!r}: cannot read {first} ({describe_error(e)})") from e
+
+
+def check_local_cpus(cfg: Config, address: str | None, num_cpus: int | None) -> None:
+    """A local Ray this run would start must leave a CPU beside the inference actors: Ray
+    Data's read, decode and write tasks take one each, and with none left the job waits
+    forever at its start (a 1-vCPU VM, a CI runner, a pod with `cpu: 1`). Refused before
+    Ray starts, naming the settings; the local executor runs on any CPU count. A cluster
+    (an address, or a Ray already running) is left alone: an autoscaler may add CPUs."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if cfg.compute.executor != "ray" or address or cfg.compute.address or (ray and ray.is_initialized()):
+        return
+    if num_cpus is None:
+        from ray._private.utils import get_num_cpus  # what a local Ray sizes itself to (cgroup-aware)
+
+        num_cpus = get_num_cpus()
+    actors = cfg.compute.num_actors or cfg.compute.min_actors
+    need = actors * cfg.compute.num_cpus_per_actor + 1
+    if num_cpus < need:
+        raise ConfigError(
+            f"a local Ray of {num_cpus} CPU(s) leaves no CPU for the read, decode and write tasks: "
+            f"{actors} inference actor(s) x compute.num_cpus_per_actor {cfg.compute.num_cpus_per_actor:g} "
+            f"+ 1 needs {need:g}. Use compute.executor: local (one process, any CPU count), a smaller "
+            "compute.num_cpus_per_actor, or more CPUs (--num-cpus)")
+

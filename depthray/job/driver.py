@@ -29,6 +29,7 @@ from depthray.job.checks import (
     check_bucket,
     check_columns,
     check_input,
+    check_local_cpus,
     check_model,
     check_paths,
     describe_error,
@@ -145,6 +146,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     if resume.todo and local:
         res = local_resources(cfg)
     elif resume.todo:
+        check_local_cpus(cfg, address, num_cpus)
         try:
             init_ray(address or cfg.compute.address, num_cpus=num_cpus, quiet=quiet, dashboard=cfg.compute.dashboard)
         except Exception as e:  # a node start-up timeout under load, a wrong address: one line, exit 2

@@ -207,6 +207,42 @@ def test_a_run_whose_images_all_failed_is_not_a_success(tmp_path, capsys):
     assert rc == 4 and "2 of the 2 images" in err, err
 
 
+def test_a_local_ray_without_a_cpu_for_its_tasks_is_refused_and_the_local_executor_runs(tmp_path):
+    """#26 item 4: `depthray run --num-cpus 1` used to wait forever at "Starting execution"
+    (the actor took the only CPU; read/decode/write tasks never ran). Through the real CLI:
+    exit 2 within seconds naming the settings, no Ray started; with
+    `compute.executor: local` the same machine runs the job."""
+    import subprocess
+    import sys
+
+    from tests.reliability.conftest import REPO
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"url": str(tmp_path / "in")}, "output": {"url": str(tmp_path / "out")},
+        "model": double_model(), "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+        "compute": {"num_cpus_per_actor": 0.5}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "depthray.cli", "run", str(config), "--num-cpus", "1", *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    t0 = time.monotonic()
+    refused = run()
+    assert refused.returncode == 2 and time.monotonic() - t0 < 60, refused.stderr
+    assert "compute.num_cpus_per_actor 0.5" in refused.stderr and "compute.executor: local" in refused.stderr
+    assert "Starting execution" not in refused.stdout + refused.stderr
+    assert not (tmp_path / "out" / "_manifest").exists()
+    done = run("--set", "compute.executor=local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list((tmp_path / "out" / "_manifest").glob("*.json"))) == 1
+
+
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
     """Item 3: a wrong image_column or a misspelt key_column is exit 2 naming the columns
     that exist, found while planning (seconds, no Ray, nothing written)."""
