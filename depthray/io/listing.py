@@ -74,14 +74,41 @@ class Listing(list):
     skipped: dict[str, int] = {}
 
 
+def _url_path(url: str) -> str:
+    """The part of a shard's URL that names it: for HTTP(S), the path without host and port
+    (a restarted server, a mirror or a CDN serves the same shard); else the bucket/path."""
+    loc = split_url(url)[0]
+    if loc.startswith(("http://", "https://")):
+        return loc.split("://", 1)[1].split("/", 1)[-1].split("?", 1)[0].strip("/")
+    return loc.split("://", 1)[-1].rstrip("/")
+
+
+def source_identity(url: str) -> str:
+    """What makes two shard URLs the same input: the URL itself, except that HTTP(S) ones
+    are the same wherever they are served from (scheme, host and port left out)."""
+    if url.startswith(("http://", "https://")):
+        return "http:" + url.split("://", 1)[1].partition("/")[2]
+    return url
+
+
 def _name_shards(urls: list[str], formats: list[str], base: str | None = None) -> list[Shard]:
-    paths = [split_url(u)[0].split("://", 1)[-1].rstrip("/") for u in urls]
+    paths = [_url_path(u) for u in urls]
+    web = [u.startswith(("http://", "https://")) for u in urls]
+    if base is not None and any(web):
+        # A list file's folder is no base for HTTP entries (another scheme or host): those
+        # are named by their URL path, which no server move and no new entry changes.
+        return _named([(u, p, f, "") if w else (u, p, f, base) for u, p, f, w in zip(urls, paths, formats, web)])
     if base is None:
         base = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
         if base in paths and len(set(paths)) == 1 and formats[0] == "images":  # one folder
             base = posixpath.dirname(base)
+    return _named([(u, p, f, base) for u, p, f in zip(urls, paths, formats)])
+
+
+def _named(entries: list[tuple[str, str, str, str | None]]) -> list[Shard]:
+    """Shards from (url, path, format, base): named by the path relative to its base."""
     shards = []
-    for url, path, fmt in zip(urls, paths, formats):
+    for url, path, fmt, base in entries:
         rel = posixpath.relpath(path, base) if base else path
         name = rel if fmt == "images" else _strip_ext(rel)
         if fmt == "images" and chunk_label(url):

@@ -22,6 +22,7 @@ from depthray.io.fs import filesystem, join, write_atomic
 from depthray.io import output_config
 from depthray.io.output_config import config_difference, possible_kinds, same_but_device
 from depthray.io.sinks import STAGING_DIR, part_shard
+from depthray.io.listing import source_identity
 from depthray.io.sources import Shard
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
     # 1. Identity: a shard name in this output belongs to one input URL.
     for s in shards:
         m = manifests.get(s.name)
-        if m is not None and m.get("url") not in (None, s.url):
+        if m is not None and m.get("url") is not None and source_identity(m["url"]) != source_identity(s.url):
             raise ConfigError(
                 f"output.url {cfg.output.url!r} already holds shard {s.name!r} from {m['url']}; this input "
                 f"has {s.name!r} at {s.url}. Two inputs with the same shard names need two outputs.")
@@ -269,6 +270,15 @@ def input_fingerprints(shards: list[Shard], storage: StorageConfig) -> dict[str,
             out[s.url] = {"size": None, "etag": s.url.rsplit("&h=", 1)[1]}
     for folder, members in by_dir.items():
         fs, path = filesystem(folder, storage)
+        if folder.startswith(("http://", "https://")):
+            # An HTTP "listing" is an index page's links, without sizes or dates: ask each
+            # file (a HEAD: Content-Length, ETag or Last-Modified), so a replaced file is seen.
+            for s in members:
+                try:
+                    out[s.url] = _fingerprint(fs.info(s.url))
+                except (OSError, ValueError):
+                    continue
+            continue
         try:
             entries = fs.ls(path, detail=True)
         except (OSError, ValueError):
@@ -277,7 +287,14 @@ def input_fingerprints(shards: list[Shard], storage: StorageConfig) -> dict[str,
         for s in members:
             e = info.get(s.url.rsplit("/", 1)[-1])
             if e is not None:
-                etag = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified")
-                out[s.url] = {"size": int(e.get("size") or 0),
-                              "etag": str(etag).strip('"') if etag is not None else None}
+                out[s.url] = _fingerprint(e)
     return out
+
+
+def _fingerprint(e: dict[str, Any]) -> dict[str, Any]:
+    """{size, etag} of a listing or info entry; None where the store did not say (never 0,
+    which would match any file)."""
+    etag = e.get("ETag") or e.get("etag") or e.get("mtime") or e.get("LastModified") or e.get("Last-Modified")
+    size = e.get("size")
+    return {"size": int(size) if size is not None else None,
+            "etag": str(etag).strip('"') if etag is not None else None}

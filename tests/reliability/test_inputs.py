@@ -243,6 +243,68 @@ def test_a_local_ray_without_a_cpu_for_its_tasks_is_refused_and_the_local_execut
     assert len(list((tmp_path / "out" / "_manifest").glob("*.json"))) == 1
 
 
+class _Served:
+    """A folder served by a real `http.server` on a free 127.0.0.1 port (a new port per start)."""
+
+    def __init__(self, folder: Path):
+        import http.server
+        import threading
+
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *a: None
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_shards_are_named_by_path_and_a_changed_file_is_redone(tmp_path):
+    """#26 items 2-3, through the job with a real HTTP server: a list file of HTTP shards
+    names them by URL path, not host and port (`up/up/127.0.0.1_34429/...` before), so the
+    same data from a restarted server on another port is the same shard: skipped, never
+    labelled twice. A file replaced on the server (new size, new Last-Modified) is redone;
+    its manifest had recorded size 0 and no ETag, so it counted as complete forever."""
+    www = tmp_path / "www" / "data"
+    www.mkdir(parents=True)
+    expected = {}
+    for s in range(2):
+        (www / f"shard-{s}.tar").write_bytes(tar_of([(f"s{s}k{i}.jpg", enc(rgb(12, 16), "JPEG")) for i in range(2)]))
+        expected[f"data/shard-{s}"] = {f"s{s}k{i}" for i in range(2)}
+    listing = tmp_path / "shards.txt"
+    out = tmp_path / "out"
+
+    def run(served: _Served) -> dict:
+        listing.write_text("".join(f"{served.url}/data/shard-{s}.tar\n" for s in range(2)))
+        return run_job(local_job_config(str(listing), str(out), double_model()))
+
+    first_server = _Served(tmp_path / "www")
+    try:
+        first = run(first_server)
+    finally:
+        first_server.stop()
+    assert first["shards_complete"] == 2, first
+    manifest = json.loads((out / "_manifest" / "data" / "shard-0.json").read_text())
+    assert manifest["source_size"] == (www / "shard-0.tar").stat().st_size and manifest["source_etag"]
+    second_server = _Served(tmp_path / "www")  # restarted: another port
+    try:
+        assert second_server.url != first_server.url
+        again = run(second_server)
+        assert (again["shards_skipped"], again["shards_complete"]) == (2, 0), again
+        time.sleep(1.1)  # Last-Modified has one-second resolution
+        (www / "shard-1.tar").write_bytes(tar_of([(f"s1k{i}.jpg", enc(rgb(12, 16), "JPEG")) for i in range(3)]))
+        expected["data/shard-1"] = {f"s1k{i}" for i in range(3)}
+        changed = run(second_server)
+    finally:
+        second_server.stop()
+    assert (changed["shards_skipped"], changed["shards_complete"]) == (1, 1), changed
+    assert "input changed" in changed["shards_redone"]["data/shard-1"], changed["shards_redone"]
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
+    assert_exactly_once(expected, outs, errors)
+
+
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
     """Item 3: a wrong image_column or a misspelt key_column is exit 2 naming the columns
     that exist, found while planning (seconds, no Ray, nothing written)."""
