@@ -12,7 +12,8 @@ from depthray.config import ConfigError, InputConfig, StorageConfig
 from depthray.io.folders import ImageSet, chunk_label, file_ext, hidden, split_url
 from depthray.io.fs import filesystem, full_url
 
-SHARD_EXTS = {"tar": "webdataset", "parquet": "parquet"}
+# Gzipped tars are read as they stream (tarfile's "r|*"), so they are WebDataset shards too.
+SHARD_EXTS = {"tar": "webdataset", "tar.gz": "webdataset", "tgz": "webdataset", "parquet": "parquet"}
 LIST_FILE_EXTS = (".txt", ".lst", ".list")
 SHARD_KEY = "<shard>"  # key of an error record about a whole shard (e.g. truncated tar)
 
@@ -46,7 +47,9 @@ def expand_braces(pattern: str) -> list[str]:
     return [e for opt in options for e in expand_braces(head + opt + tail)]
 
 
-_ext = file_ext
+def _ext(path: str) -> str:
+    """A file's extension, `tar.gz` whole (file_ext alone says `gz`)."""
+    return "tar.gz" if path.lower().endswith(".tar.gz") else file_ext(path)
 
 
 def _has_glob(path: str) -> bool:
@@ -55,7 +58,9 @@ def _has_glob(path: str) -> bool:
 
 def _strip_ext(rel: str) -> str:
     head, base = posixpath.split(rel)
-    if "." in base:
+    if base.lower().endswith(".tar.gz"):
+        base = base[: -len(".tar.gz")]
+    elif "." in base:
         base = base.rsplit(".", 1)[0]
     return posixpath.join(head, base) if head else base
 
@@ -128,7 +133,9 @@ def _format_of(path: str, declared: str) -> str:
     ext = _ext(path)
     if ext in SHARD_EXTS:
         return SHARD_EXTS[ext]
-    raise ConfigError(f"input.format: cannot tell the format of {path!r}; set input.format")
+    raise ConfigError(f"input.format: cannot tell the format of {path!r} from its extension "
+                      f"({'.' + ext if ext else 'none'}; shards are {', '.join('.' + e for e in SHARD_EXTS)}, "
+                      "images come from folders or globs); set input.format")
 
 
 def _list_folder(fs, root: str, declared: str, images: ImageSet) -> tuple[list[str], list[str]]:

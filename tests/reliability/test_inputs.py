@@ -305,6 +305,25 @@ def test_http_shards_are_named_by_path_and_a_changed_file_is_redone(tmp_path):
     assert_exactly_once(expected, outs, errors)
 
 
+def test_gzipped_tar_shards_are_webdataset_shards(tmp_path):
+    """#26 item 10: `.tar.gz` / `.tgz` shards were refused by `format: auto` ("cannot tell
+    the format"); they are read as they stream, named without their extension."""
+    import gzip
+
+    (tmp_path / "in").mkdir()
+    expected = {}
+    for name in ("a.tar.gz", "b.tgz"):
+        stem = name.split(".")[0]
+        data = tar_of([(f"{stem}{i}.jpg", enc(rgb(12, 16), "JPEG")) for i in range(2)])
+        (tmp_path / "in" / name).write_bytes(gzip.compress(data))
+        expected[stem] = {f"{stem}{i}" for i in range(2)}
+    out = tmp_path / "out"
+    summary = run_job(local_job_config(str(tmp_path / "in"), str(out), double_model()))
+    assert (summary["shards_complete"], summary["images"], summary["errors"]) == (2, 4, 0), summary
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
+    assert_exactly_once(expected, outs, errors)
+
+
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
     """Item 3: a wrong image_column or a misspelt key_column is exit 2 naming the columns
     that exist, found while planning (seconds, no Ray, nothing written)."""
