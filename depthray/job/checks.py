@@ -234,6 +234,8 @@ def check_local_cpus(cfg: Config, address: str | None, num_cpus: int | None) -> 
     ray = sys.modules.get("ray")
     if cfg.compute.executor != "ray" or address or cfg.compute.address or (ray and ray.is_initialized()):
         return
+    if num_cpus is not None and num_cpus < 1:
+        return  # not a size at all: Ray's own start-up error says so
     if num_cpus is None:
         from ray._private.utils import get_num_cpus  # what a local Ray sizes itself to (cgroup-aware)
 
