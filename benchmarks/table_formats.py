@@ -1,0 +1,358 @@
+"""Delta Lake (`deltalake`, delta-rs) against Lance (`pylance`) as the job's table output
+(issue #24 item E), on rows like the job's: a 640x480 16-bit depth PNG, an uncertainty PNG
+and the metadata columns (depthray/io/sinks.py's OUTPUT_SCHEMA), realistic maps
+(benchmarks/scale.py), on local disk and on a moto S3 server in its own process.
+
+Each format is driven the way depthray would drive it: data files written first (Delta:
+the job's own Parquet part bytes; Lance: `write_fragments`), then one transaction per shard
+(Delta: `create_write_transaction` with the shard's adds and an app transaction id; Lance:
+`LanceDataset.commit` of an Append), and an overwrite of one shard as one transaction
+(Delta: its old files removed, new ones added; Lance: `Update` removing its fragments).
+
+    python -m benchmarks.table_formats [--shards 6] [--rows 48] [--part-rows 16] [--commits 200]
+
+Measured, per format: per shard, seconds to write its data and to commit it (local, moto);
+the overwrite commit; a training loader's scan (key, depth, uncertainty, meta in batches of
+32: rows/s, MB/s; PNG decoding left out, it is the same for both); random access by key
+(median ms per lookup of 24 random keys; Lance also with a BTREE index on `key`); and how a
+commit's cost grows with the table: `--commits` one-row shard commits on local disk, median
+ms of the first and last 20, and a fresh reader's open time after them. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+
+
+def job_rows(n_maps: int) -> list[dict]:
+    """Encoded rows as the job's encode stage leaves them (distinct maps, reused by key)."""
+    from benchmarks.scale import realistic_maps
+    from depthray.io.codecs import encode_depth_png16, encode_uncertainty_png16
+
+    rows = []
+    for _, d, u in realistic_maps(n_maps):
+        ub, scale = encode_uncertainty_png16(u)
+        rows.append({"width": 640, "height": 480, "depth": encode_depth_png16(d, "depth"), "uncertainty": ub,
+                     "uncertainty_scale": scale, "uncertainty_mean": float(u.mean()), "ensemble_size": 1,
+                     "num_views": 1, "meta": json.dumps({"output_space": "depth", "mode": "RGB"})})
+    return rows
+
+
+def shard_table(shard: str, n: int, maps: list[dict], tag: str = "") -> pa.Table:
+    from depthray.io import records
+    from depthray.io.sinks import OUTPUT_SCHEMA
+
+    rows = [{**maps[i % len(maps)], "key": f"{shard}/img{i:05d}", "source": shard, "model": "bench",
+             "config_hash": f"cfg{tag}"} for i in range(n)]
+    return records.to_table(rows, OUTPUT_SCHEMA)
+
+
+def parquet_part(table: pa.Table) -> bytes:
+    from depthray.io.sinks import _parquet_bytes
+
+    return _parquet_bytes(table)
+
+
+# ---------------------------------------------------------------------------------- stores
+class Store:
+    """Local folder or moto bucket: the URL each library takes, and an fsspec handle."""
+
+    def __init__(self, kind: str, tmp: Path, endpoint: str | None = None):
+        import fsspec
+
+        self.kind, self.tmp, self.endpoint = kind, tmp, endpoint
+        self.fs = fsspec.filesystem("s3" if kind == "s3" else "file")
+
+    def url(self, name: str) -> str:
+        return f"s3://bench/{name}" if self.kind == "s3" else str(self.tmp / name)
+
+    def delta_options(self) -> dict:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true"} if self.kind == "s3" else {}
+
+    def lance_options(self) -> dict:
+        return ({"endpoint": self.endpoint, "allow_http": "true", "region": "us-east-1"}
+                if self.kind == "s3" else {})
+
+    def put(self, url: str, data: bytes) -> None:
+        from depthray.io.fs import filesystem, write_atomic
+
+        fs, path = filesystem(url)
+        write_atomic(fs, path, data)
+
+
+# ----------------------------------------------------------------------------------- delta
+class Delta:
+    name = "delta"
+
+    def __init__(self, store: Store, uri: str, schema: pa.Schema):
+        from deltalake import DeltaTable, write_deltalake
+
+        self.store, self.uri, self.schema = store, uri, schema
+        write_deltalake(uri, schema.empty_table(), storage_options=store.delta_options())
+        self.table = DeltaTable(uri, storage_options=store.delta_options())
+
+    def write_data(self, shard: str, parts: list[pa.Table]) -> list:
+        from deltalake.transaction import AddAction
+
+        adds = []
+        for i, t in enumerate(parts):
+            rel = f"{shard}.parts/{shard}.part-{random.getrandbits(64):016x}.parquet"
+            data = parquet_part(t)
+            self.store.put(f"{self.uri}/{rel}", data)
+            keys = t.column("key")
+            stats = {"numRecords": t.num_rows, "minValues": {"key": pc.min(keys).as_py(), "source": shard},
+                     "maxValues": {"key": pc.max(keys).as_py(), "source": shard}, "nullCount": {"key": 0}}
+            adds.append(AddAction(rel, len(data), {}, int(time.time() * 1000), True, json.dumps(stats)))
+        return adds
+
+    def commit(self, shard: str, adds: list, replace: bool = False) -> None:
+        from deltalake import CommitProperties, Transaction
+        from deltalake.transaction import RemoveAction
+
+        self.table.update_incremental()
+        removes = []
+        if replace:
+            now = int(time.time() * 1000)
+            old = pa.table(self.table.get_add_actions(flatten=True)).to_pydict()
+            removes = [RemoveAction(p, True, now, s) for p, s in zip(old["path"], old["size_bytes"])
+                       if p.startswith(f"{shard}.parts/")]
+        txn = Transaction(f"depthray:{shard}", self.table.version() + 1)
+        self.table.create_write_transaction([*removes, *adds], "append", self.schema,
+                                            commit_properties=CommitProperties(app_transactions=[txn]))
+
+    def open(self):
+        from deltalake import DeltaTable
+
+        return DeltaTable(self.uri, storage_options=self.store.delta_options())
+
+    def scan(self, columns: list[str]):
+        return self.open().to_pyarrow_dataset().to_batches(columns=columns, batch_size=32)
+
+    def lookup(self, opened, key: str) -> pa.Table:
+        return opened.to_table(filter=pc.field("key") == key, columns=["key", "depth"])
+
+    def lookup_handle(self):
+        return self.open().to_pyarrow_dataset()
+
+
+# ----------------------------------------------------------------------------------- lance
+class Lance:
+    name = "lance"
+
+    def __init__(self, store: Store, uri: str, schema: pa.Schema):
+        import lance
+
+        self.store, self.uri, self.schema = store, uri, schema
+        lance.write_dataset(schema.empty_table(), uri, storage_options=store.lance_options())
+        self.frags: dict[str, list[int]] = {}
+
+    def write_data(self, shard: str, parts: list[pa.Table]) -> list:
+        from lance.fragment import write_fragments
+
+        return [f for t in parts for f in write_fragments(t, self.uri, schema=self.schema,
+                                                          storage_options=self.store.lance_options())]
+
+    def commit(self, shard: str, frags: list, replace: bool = False) -> None:
+        import lance
+
+        ds = lance.dataset(self.uri, storage_options=self.store.lance_options())
+        before = set(list(ds.fragment_ids()))  # fragment ids are given at commit: the shard's are the new ones
+        if replace:
+            op = lance.LanceOperation.Update(removed_fragment_ids=sorted(self.frags.get(shard, [])),
+                                             new_fragments=frags)
+        else:
+            op = lance.LanceOperation.Append(frags)
+        done = lance.LanceDataset.commit(self.uri, op, read_version=ds.version,
+                                         storage_options=self.store.lance_options())
+        self.frags[shard] = sorted(set(list(done.fragment_ids())) - before)
+
+    def open(self):
+        import lance
+
+        return lance.dataset(self.uri, storage_options=self.store.lance_options())
+
+    def scan(self, columns: list[str]):
+        return self.open().to_batches(columns=columns, batch_size=32)
+
+    def lookup(self, opened, key: str) -> pa.Table:
+        return opened.to_table(filter=f"key = '{key}'", columns=["key", "depth"])
+
+    def lookup_handle(self):
+        return self.open()
+
+
+# ------------------------------------------------------------------------------- measures
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - t0, out
+
+
+def run_format(cls, store: Store, args, maps) -> dict:
+    schema = shard_table("s", 1, maps).schema
+    uri = store.url(f"{cls.name}-main")
+    fmt = cls(store, uri, schema)
+    data_s, commit_s, rows_total, keys = [], [], 0, []
+    for s in range(args.shards):
+        shard = f"shard{s:03d}"
+        table = shard_table(shard, args.rows, maps)
+        keys += table.column("key").to_pylist()
+        parts = [table.slice(i, args.part_rows) for i in range(0, table.num_rows, args.part_rows)]
+        t_data, written = timed(fmt.write_data, shard, parts)
+        t_commit, _ = timed(fmt.commit, shard, written)
+        data_s.append(t_data)
+        commit_s.append(t_commit)
+        rows_total += table.num_rows
+    new = shard_table("shard000", args.rows, maps, tag="2")
+    written = fmt.write_data("shard000", [new.slice(i, args.part_rows) for i in range(0, new.num_rows, args.part_rows)])
+    t_over, _ = timed(fmt.commit, "shard000", written, replace=True)
+    got = fmt.open()
+    table = got.to_table(columns=["key", "config_hash"]) if cls is Lance else got.to_pyarrow_table(
+        columns=["key", "config_hash"])
+    assert table.num_rows == rows_total and len(set(table.column("key").to_pylist())) == rows_total
+    assert table.filter(pc.starts_with(table.column("key"), "shard000/")).column("config_hash").unique().to_pylist() \
+        == ["cfg2"]
+    scans = []
+    for _ in range(2):
+        t0, n, nbytes = time.perf_counter(), 0, 0
+        for b in fmt.scan(["key", "depth", "uncertainty", "meta"]):
+            n += b.num_rows
+            nbytes += b.nbytes
+        scans.append((time.perf_counter() - t0, n, nbytes))
+    best = min(scans)
+    assert best[1] == rows_total
+    rng = random.Random(0)
+    probe = rng.sample(keys, min(24, len(keys)))
+    handle = fmt.lookup_handle()
+    lookups = []
+    for k in probe:
+        t, out = timed(fmt.lookup, handle, k)
+        assert out.num_rows == 1, (k, out.num_rows)
+        lookups.append(t)
+    res = {
+        "data_s_per_shard": round(statistics.median(data_s), 4),
+        "commit_s_per_shard": round(statistics.median(commit_s), 4),
+        "overwrite_commit_s": round(t_over, 4),
+        "scan_rows_per_s": round(best[1] / best[0], 1),
+        "scan_mb_per_s": round(best[2] / best[0] / 1e6, 1),
+        "lookup_ms": round(1000 * statistics.median(lookups), 2),
+    }
+    if cls is Lance:
+        ds = fmt.open()
+        t_index, _ = timed(ds.create_scalar_index, "key", "BTREE")
+        ds = fmt.open()
+        indexed = [timed(fmt.lookup, ds, k)[0] for k in probe]
+        res.update(index_build_s=round(t_index, 3), lookup_ms_indexed=round(1000 * statistics.median(indexed), 2))
+    return res
+
+
+def commit_growth(cls, store: Store, n: int, maps) -> dict:
+    """n one-row shard commits into a fresh table: what the n-th commit costs against the first."""
+    small = shard_table("g", 1, [{**maps[0], "depth": b"d", "uncertainty": b"u"}])
+    fmt = cls(store, store.url(f"{cls.name}-growth"), small.schema)
+    times = []
+    for i in range(n):
+        shard = f"g{i:05d}"
+        t = shard_table(shard, 1, [{**maps[0], "depth": b"d", "uncertainty": b"u"}])
+        written = fmt.write_data(shard, [t])
+        times.append(timed(fmt.commit, shard, written)[0])
+    t_open, opened = timed(fmt.open)
+    return {"commit_ms_first20": round(1000 * statistics.median(times[:20]), 2),
+            "commit_ms_last20": round(1000 * statistics.median(times[-20:]), 2),
+            "commit_ms_max": round(1000 * max(times), 2), "open_ms_after": round(1000 * t_open, 2),
+            "commits": n}
+
+
+def moto_server() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return proc, endpoint
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b else float("inf")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=6)
+    ap.add_argument("--rows", type=int, default=48, help="rows per shard")
+    ap.add_argument("--part-rows", type=int, default=16, help="rows per part file / fragment")
+    ap.add_argument("--commits", type=int, default=200, help="one-row commits for the growth measure (local)")
+    ap.add_argument("--maps", type=int, default=8, help="distinct realistic maps the rows cycle through")
+    args = ap.parse_args(argv)
+    maps = job_rows(args.maps)
+    row_bytes = sum(len(m["depth"]) + len(m["uncertainty"]) for m in maps) / len(maps)
+    print(f"rows: 640x480, depth + uncertainty PNG {row_bytes / 1e3:.0f} kB per row; {args.shards} shards x "
+          f"{args.rows} rows, {args.part_rows} rows per part", flush=True)
+    out: dict = {"row_png_kb": round(row_bytes / 1e3, 1), "shards": args.shards, "rows": args.rows,
+                 "part_rows": args.part_rows, "load": os.getloadavg()[0]}
+    proc, endpoint = moto_server()
+    try:
+        with tempfile.TemporaryDirectory(prefix="drtable-") as tmp:
+            for kind in ("local", "s3"):
+                store = Store(kind, Path(tmp), endpoint)
+                for cls in (Delta, Lance):
+                    res = run_format(cls, store, args, maps)
+                    out[f"{cls.name}_{kind}"] = res
+                    print(f"{cls.name:5s} {kind:5s} {res}", flush=True)
+            store = Store("local", Path(tmp))
+            for cls in (Delta, Lance):
+                res = commit_growth(cls, store, args.commits, maps)
+                out[f"{cls.name}_growth"] = res
+                print(f"{cls.name:5s} growth {res}", flush=True)
+    finally:
+        proc.terminate()
+    print("ratios delta/lance (below 1: delta cheaper or faster-to-finish; scan: above 1 = delta faster):")
+    for kind in ("local", "s3"):
+        d, la = out[f"delta_{kind}"], out[f"lance_{kind}"]
+        out[f"ratio_{kind}"] = r = {
+            "commit_s": ratio(d["commit_s_per_shard"], la["commit_s_per_shard"]),
+            "data_s": ratio(d["data_s_per_shard"], la["data_s_per_shard"]),
+            "overwrite_commit_s": ratio(d["overwrite_commit_s"], la["overwrite_commit_s"]),
+            "scan_rows_per_s": ratio(d["scan_rows_per_s"], la["scan_rows_per_s"]),
+            "lookup_ms": ratio(d["lookup_ms"], la["lookup_ms"]),
+            "lookup_ms_vs_lance_indexed": ratio(d["lookup_ms"], la["lookup_ms_indexed"]),
+        }
+        print(f"  {kind}: {r}")
+    g = {"commit_last20": ratio(out["delta_growth"]["commit_ms_last20"], out["lance_growth"]["commit_ms_last20"]),
+         "open_after": ratio(out["delta_growth"]["open_ms_after"], out["lance_growth"]["open_ms_after"])}
+    out["ratio_growth"] = g
+    print(f"  growth: {g}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
