@@ -4,7 +4,8 @@ and the metadata columns (depthray/io/sinks.py's OUTPUT_SCHEMA), realistic maps
 (benchmarks/scale.py), on local disk and on a moto S3 server in its own process.
 
 Each format is driven the way depthray would drive it: data files written first (Delta:
-the job's own Parquet part bytes; Lance: `write_fragments`), then one transaction per shard
+the job's own write stage, its Parquet parts; Lance: `write_fragments` of the same rows),
+then one transaction per shard
 (Delta: `create_write_transaction` with the shard's adds and an app transaction id; Lance:
 `LanceDataset.commit` of an Append), and an overwrite of one shard as one transaction
 (Delta: its old files removed, new ones added; Lance: `Update` removing its fragments).
@@ -40,33 +41,31 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 
-def job_rows(n_maps: int) -> list[dict]:
-    """Encoded rows as the job's encode stage leaves them (distinct maps, reused by key)."""
+def encoded_maps(n_maps: int) -> pa.Table:
+    """ENCODED rows (the job's encode stage run on realistic 640x480 maps), one per map."""
     from benchmarks.scale import realistic_maps
-    from depthray.io.codecs import encode_depth_png16, encode_uncertainty_png16
 
-    rows = []
-    for _, d, u in realistic_maps(n_maps):
-        ub, scale = encode_uncertainty_png16(u)
-        rows.append({"width": 640, "height": 480, "depth": encode_depth_png16(d, "depth"), "uncertainty": ub,
-                     "uncertainty_scale": scale, "uncertainty_mean": float(u.mean()), "ensemble_size": 1,
-                     "num_views": 1, "meta": json.dumps({"output_space": "depth", "mode": "RGB"})})
-    return rows
+    rows = [{"source": "s", "key": f"m{i}", "height": 480, "width": 640, "meta": json.dumps({"output_space": "depth"}),
+             "depth_f32": d.tobytes(), "uncertainty_f32": u.tobytes(), "num_views": 1, "ensemble_size": 1,
+             "infer_s": 0.0} for i, (_, d, u) in enumerate(realistic_maps(n_maps))]
+    return stage_fn("encode")(pa.Table.from_pylist(rows))
 
 
-def shard_table(shard: str, n: int, maps: list[dict], tag: str = "") -> pa.Table:
-    from depthray.io import records
-    from depthray.io.sinks import OUTPUT_SCHEMA
+def stage_fn(name: str, url: str = "/nonexistent", fmt: str = "parquet", run_id: str = "bench"):
+    """The job's own stage function (depthray/job/stages.py) for an output at `url`."""
+    from depthray.config import config_from_dict
+    from depthray.job.stages import job_stages, stage
 
-    rows = [{**maps[i % len(maps)], "key": f"{shard}/img{i:05d}", "source": shard, "model": "bench",
-             "config_hash": f"cfg{tag}"} for i in range(n)]
-    return records.to_table(rows, OUTPUT_SCHEMA)
+    cfg = config_from_dict({"input": {"url": "/nonexistent/in.tar"}, "output": {"url": url, "format": fmt},
+                            "model": {"factory": "x:y"}}, require_io=True)
+    return stage(job_stages(cfg, run_id), name).make()
 
 
-def parquet_part(table: pa.Table) -> bytes:
-    from depthray.io.sinks import _parquet_bytes
-
-    return _parquet_bytes(table)
+def shard_rows(shard: str, n: int, maps: pa.Table) -> pa.Table:
+    """n encoded rows of `shard`, cycling through the maps."""
+    rows = maps.take([i % maps.num_rows for i in range(n)])
+    rows = rows.set_column(rows.schema.get_field_index("key"), "key", pa.array([f"{shard}/img{i:05d}" for i in range(n)]))
+    return rows.set_column(rows.schema.get_field_index("source"), "source", pa.array([shard] * n))
 
 
 # ---------------------------------------------------------------------------------- stores
@@ -89,57 +88,68 @@ class Store:
         return ({"endpoint": self.endpoint, "allow_http": "true", "region": "us-east-1"}
                 if self.kind == "s3" else {})
 
-    def put(self, url: str, data: bytes) -> None:
-        from depthray.io.fs import filesystem, write_atomic
-
-        fs, path = filesystem(url)
-        write_atomic(fs, path, data)
+    def root(self, url: str) -> str:
+        return url.split("://", 1)[-1]
 
 
 # ----------------------------------------------------------------------------------- delta
 class Delta:
+    """Data: the job's write stage with `output.format: delta` (its Parquet parts, written
+    to their names in the table folder). Commit: one transaction per shard."""
+
     name = "delta"
 
-    def __init__(self, store: Store, uri: str, schema: pa.Schema):
-        from deltalake import DeltaTable, write_deltalake
+    def __init__(self, store: Store, uri: str):
+        self.store, self.uri, self.table = store, uri, None
+        self.write = stage_fn("write", uri, "delta")
 
-        self.store, self.uri, self.schema = store, uri, schema
-        write_deltalake(uri, schema.empty_table(), storage_options=store.delta_options())
-        self.table = DeltaTable(uri, storage_options=store.delta_options())
+    def write_data(self, shard: str, parts: list[pa.Table]) -> dict[str, int]:
+        from deltalake import DeltaTable
 
-    def write_data(self, shard: str, parts: list[pa.Table]) -> list:
-        from deltalake.transaction import AddAction
+        acks = [self.write(t).to_pylist()[0] for t in parts]
+        written = {p: b for a in acks for p, b in zip(a["parts"], a["part_bytes"])}
+        if self.table is None:  # created with the first data, as Lance's dataset is
+            schema = self._footer(next(iter(written))).schema.to_arrow_schema()
+            DeltaTable.create(self.uri, schema, storage_options=self.store.delta_options())
+            self.table = DeltaTable(self.uri, storage_options=self.store.delta_options())
+        return written
 
+    def _footer(self, rel: str):
+        import pyarrow.parquet as pq
+
+        with self.store.fs.open(f"{self.store.root(self.uri)}/{rel}", "rb") as f:
+            return pq.ParquetFile(f).metadata
+
+    def commit(self, shard: str, parts: dict[str, int], replace: bool = False) -> None:
+        from deltalake import CommitProperties, DeltaTable, Transaction
+        from deltalake.transaction import AddAction, RemoveAction
+
+        now = int(time.time() * 1000)
         adds = []
-        for i, t in enumerate(parts):
-            rel = f"{shard}.parts/{shard}.part-{random.getrandbits(64):016x}.parquet"
-            data = parquet_part(t)
-            self.store.put(f"{self.uri}/{rel}", data)
-            keys = t.column("key")
-            stats = {"numRecords": t.num_rows, "minValues": {"key": pc.min(keys).as_py(), "source": shard},
-                     "maxValues": {"key": pc.max(keys).as_py(), "source": shard}, "nullCount": {"key": 0}}
-            adds.append(AddAction(rel, len(data), {}, int(time.time() * 1000), True, json.dumps(stats)))
-        return adds
-
-    def commit(self, shard: str, adds: list, replace: bool = False) -> None:
-        from deltalake import CommitProperties, Transaction
-        from deltalake.transaction import RemoveAction
-
+        for rel, size in parts.items():  # stats from the footer, as depthray/io/table.py does
+            meta = self._footer(rel)
+            key = meta.schema.to_arrow_schema().names.index("key")
+            bounds = [meta.row_group(g).column(key).statistics for g in range(meta.num_row_groups)]
+            stats = {"numRecords": meta.num_rows, "minValues": {"key": min(b.min for b in bounds)},
+                     "maxValues": {"key": max(b.max for b in bounds)}, "nullCount": {}}
+            adds.append(AddAction(rel, size, {}, now, True, json.dumps(stats)))
         self.table.update_incremental()
         removes = []
         if replace:
-            now = int(time.time() * 1000)
             old = pa.table(self.table.get_add_actions(flatten=True)).to_pydict()
             removes = [RemoveAction(p, True, now, s) for p, s in zip(old["path"], old["size_bytes"])
                        if p.startswith(f"{shard}.parts/")]
         txn = Transaction(f"depthray:{shard}", self.table.version() + 1)
-        self.table.create_write_transaction([*removes, *adds], "append", self.schema,
+        self.table.create_write_transaction([*removes, *adds], "append", self.table.schema(),
                                             commit_properties=CommitProperties(app_transactions=[txn]))
 
     def open(self):
         from deltalake import DeltaTable
 
         return DeltaTable(self.uri, storage_options=self.store.delta_options())
+
+    def rows(self, columns: list[str]) -> pa.Table:
+        return self.open().to_pyarrow_table(columns=columns)
 
     def scan(self, columns: list[str]):
         return self.open().to_pyarrow_dataset().to_batches(columns=columns, batch_size=32)
@@ -153,20 +163,37 @@ class Delta:
 
 # ----------------------------------------------------------------------------------- lance
 class Lance:
+    """Data: `write_fragments` of the same rows as the job's Parquet parts. Commit: an
+    Append per shard, an Update (its fragments out, new ones in) for an overwrite."""
+
     name = "lance"
 
-    def __init__(self, store: Store, uri: str, schema: pa.Schema):
-        import lance
-
-        self.store, self.uri, self.schema = store, uri, schema
-        lance.write_dataset(schema.empty_table(), uri, storage_options=store.lance_options())
+    def __init__(self, store: Store, uri: str):
+        self.store, self.uri, self.created = store, uri, False
         self.frags: dict[str, list[int]] = {}
+        self.to_rows = stage_fn("write", str(store.tmp / f"rows-{uri.rsplit('/', 1)[-1]}"), "delta")
+
+    def output_rows(self, t: pa.Table) -> pa.Table:
+        """The rows the job stores (OUTPUT_SCHEMA: model, config hash ...), as the Parquet sink
+        writes them; made outside the timing."""
+        import pyarrow.parquet as pq
+
+        (rel,) = self.to_rows(t).to_pylist()[0]["parts"]
+        return pq.read_table(f"{self.store.tmp}/rows-{self.uri.rsplit('/', 1)[-1]}/{rel}")
 
     def write_data(self, shard: str, parts: list[pa.Table]) -> list:
+        import lance
         from lance.fragment import write_fragments
 
-        return [f for t in parts for f in write_fragments(t, self.uri, schema=self.schema,
+        rows = [self.output_rows(t) for t in parts]
+        t0 = time.perf_counter()
+        if not self.created:
+            lance.write_dataset(rows[0].schema.empty_table(), self.uri, storage_options=self.store.lance_options())
+            self.created = True
+        frags = [f for t in rows for f in write_fragments(t, self.uri, schema=t.schema,
                                                           storage_options=self.store.lance_options())]
+        self.last_write_s = time.perf_counter() - t0
+        return frags
 
     def commit(self, shard: str, frags: list, replace: bool = False) -> None:
         import lance
@@ -187,6 +214,9 @@ class Lance:
 
         return lance.dataset(self.uri, storage_options=self.store.lance_options())
 
+    def rows(self, columns: list[str]) -> pa.Table:
+        return self.open().to_table(columns=columns)
+
     def scan(self, columns: list[str]):
         return self.open().to_batches(columns=columns, batch_size=32)
 
@@ -204,30 +234,34 @@ def timed(fn, *args, **kw):
     return time.perf_counter() - t0, out
 
 
-def run_format(cls, store: Store, args, maps) -> dict:
-    schema = shard_table("s", 1, maps).schema
-    uri = store.url(f"{cls.name}-main")
-    fmt = cls(store, uri, schema)
+def write_shard(fmt, shard: str, table: pa.Table, part_rows: int):
+    """(seconds writing the shard's data, what its commit takes)."""
+    parts = [table.slice(i, part_rows) for i in range(0, table.num_rows, part_rows)]
+    t, written = timed(fmt.write_data, shard, parts)
+    return getattr(fmt, "last_write_s", t), written
+
+
+def run_format(cls, store: Store, args, maps: pa.Table) -> dict:
+    fmt = cls(store, store.url(f"{cls.name}-main"))
     data_s, commit_s, rows_total, keys = [], [], 0, []
     for s in range(args.shards):
         shard = f"shard{s:03d}"
-        table = shard_table(shard, args.rows, maps)
+        table = shard_rows(shard, args.rows, maps)
         keys += table.column("key").to_pylist()
-        parts = [table.slice(i, args.part_rows) for i in range(0, table.num_rows, args.part_rows)]
-        t_data, written = timed(fmt.write_data, shard, parts)
-        t_commit, _ = timed(fmt.commit, shard, written)
+        t_data, written = write_shard(fmt, shard, table, args.part_rows)
         data_s.append(t_data)
-        commit_s.append(t_commit)
+        commit_s.append(timed(fmt.commit, shard, written)[0])
         rows_total += table.num_rows
-    new = shard_table("shard000", args.rows, maps, tag="2")
-    written = fmt.write_data("shard000", [new.slice(i, args.part_rows) for i in range(0, new.num_rows, args.part_rows)])
-    t_over, _ = timed(fmt.commit, "shard000", written, replace=True)
-    got = fmt.open()
-    table = got.to_table(columns=["key", "config_hash"]) if cls is Lance else got.to_pyarrow_table(
-        columns=["key", "config_hash"])
+    if cls is Delta:  # an overwrite is another run: its parts get other names than the live ones
+        fmt.write = stage_fn("write", fmt.uri, "delta", run_id="bench-overwrite")
+    new = shard_rows("shard000", args.rows, maps)
+    new = new.set_column(new.schema.get_field_index("ensemble_size"), "ensemble_size",
+                         pa.array([2] * new.num_rows, pa.int32()))
+    t_over = timed(fmt.commit, "shard000", write_shard(fmt, "shard000", new, args.part_rows)[1], replace=True)[0]
+    table = fmt.rows(["key", "ensemble_size"])
     assert table.num_rows == rows_total and len(set(table.column("key").to_pylist())) == rows_total
-    assert table.filter(pc.starts_with(table.column("key"), "shard000/")).column("config_hash").unique().to_pylist() \
-        == ["cfg2"]
+    assert set(table.filter(pc.starts_with(table.column("key"), "shard000/")).column("ensemble_size").to_pylist()) \
+        == {2}
     scans = []
     for _ in range(2):
         t0, n, nbytes = time.perf_counter(), 0, 0
@@ -237,8 +271,7 @@ def run_format(cls, store: Store, args, maps) -> dict:
         scans.append((time.perf_counter() - t0, n, nbytes))
     best = min(scans)
     assert best[1] == rows_total
-    rng = random.Random(0)
-    probe = rng.sample(keys, min(24, len(keys)))
+    probe = random.Random(0).sample(keys, min(24, len(keys)))
     handle = fmt.lookup_handle()
     lookups = []
     for k in probe:
@@ -262,17 +295,18 @@ def run_format(cls, store: Store, args, maps) -> dict:
     return res
 
 
-def commit_growth(cls, store: Store, n: int, maps) -> dict:
+def commit_growth(cls, store: Store, n: int, maps: pa.Table) -> dict:
     """n one-row shard commits into a fresh table: what the n-th commit costs against the first."""
-    small = shard_table("g", 1, [{**maps[0], "depth": b"d", "uncertainty": b"u"}])
-    fmt = cls(store, store.url(f"{cls.name}-growth"), small.schema)
+    tiny = maps.slice(0, 1)
+    for col in ("depth", "uncertainty"):
+        tiny = tiny.set_column(tiny.schema.get_field_index(col), col, pa.array([b"x"], pa.binary()))
+    fmt = cls(store, store.url(f"{cls.name}-growth"))
     times = []
     for i in range(n):
         shard = f"g{i:05d}"
-        t = shard_table(shard, 1, [{**maps[0], "depth": b"d", "uncertainty": b"u"}])
-        written = fmt.write_data(shard, [t])
+        written = write_shard(fmt, shard, shard_rows(shard, 1, tiny), 1)[1]
         times.append(timed(fmt.commit, shard, written)[0])
-    t_open, opened = timed(fmt.open)
+    t_open, _ = timed(fmt.open)
     return {"commit_ms_first20": round(1000 * statistics.median(times[:20]), 2),
             "commit_ms_last20": round(1000 * statistics.median(times[-20:]), 2),
             "commit_ms_max": round(1000 * max(times), 2), "open_ms_after": round(1000 * t_open, 2),
@@ -312,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commits", type=int, default=200, help="one-row commits for the growth measure (local)")
     ap.add_argument("--maps", type=int, default=8, help="distinct realistic maps the rows cycle through")
     args = ap.parse_args(argv)
-    maps = job_rows(args.maps)
-    row_bytes = sum(len(m["depth"]) + len(m["uncertainty"]) for m in maps) / len(maps)
+    maps = encoded_maps(args.maps)
+    row_bytes = (pc.sum(pc.binary_length(maps.column("depth"))).as_py()
+                 + pc.sum(pc.binary_length(maps.column("uncertainty"))).as_py()) / maps.num_rows
     print(f"rows: 640x480, depth + uncertainty PNG {row_bytes / 1e3:.0f} kB per row; {args.shards} shards x "
           f"{args.rows} rows, {args.part_rows} rows per part", flush=True)
     out: dict = {"row_png_kb": round(row_bytes / 1e3, 1), "shards": args.shards, "rows": args.rows,

@@ -173,7 +173,9 @@ class ShardTable:
     def _stats(self, rel: str) -> tuple[str, pa.Schema]:
         """Delta file statistics from the part's footer: row count, and `key` / `source`
         bounds, so a reader looking up a key opens only the file that can hold it."""
-        with self.fs.open(join(self.root, rel), "rb") as f:
+        path = join(self.root, rel)
+        self.fs.invalidate_cache(posixpath.dirname(path))  # a listing cached before the part was written
+        with self.fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
             schema = meta.schema.to_arrow_schema()
         lo: dict[str, Any] = {}

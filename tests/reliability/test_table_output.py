@@ -136,6 +136,13 @@ def test_each_shard_and_its_overwrite_is_one_table_version(ray_session, tmp_path
         assert over == {"add": second[s], "remove": first[s]}, s
     rows, errors = output.table_view()
     assert_exactly_once(expected, rows, errors)
+    # The overwrite's removed parts are still in the folder (for readers of older versions):
+    # depthray's reader (preview, eval) reads the table, not the folder.
+    on_disk = [f for f in output.files() if f.endswith(".parquet") and not f.startswith("_")]
+    assert len(on_disk) == sum(len(first[s]) + len(second[s]) for s in expected)
+    from depthray.io.outputs import read_outputs
+
+    assert Counter(r.key for r in read_outputs(output.url())) == Counter(r["key"] for r in rows)
 
 
 CHILD = r"""
