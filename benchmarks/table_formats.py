@@ -11,6 +11,7 @@ then one transaction per shard
 (Delta: its old files removed, new ones added; Lance: `Update` removing its fragments).
 
     python -m benchmarks.table_formats [--shards 6] [--rows 48] [--part-rows 16] [--commits 200]
+                                       [--formats delta,lance]
 
 Measured, per format: per shard, seconds to write its data and to commit it (local, moto);
 the overwrite commit; a training loader's scan (key, depth, uncertainty, meta in batches of
@@ -345,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part-rows", type=int, default=16, help="rows per part file / fragment")
     ap.add_argument("--commits", type=int, default=200, help="one-row commits for the growth measure (local)")
     ap.add_argument("--maps", type=int, default=8, help="distinct realistic maps the rows cycle through")
+    ap.add_argument("--formats", default="delta,lance",
+                    help="delta needs deltalake (the test install), lance needs pylance (pip install pylance)")
     args = ap.parse_args(argv)
+    formats = [{"delta": Delta, "lance": Lance}[f] for f in args.formats.split(",")]
     maps = encoded_maps(args.maps)
     row_bytes = (pc.sum(pc.binary_length(maps.column("depth"))).as_py()
                  + pc.sum(pc.binary_length(maps.column("uncertainty"))).as_py()) / maps.num_rows
@@ -358,17 +362,20 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="drtable-") as tmp:
             for kind in ("local", "s3"):
                 store = Store(kind, Path(tmp), endpoint)
-                for cls in (Delta, Lance):
+                for cls in formats:
                     res = run_format(cls, store, args, maps)
                     out[f"{cls.name}_{kind}"] = res
                     print(f"{cls.name:5s} {kind:5s} {res}", flush=True)
             store = Store("local", Path(tmp))
-            for cls in (Delta, Lance):
+            for cls in formats:
                 res = commit_growth(cls, store, args.commits, maps)
                 out[f"{cls.name}_growth"] = res
                 print(f"{cls.name:5s} growth {res}", flush=True)
     finally:
         proc.terminate()
+    if len(formats) < 2:
+        print(json.dumps(out))
+        return 0
     print("ratios delta/lance (below 1: delta cheaper or faster-to-finish; scan: above 1 = delta faster):")
     for kind in ("local", "s3"):
         d, la = out[f"delta_{kind}"], out[f"lance_{kind}"]

@@ -116,6 +116,7 @@ class Committer:
             gone = sorted(p for p in results if listing is not None and p not in listing)
             if gone:
                 raise CommitBroken(f"shard {shard}: parts {gone} are gone")
+            crash_points.reached("table_commit")
             version = self.table.commit(shard, results, txn)
         crash_points.reached("table_committed")
         return {**manifest, "table_version": version}

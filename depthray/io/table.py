@@ -168,6 +168,7 @@ class ShardTable:
             actions, "append", dt.schema(),
             commit_properties=CommitProperties(app_transactions=[Transaction(app_id(shard), txn, now)],
                                                custom_metadata={"depthray.shard": shard}))
+        dt.update_incremental()  # the handle does not move to the version it made by itself
         return dt.version()
 
     def _stats(self, rel: str) -> tuple[str, pa.Schema]:

@@ -46,7 +46,9 @@ def results(expected: dict[str, set[str]]) -> dict[str, set[str]]:
 
 def reruns_finish_exactly_once(output: Output, config, expected, finished: int) -> None:
     """Two copies of the crashed output, re-run without and with `output.overwrite`: the
-    table and `_errors/` hold every key once, all rows from this config, no record left."""
+    table and `_errors/` hold every key once, all rows from this config, no record left;
+    the table has one version per shard commit (a replay whose transaction was in took
+    none again; an overwrite adds one per shard), and the plain re-run redid no shard."""
     for overwrite in (False, True):
         name = f"out-{'overwrite' if overwrite else 'plain'}"
         output.copy("out", name)
@@ -54,18 +56,24 @@ def reruns_finish_exactly_once(output: Output, config, expected, finished: int) 
         summary = run_job(cfg)
         assert not summary["shards_unfinished"] and not summary["job_error"], summary
         assert summary["repaired"]["commits_finished"] == finished, summary["repaired"]
+        versions = [f for f in output.files(name) if f.startswith("_delta_log/") and f.endswith(".json")]
+        assert len(versions) == 1 + len(expected) * (2 if overwrite else 1), versions
+        if not overwrite:
+            assert summary["shards_redone"] == {}, summary["shards_redone"]
         rows, errors = output.table_view(name)
         assert_exactly_once(expected, rows, errors)
         assert {r["config_hash"] for r in rows} == {cfg.hash("cpu")}, f"overwrite={overwrite}"
         assert not [f for f in output.files(name) if f.startswith(("_pending/", "_trash/"))]
 
 
-@pytest.mark.parametrize("step", ["commit_start:2", "table_committed:2", "before_manifest:2", "after_manifest:2"])
+@pytest.mark.parametrize("step", ["commit_start:2", "table_commit:2", "table_committed:2", "before_manifest:2",
+                                  "after_manifest:2"])
 def test_a_delta_reader_sees_a_shard_whole_or_not_at_all(ray_session, output, tmp_path, make_image, step):
-    """Killed before the shard's transaction (nothing of it in the table), after it (all of
-    its rows; its error rows not yet under `_errors/`), before and after its manifest. The
-    next run, either mode, finishes the commit from its record, the table's log saying
-    whether the transaction got in, and every key ends once."""
+    """Killed before the shard's commit record, between it and the shard's transaction
+    (nothing of the shard in the table either way), after the transaction (all of its rows;
+    its error rows not yet under `_errors/`), before and after its manifest. The next run,
+    either mode, finishes the commit from its record, taking the transaction only if the
+    table's log says it is not in, and every key ends once."""
     expected = inputs(tmp_path, make_image)
     config = job(tmp_path, output.url(), "delta")
     killed_at(step, config, tmp_path)
@@ -80,7 +88,8 @@ def test_a_delta_reader_sees_a_shard_whole_or_not_at_all(ray_session, output, tm
         return
     assert len(records) == 1, records
     shard = records[0]["shard"]
-    assert set(per) == manifests | {shard}, (per, manifests)  # in the table from its transaction on
+    in_table = step != "table_commit:2"  # in the table from its transaction on
+    assert set(per) == manifests | ({shard} if in_table else set()), (per, manifests)
     errors_seen = {e["source"] for e in output.table_view()[1]}
     if step == "table_committed:2":  # its error rows (shard 00001 has one) come after the transaction
         assert shard not in errors_seen
