@@ -5,10 +5,10 @@ and the metadata columns (depthray/io/sinks.py's OUTPUT_SCHEMA), realistic maps
 
 Each format is driven the way depthray would drive it: data files written first (Delta:
 the job's own write stage, its Parquet parts; Lance: `write_fragments` of the same rows),
-then one transaction per shard
-(Delta: `create_write_transaction` with the shard's adds and an app transaction id; Lance:
-`LanceDataset.commit` of an Append), and an overwrite of one shard as one transaction
-(Delta: its old files removed, new ones added; Lance: `Update` removing its fragments).
+then one transaction per shard (Delta: `create_write_transaction` with the shard's adds in
+its partition, `source`, and an app transaction id; Lance: `LanceDataset.commit` of an
+Append), and an overwrite of one shard as one transaction (Delta: its partition's files
+removed, new ones added; Lance: `Update` removing its fragments).
 
     python -m benchmarks.table_formats [--shards 6] [--rows 48] [--part-rows 16] [--commits 200]
                                        [--formats delta,lance]
@@ -109,9 +109,9 @@ class Delta:
 
         acks = [self.write(t).to_pylist()[0] for t in parts]
         written = {p: b for a in acks for p, b in zip(a["parts"], a["part_bytes"])}
-        if self.table is None:  # created with the first data, as Lance's dataset is
-            schema = self._footer(next(iter(written))).schema.to_arrow_schema()
-            DeltaTable.create(self.uri, schema, storage_options=self.store.delta_options())
+        if self.table is None:  # created with the first data, as Lance's dataset is; one partition a shard
+            schema = self._footer(next(iter(written))).schema.to_arrow_schema().append(pa.field("source", pa.string()))
+            DeltaTable.create(self.uri, schema, partition_by=["source"], storage_options=self.store.delta_options())
             self.table = DeltaTable(self.uri, storage_options=self.store.delta_options())
         return written
 
@@ -133,15 +133,15 @@ class Delta:
             bounds = [meta.row_group(g).column(key).statistics for g in range(meta.num_row_groups)]
             stats = {"numRecords": meta.num_rows, "minValues": {"key": min(b.min for b in bounds)},
                      "maxValues": {"key": max(b.max for b in bounds)}, "nullCount": {}}
-            adds.append(AddAction(rel, size, {}, now, True, json.dumps(stats)))
+            adds.append(AddAction(rel, size, {"source": shard}, now, True, json.dumps(stats)))
         self.table.update_incremental()
         removes = []
         if replace:
             old = pa.table(self.table.get_add_actions(flatten=True)).to_pydict()
-            removes = [RemoveAction(p, True, now, s) for p, s in zip(old["path"], old["size_bytes"])
-                       if p.startswith(f"{shard}.parts/")]
+            removes = [RemoveAction(p, True, now, s) for p, s, v in zip(old["path"], old["size_bytes"],
+                                                                        old["partition.source"]) if v == shard]
         txn = Transaction(f"depthray:{shard}", self.table.version() + 1)
-        self.table.create_write_transaction([*removes, *adds], "append", self.table.schema(),
+        self.table.create_write_transaction([*removes, *adds], "append", self.table.schema(), partition_by=["source"],
                                             commit_properties=CommitProperties(app_transactions=[txn]))
 
     def open(self):
@@ -180,7 +180,8 @@ class Lance:
         import pyarrow.parquet as pq
 
         (rel,) = self.to_rows(t).to_pylist()[0]["parts"]
-        return pq.read_table(f"{self.store.tmp}/rows-{self.uri.rsplit('/', 1)[-1]}/{rel}")
+        rows = pq.read_table(f"{self.store.tmp}/rows-{self.uri.rsplit('/', 1)[-1]}/{rel}")
+        return rows.append_column("source", t.column("source"))  # Delta keeps it as the partition value
 
     def write_data(self, shard: str, parts: list[pa.Table]) -> list:
         import lance

@@ -72,3 +72,25 @@ def test_table_options_follow_the_s3_endpoint(monkeypatch):
     assert opts["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and opts["AWS_ALLOW_HTTP"] == "true"
     assert opts["AWS_REGION"] == "eu-west-1"
     assert table_options("/tmp/x", StorageConfig(region="r")) == {"AWS_REGION": "r"}
+
+
+def test_a_shard_that_optimize_compacted_is_still_replaced_whole(tmp_path):
+    """Delta's OPTIMIZE rewrites a shard's parts into files of its own (`source=a/...`); a
+    later commit of the shard (an overwrite, a redo: its manifest's parts are gone) removes
+    its whole partition, so no key is left twice and other shards are untouched."""
+    from deltalake import DeltaTable
+
+    url = str(tmp_path / "t")
+    table = ShardTable(url, StorageConfig())
+    table.ensure(OUTPUT_SCHEMA)
+    sink = TableSink(url, StorageConfig(), "m", "h1", "run1")
+    first = dict([sink.write("a", rows(["k1", "k2"]), "0" * 16), sink.write("a", rows(["k3"]), "1" * 16)])
+    table.commit("a", first, table.next_txn())
+    table.commit("b", dict([sink.write("b", rows(["z"], source="b"), "3" * 16)]), table.next_txn())
+    DeltaTable(url).optimize.compact()
+    assert not set(table.shard_files("a")) & set(first)  # rewritten: other names, other folder
+    again = dict([TableSink(url, StorageConfig(), "m", "h2", "run2").write("a", rows(["k1", "k2", "k3"]), "2" * 16)])
+    table.commit("a", again, table.next_txn())
+    got = DeltaTable(url).to_pyarrow_table(columns=["source", "key", "config_hash"]).to_pylist()
+    assert sorted((r["source"], r["key"], r["config_hash"]) for r in got) == [
+        ("a", "k1", "h2"), ("a", "k2", "h2"), ("a", "k3", "h2"), ("b", "z", "h1")]

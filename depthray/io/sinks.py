@@ -134,13 +134,19 @@ class ParquetSink(Sink):
 
 
 class TableSink(ParquetSink):
-    """`output.format: delta`: the job's Parquet part, written straight to its name in the
-    table folder (no staging: the table does not list it before its shard's transaction).
+    """`output.format: delta`: the job's Parquet part (less `source`, the table's partition
+    column), written straight to its name in the table folder (no staging: the table does
+    not list it before its shard's transaction).
     The run id in the name keeps a relabelled part apart from the live one it replaces."""
 
     def __init__(self, url, storage, model: str, config_hash: str, run_id: str):
         super().__init__(url, storage, model, config_hash)
         self.run_id = run_id
+
+    def encode(self, rows):
+        table = records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA)
+        # `source` is the table's partition value (the log holds it), not a column of its files
+        return _parquet_bytes(with_kept_columns(table, rows).drop_columns(["source"]))
 
     def write(self, shard, rows, digest):
         rel = table_part_rel(shard, digest, self.run_id)

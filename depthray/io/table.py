@@ -8,12 +8,16 @@ table's log lists at one version, and a version appears by one conditional PUT o
 `_delta_log/{version}.json` (`If-None-Match: *` on S3, create-exclusive on local disk), so it
 sees all of a shard's rows or none.
 
-The write stage writes each result part as a Parquet file straight to its final name in the
-table folder, `{shard}.parts/{name}.part-{hash}.{run_id}.parquet` (the run id keeps an
-overwrite's new files apart from the live ones they replace; a retried task rewrites its
-own name). Nothing reads it until the shard's commit (depthray/io/commit.py) adds it:
-one transaction that removes every file of the shard's folder the table still lists (an
-overwrite, a redone shard) and adds the new ones, with an application transaction
+The table is partitioned by `source` (the shard): a shard's rows are its partition, so
+replacing a shard is removing its partition's files, whatever rewrote them since (Delta's
+OPTIMIZE compacts within a partition and writes `source=.../` folders of its own). The write
+stage writes each result part as a Parquet file (without the `source` column: the partition
+value stands for it) straight to its final name in the table folder,
+`{shard}.parts/{name}.part-{hash}.{run_id}.parquet` (the run id keeps an overwrite's new files
+apart from the live ones they replace; a retried task rewrites its own name). Nothing reads
+it until the shard's commit (depthray/io/commit.py) adds it: one transaction that removes
+every file of the shard's partition the table still lists (an overwrite, a redone shard)
+and adds the new ones, with an application transaction
 `depthray:{shard}` whose version the commit record notes. That is how the next run knows
 whether a cut commit got into the table (`committed`), and it is what Delta's conflict
 check refuses when two writers commit one shard at once (ConcurrentTransaction).
@@ -40,6 +44,7 @@ from depthray.io.fs import filesystem, join, storage_options
 TABLE_LOG = "_delta_log"
 APP_PREFIX = "depthray:"
 SHARD_DIR = ".parts"
+PARTITION = "source"  # the shard name: one partition per shard
 
 
 def require_deltalake() -> None:
@@ -111,7 +116,7 @@ class ShardTable:
         from deltalake import DeltaTable
 
         if not self.exists():
-            DeltaTable.create(self.uri, schema, mode="ignore", storage_options=self.options)
+            DeltaTable.create(self.uri, schema, mode="ignore", partition_by=[PARTITION], storage_options=self.options)
 
     def table(self):
         """The table at its latest version (one handle, brought up to date per call)."""
@@ -126,14 +131,19 @@ class ShardTable:
     def version(self) -> int:
         return self.table().version()
 
+    def _adds(self) -> pa.Table:
+        return pa.table(self.table().get_add_actions(flatten=True))
+
     def files(self) -> dict[str, int]:
         """Every data file the latest version lists, relative path -> size."""
-        adds = pa.table(self.table().get_add_actions(flatten=True))
+        adds = self._adds()
         return dict(zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist()))
 
-    def shard_files(self, shard: str, files: dict[str, int] | None = None) -> dict[str, int]:
-        folder = f"{shard}{SHARD_DIR}"
-        return {p: s for p, s in (self.files() if files is None else files).items() if posixpath.dirname(p) == folder}
+    def shard_files(self, shard: str) -> dict[str, int]:
+        """The files of the shard's partition the latest version lists."""
+        adds = self._adds()
+        return {p: s for p, s, v in zip(adds.column("path").to_pylist(), adds.column("size_bytes").to_pylist(),
+                                         adds.column(f"partition.{PARTITION}").to_pylist()) if v == shard}
 
     def committed(self, shard: str, txn: int) -> bool:
         """Whether the commit that noted application version `txn` for this shard got in."""
@@ -146,7 +156,7 @@ class ShardTable:
         return self.version() + 1
 
     def commit(self, shard: str, parts: dict[str, int], txn: int) -> int:
-        """One transaction: the shard's files the table lists now out, `parts` in, and the
+        """One transaction: the shard's partition's files the table lists now out, `parts` in, and the
         application version `txn`. Returns the table version it made. A concurrent commit of
         this shard makes it raise (delta-rs' CommitFailedError: concurrent transaction)."""
         from deltalake import CommitProperties, Transaction
@@ -162,18 +172,18 @@ class ShardTable:
                 continue
             stats, schema = self._stats(rel)
             schemas.append(schema)
-            actions.append(AddAction(rel, size, {}, now, True, stats))
+            actions.append(AddAction(rel, size, {PARTITION: shard}, now, True, stats))
         self._add_columns(dt, schemas)
         dt.create_write_transaction(
-            actions, "append", dt.schema(),
+            actions, "append", dt.schema(), partition_by=[PARTITION],
             commit_properties=CommitProperties(app_transactions=[Transaction(app_id(shard), txn, now)],
                                                custom_metadata={"depthray.shard": shard}))
         dt.update_incremental()  # the handle does not move to the version it made by itself
         return dt.version()
 
     def _stats(self, rel: str) -> tuple[str, pa.Schema]:
-        """Delta file statistics from the part's footer: row count, and `key` / `source`
-        bounds, so a reader looking up a key opens only the file that can hold it."""
+        """Delta file statistics from the part's footer: row count and `key` bounds, so a
+        reader looking up a key opens only the file that can hold it."""
         path = join(self.root, rel)
         self.fs.invalidate_cache(posixpath.dirname(path))  # a listing cached before the part was written
         with self.fs.open(path, "rb") as f:
@@ -182,7 +192,7 @@ class ShardTable:
         lo: dict[str, Any] = {}
         hi: dict[str, Any] = {}
         names = schema.names
-        for col in ("key", "source"):
+        for col in ("key",):
             if col not in names or meta.num_rows == 0:
                 continue
             i = names.index(col)
