@@ -8,6 +8,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test processes: the suite spends much of its time waiting (Ray starting, processes killed
+# and restarted, S3 retries backing off), so two processes on a 2-core machine halve it.
+# A test file stays in one process (its module fixtures, e.g. one Ray job, run once).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-portability install clean
 
@@ -24,7 +28,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/depthray demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The numeric tests again on other float paths (no expectation may hold a float one CPU made):
 # torch's generic kernels, AVX2 instead of AVX-512, and one thread (other reduction orders).

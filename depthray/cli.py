@@ -55,34 +55,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_ray() -> None:
-    try:  # after Ctrl-C: report a failed shutdown, keep the exit code
-        __import__("ray").shutdown()
-    except BaseException as e:  # noqa: BLE001
-        logging.getLogger(__name__).debug("ray.shutdown: %s", e)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    from depthray.config import load_config
-    from depthray.job.driver import run_job
+    from depthray.run_command import run
 
-    cfg = load_config(args.config, args.set)
-    try:
-        summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus,
-                          quiet=not (args.verbose or args.ray_logs))
-    except KeyboardInterrupt:  # before the job ran: nothing to summarise
-        print("depthray: interrupted before the job started; nothing was committed", file=sys.stderr)
-        return 130
-    _print_summary(summary)
-    if summary.get("lease_lost"):  # another run writes this output now: say which, stop
-        print(f"depthray: {summary['lease_lost']}", file=sys.stderr)
-        return 3
-    if summary.get("interrupted"):
-        _stop_ray()  # now, not in an exit hook a late signal or worker error can turn into exit 1
-        print(f"interrupted: {summary['shards_complete']} shard(s) committed by this run, "
-              f"{summary['shards_skipped']} before it; re-run the same command to resume")
-        return 130
-    return 1 if summary["shards_unfinished"] else 0
+    return run(args)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -268,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "says complete are skipped, so re-running resumes.",
                        epilog="Every config key, its default and its meaning: `depthray init job.yaml` "
                        "writes them all into a config to edit (generated from depthray/config.py, "
-                       "which validates them); the README's tables document the outputs.")
+                       "which validates them); the README's tables document the outputs. "
+                       "Exit status: 0 done; 1 shards left unfinished (re-run to retry); 2 config "
+                       "or storage error, nothing started; 3 another run took the output's lease; "
+                       "4 too many error rows (quality.max_error_fraction; default: every image "
+                       "failed); 130 interrupted (Ctrl-C) or 143 terminated (SIGTERM), after a summary, "
+                       "committed shards kept.")
     p.add_argument("config", help="YAML config (`depthray init` writes one)")
     _add_set_option(p)
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from depthray.config_build import build, flatten
 
 
 class ConfigError(ValueError):
@@ -103,6 +103,10 @@ class OutputConfig:
 
 @dataclass
 class ComputeConfig:
+    # Who runs the stage chain: "ray" (tasks and an actor pool, one machine or a cluster) or
+    # "local" (this process, one model, no Ray to start: small jobs, debugging, CI). Both
+    # commit shards through the same ledger, manifests and lease.
+    executor: str = "ray"
     address: str | None = None  # Ray address; None = start or join a local Ray
     num_actors: int | None = None  # fixed actor pool size; None = autoscaling min_actors..max_actors
     min_actors: int = 1  # autoscaling pool: actors kept even when idle
@@ -115,6 +119,10 @@ class ComputeConfig:
     # plug-in): the actor ends its process, Ray restarts it, and an image that hangs again on
     # its own becomes an error. None = 1800 s on GPU actors, off on CPU; 0 = off.
     batch_timeout_s: float | None = None
+    # Start Ray's dashboard with a local Ray (joining a cluster keeps the cluster's own). Off:
+    # its processes take a core for seconds while Ray starts (a local start took 9 s instead
+    # of 19 s on a 2-core machine) and a one-machine job rarely needs it.
+    dashboard: bool = False
 
 
 @dataclass
@@ -132,6 +140,9 @@ class QualityConfig:
     min_valid_fraction: float | None = None
     # a pixel counts as valid when its uncertainty is at most this (depth units, [0,1] range)
     max_pixel_uncertainty: float | None = None
+    # `depthray run` exits 4 when this run's error rows are at least this fraction of the
+    # images it took (errors are still committed). 1.0: only when every image failed.
+    max_error_fraction: float = 1.0
 
 
 @dataclass
@@ -163,7 +174,7 @@ class Config:
         # row's reading of `auto`, as before (what it runs is the factory's to say).
         kind = model["kind"] if model["factory"] is None else "marigold"
         model["dtype"] = resolve_dtype(kind, model["dtype"], model["device"])
-        return _flatten({"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)})
+        return flatten({"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)})
 
     def hash(self, device_kind: str | None = None) -> str:
         """Short hash of `settings(device_kind)`: stored with every row and manifest, so two
@@ -189,6 +200,7 @@ _CHOICES = {
     "model.kind": ("marigold", "marigold-e2e", "transformers"),
     "input.format": ("auto", "webdataset", "parquet", "images"),
     "output.format": ("parquet", "webdataset", "delta"),
+    "compute.executor": ("ray", "local"),
 }
 
 
@@ -196,70 +208,8 @@ _CHOICES = {
 _BOOL_WORDS = {"inference.tiling.mode": {True: "on", False: "off"}}
 
 
-def _check_value(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
-    """Check `value` against annotation `tp`; return the (possibly coerced) value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            sub: list[str] = []
-            out = _check_value(value, arg, where, sub)
-            if not sub:
-                return out
-        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            errors.append(f"{where}: expected {tp.__name__}, got {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{where}: expected a mapping, got {value!r}")
-        return value
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if args:
-        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
-    return getattr(tp, "__name__", str(tp))
-
-
-def _build(cls: type, data: Mapping[str, Any] | None, prefix: str, errors: list[str]):
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        errors.append(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            errors.append(f"{prefix}{key}: unknown key (valid: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        where = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], where + ".", errors)
-        else:
-            value = data[f.name]
-            if isinstance(value, bool) and where in _BOOL_WORDS:
-                value = _BOOL_WORDS[where][value]
-            kwargs[f.name] = _check_value(value, tp, where, errors)
-    return cls(**kwargs)
-
-
 def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             errors.append(f"{key}: must be one of {', '.join(allowed)}, got {flat[key]!r}")
@@ -293,6 +243,8 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append(f"model.options: only read for model.factory and kind transformers, not kind {cfg.model.kind}")
     if cfg.compute.batch_timeout_s is not None and cfg.compute.batch_timeout_s < 0:
         errors.append("compute.batch_timeout_s: must be >= 0 (0 = off) or null (auto)")
+    if not 0.0 < cfg.quality.max_error_fraction <= 1.0:
+        errors.append("quality.max_error_fraction: must be in (0, 1] (1 = fail only when every image failed)")
     if cfg.output.rows_per_part < 1:
         errors.append("output.rows_per_part: must be >= 1")
     if cfg.output.lease_timeout_s <= 0:
@@ -320,16 +272,6 @@ def _validate_input(inp: InputConfig, errors: list[str]) -> None:
         errors.append("input.images_per_shard: must be >= 1")
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and k != "options":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def model_kinds() -> tuple[str, ...]:
     """The `model.kind` values depthray knows (one list: validation, checks and docs use it)."""
     return _CHOICES["model.kind"]
@@ -355,7 +297,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 def config_from_dict(data: Mapping[str, Any] | None, *, require_io: bool = False) -> Config:
     """Build and validate a Config; raises ConfigError listing every problem."""
     errors: list[str] = []
-    cfg = _build(Config, dict(data or {}), "", errors)
+    cfg = build(Config, dict(data or {}), "", errors, _BOOL_WORDS)
     if not errors:
         _validate(cfg, errors, require_io)
     if errors:

@@ -88,7 +88,7 @@ def run_demo(workdir: str | Path = "demo_output", num_cpus: int | None = None) -
         make_inputs(root / "inputs")
     shutil.rmtree(root / "depth", ignore_errors=True)  # the demo always starts fresh
     ensure_tiny_model()  # build once here, not in every actor at once
-    init_ray(cfg.compute.address, num_cpus=num_cpus)
+    init_ray(cfg.compute.address, num_cpus=num_cpus, dashboard=cfg.compute.dashboard)
     summary = run_job(cfg, log_every_s=5.0)
     # The demo ends where a user would: look at the labels, and score them against the
     # scenes' ground truth (meaningless numbers for random weights, but the real tools).

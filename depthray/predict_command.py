@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _warn_costly(files: list[str], model, cfg, shown: int = 3) -> None:
@@ -56,6 +57,13 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.tiny:
         cfg.model.path = str(ensure_tiny_model())
         print("using the built-in tiny random-weight model: its depth is meaningless (plumbing only)")
+    out = Path(args.out).resolve()
+    for folder in (Path(p).resolve() for p in args.images if Path(p).is_dir()):
+        if out == folder or folder in out.parents:  # its PNGs would be labelled next time
+            print(f"depthray predict: --out {args.out} is inside the input folder {folder}; the next "
+                  "predict over that folder would label its depth maps as photos. Choose an output "
+                  "folder outside the inputs.", file=sys.stderr)
+            return 2
     files, skipped = expand_inputs(args.images)
     if line := skipped_line(skipped):
         print(line, file=sys.stderr)

@@ -2,7 +2,9 @@
 
 The manifests are the commit records (depthray/io/manifest.py), so the input listing plus
 `_manifest/` say exactly which shards are done; the manifests' counts say how many images
-and errors they hold; `_jobs/` holds one summary per finished (or stopped) run.
+and errors they hold; `_jobs/` holds one summary per finished (or stopped) run, and
+`_jobs/config.json` the output's one configuration (a config with other settings is
+reported as `depthray run` would refuse it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import Counter
 from typing import Any
 
 from depthray.config import Config, ConfigError
+from depthray.io import output_config
 from depthray.io.manifest import ManifestStore, why_not_done
 from depthray.io.table import table_listing
 
@@ -42,6 +45,14 @@ def job_status(cfg: Config) -> dict[str, Any]:
     for m in manifests.values():
         reasons.update(m.get("error_reasons") or {})
         hashes[m.get("config_hash")] += 1
+    # What `depthray run` would say of this config on this output (one configuration per
+    # output: depthray/io/output_config.py), before it would start anything.
+    record = output_config.recorded(store, listing)
+    try:
+        output_config.check(record, cfg, output_config.possible_kinds(cfg))
+        refusal = None
+    except ConfigError as e:
+        refusal = str(e)
     this_hash = cfg.hash()
     # The job resolves dtype/device `auto` where its actors run: either kind is this config.
     these = {cfg.hash("cpu"), cfg.hash("cuda")}
@@ -60,6 +71,8 @@ def job_status(cfg: Config) -> dict[str, Any]:
         # Shards labelled under other settings: a re-run skips them (delete their manifests,
         # or set output.overwrite, to relabel).
         "shards_other_config": {h: n for h, n in hashes.items() if h not in these},
+        "output_config": None if record is None else {
+            "config_hash": record.get("config_hash"), "hashes": record.get("hashes"), "refused": refusal},
         "manifests_not_in_input": sorted(committed - set(names)),
         "last_run": _last_run(store),
     }
@@ -90,6 +103,8 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"config  {n} complete shard(s) were labelled with other settings "
                      f"(config hash {', '.join(h or '?' for h in st['shards_other_config'])}; this config: "
                      f"{st['config_hash']}); a re-run skips them: set output.overwrite to relabel")
+    if (st.get("output_config") or {}).get("refused"):
+        lines.append(f"refused `depthray run` would stop before any work: {st['output_config']['refused']}")
     for name, why in sorted(st["shards_damaged"].items())[:5]:
         lines.append(f"damaged {name}: {why}; the next run redoes it")
     if st["manifests_not_in_input"]:

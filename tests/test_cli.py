@@ -75,6 +75,18 @@ def test_predict_never_overwrites_files_that_share_a_stem(tiny_model_dir, tmp_pa
     assert len(written) == 2 and all(n.startswith("x-") for n in written), written
 
 
+def test_predict_refuses_an_output_folder_inside_its_input(tiny_model_dir, tmp_path):
+    """#26 item 5: `--out` equal to (or inside) an input folder would have the next predict
+    over that folder label its own depth maps (`pic0.depth.depth.png`, exit 0): exit 2,
+    nothing written. A folder beside the inputs is fine."""
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "photos" / "pic0.png")
+    for out_dir in (tmp_path / "photos", tmp_path / "photos" / "depth"):
+        out = _depthray("predict", str(tmp_path / "photos"), "--out", str(out_dir), "--model", str(tiny_model_dir))
+        assert out.returncode == 2 and "inside the input folder" in out.stderr, out.stderr
+        assert sorted(p.name for p in (tmp_path / "photos").rglob("*")) == ["pic0.png"]
+
+
 def test_predict_takes_folders_warns_on_costly_images_and_shows_views(tiny_model_dir, tmp_path):
     from depthray.config import config_from_dict
     from depthray.tiling import plan_tiles

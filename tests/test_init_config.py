@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from depthray.cli import build_parser, main
-from depthray.config import Config, _flatten, load_config
+from depthray.config import Config, load_config
+from depthray.config_build import flatten
 
 
 def test_init_writes_every_key_and_loads(tmp_path, capsys):
@@ -16,7 +17,7 @@ def test_init_writes_every_key_and_loads(tmp_path, capsys):
     assert cfg.input.url == str(tmp_path / "in") and cfg.output.url == str(tmp_path / "out")
     assert cfg.to_dict() == {**Config().to_dict(), "input": {**dataclasses.asdict(Config().input), "url": cfg.input.url},
                              "output": {**dataclasses.asdict(Config().output), "url": cfg.output.url}}
-    for key in _flatten(Config().to_dict()):
+    for key in flatten(Config().to_dict()):
         assert f"  {key.rsplit('.', 1)[-1]}:" in text, key
     assert "# glob, brace range" in text and "ambiguous_image" in text  # the meanings come along
     assert main(["init", str(path)]) == 2  # never overwrites

@@ -122,6 +122,30 @@ def test_local_runner_writes_the_rows_the_ray_job_writes(ray_output, demo_inputs
         assert diff <= 2 / 65535, (key, diff)
 
 
+def test_local_executor_commits_what_the_ray_job_commits(ray_output, demo_inputs, tmp_path):
+    """`compute.executor: local`: the same stage chain in the driver's process, committed by
+    the same ledger (manifests, resume): the same rows as the Ray job, and a re-run skips."""
+    from depthray.io.codecs import decode_depth_png16
+    from depthray.job.driver import run_job
+
+    cfg = golden_job.job_config(str(demo_inputs / "{00000..00001}.tar"), str(tmp_path / "local"))
+    cfg.compute.executor = "local"
+    summary = run_job(cfg)
+    assert (summary["images"], summary["errors"], summary["stages"]) == (12, 0, [])
+    assert len(list((tmp_path / "local" / "_manifest").glob("[!.]*.json"))) == 2
+    local = {r["key"]: r for r in pq.read_table(str(tmp_path / "local")).to_pylist()}
+    job = {r["key"]: r for r in pq.read_table(str(ray_output)).to_pylist()}
+    assert sorted(local) == sorted(job)
+    for key, row in job.items():
+        other = local[key]
+        for col in ("source", "width", "height", "model", "config_hash", "ensemble_size", "num_views"):
+            assert other[col] == row[col], (key, col)
+        assert _numbers_close(json.loads(other["meta"]), json.loads(row["meta"])), key
+        assert np.abs(decode_depth_png16(other["depth"]) - decode_depth_png16(row["depth"])).max() <= 2 / 65535
+    again = run_job(cfg)
+    assert again["shards_skipped"] == 2 and again["images"] == 0
+
+
 def _numbers_close(a, b, rel: float = 1e-3) -> bool:
     """Equal structure and values; floats within `rel` (batch composition moves them a little)."""
     if isinstance(a, dict) and isinstance(b, dict):

@@ -1,5 +1,7 @@
-"""The real job on a local Ray (2 CPUs) against a real S3 protocol server (moto), with the
-tiny random-weight Marigold: both input kinds, both output formats, errors, resume."""
+"""The real job against a real S3 protocol server (moto), with the tiny random-weight
+Marigold: both input kinds, both output formats, errors, resume. The first test is the job
+on a local Ray (2 CPUs); the others are about what inputs and formats become, so they run
+the same stage chain in this process (`compute.executor: local`)."""
 
 from __future__ import annotations
 
@@ -20,13 +22,13 @@ from depthray.job.driver import run_job
 pytestmark = pytest.mark.timeout(300)
 
 
-def job_config(tiny_model_dir, input_url, output_url, **sections):
+def job_config(tiny_model_dir, input_url, output_url, executor="ray", **sections):
     data = {
         "input": {"url": input_url},
         "output": {"url": output_url},
         "model": {"path": str(tiny_model_dir), "processing_resolution": 64},
         "inference": {"ensemble_size": 2},
-        "compute": {"images_per_batch": 4},
+        "compute": {"images_per_batch": 4, "executor": executor},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
@@ -123,7 +125,7 @@ def test_webdataset_from_s3_to_parquet_with_errors_and_resume(ray_session, s3_bu
     assert (third["shards_skipped"], third["images"], third["actors"]) == (3, 0, 0)
 
 
-def test_parquet_from_s3_to_webdataset_with_passthrough(ray_session, s3_bucket, tiny_model_dir, tmp_path,
+def test_parquet_from_s3_to_webdataset_with_passthrough(s3_bucket, tiny_model_dir, tmp_path,
                                                        make_image):
     import webdataset as wds
 
@@ -138,7 +140,8 @@ def test_parquet_from_s3_to_webdataset_with_passthrough(ray_session, s3_bucket, 
         expected[f"part-{s}"] = set(ids)
         inputs.update(zip(ids, imgs))
     cfg = job_config(tiny_model_dir, f"s3://{s3_bucket}/pq/*.parquet", f"s3://{s3_bucket}/wds",
-                     input={"key_column": "id"}, output={"format": "webdataset", "include_image": True})
+                     executor="local", input={"key_column": "id"},
+                     output={"format": "webdataset", "include_image": True})
     summary = run_job(cfg)
     assert (summary["shards_complete"], summary["images"], summary["errors"]) == (2, 6, 0)
 
@@ -156,7 +159,7 @@ def test_parquet_from_s3_to_webdataset_with_passthrough(ray_session, s3_bucket, 
     assert_exactly_once(expected, seen, [])
 
 
-def test_image_folders_local_with_odd_images(ray_session, tmp_path, tiny_model_dir):
+def test_image_folders_local_with_odd_images(tmp_path, tiny_model_dir):
     root = tmp_path / "photos"
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
@@ -169,7 +172,7 @@ def test_image_folders_local_with_odd_images(ray_session, tmp_path, tiny_model_d
     Image.fromarray(rgb).convert("RGBA").save(root / "b" / "rgba.png")
     (root / "b" / "empty.jpg").write_bytes(b"")
     out = tmp_path / "depth"
-    summary = run_job(job_config(tiny_model_dir, str(root), str(out)))
+    summary = run_job(job_config(tiny_model_dir, str(root), str(out), executor="local"))
     assert (summary["shards_complete"], summary["images"], summary["errors"]) == (2, 3, 1)
     rows = {r["key"]: r for r in pq.read_table(out).to_pylist()}
     assert (rows["rotated"]["height"], rows["rotated"]["width"]) == (60, 40)

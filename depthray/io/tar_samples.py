@@ -38,9 +38,12 @@ def iter_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def tar_bytes(files: Iterable[tuple[str, bytes]]) -> bytes:
-    """An uncompressed tar (ustar) of (name, bytes), in the order given."""
+    """An uncompressed tar of (name, bytes), in the order given. POSIX (pax) format: a member
+    name that fits ustar (100 bytes, ASCII) gets a plain ustar header, a longer or non-ASCII
+    one an extended header that every tar reader (GNU tar, Python's tarfile and so
+    webdataset) honours; ustar alone failed on keys from ~85 characters."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)

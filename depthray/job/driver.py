@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -38,25 +39,29 @@ from depthray.job.interrupt import DeferredInterrupt
 from depthray.job.lease import LeaseLost, OutputLease
 from depthray.job.ledger import ShardLedger
 from depthray.job.pool_watch import PoolWatch
-from depthray.job.ray_graph import build_dataset, resolve_resources
+from depthray.job.local import LocalRunner, shard_tables
+from depthray.job.ray_graph import Resources, build_dataset, resolve_resources
 from depthray.job.stages import job_stages, model_label
 
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
+             dashboard: bool = False) -> None:
     """Join `address` (a cluster, "auto"), or with `num_cpus` start a local Ray of that size
     (never a stray `ray start` cluster's); no-op if already connected.
 
     `quiet` (`depthray run` without --verbose): Ray's own warnings, its C++ error lines and
     the workers' output (where each failure's traceback is printed again) stay in Ray's log
     files (/tmp/ray/session_latest/logs); failures still reach the summary, one line each.
+    `dashboard`: start Ray's dashboard with a local Ray (`compute.dashboard`; ignored by Ray
+    when joining a running cluster, which keeps its own).
     """
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": not quiet,
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": not quiet, "include_dashboard": dashboard,
                               "logging_level": logging.ERROR if quiet else logging.WARNING}
     if address is None and num_cpus is not None:
         kwargs.update(address="local", num_cpus=num_cpus)
@@ -111,6 +116,16 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
         lease.release()
 
 
+def local_resources(cfg: Config) -> Resources:
+    """compute.executor local: one model in this process, on the device model.device
+    resolves to here (auto: CUDA when there is one)."""
+    from depthray.precision import resolve_device
+
+    cuda = resolve_device(cfg.model.device).type == "cuda"
+    return Resources(min_actors=1, max_actors=1, gpus_per_actor=1.0 if cuda else 0.0,
+                     cpus_per_actor=cfg.compute.num_cpus_per_actor)
+
+
 def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s: float, address: str | None,
          num_cpus: int | None, quiet: bool = False) -> dict[str, Any]:
     check_input(cfg, shards)
@@ -132,9 +147,12 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     if table is not None:
         table.ensure(OUTPUT_SCHEMA)  # version 0, no rows: readers can open it from the start
     res = None
-    if resume.todo:
+    local = cfg.compute.executor == "local"
+    if resume.todo and local:
+        res = local_resources(cfg)
+    elif resume.todo:
         try:
-            init_ray(address or cfg.compute.address, num_cpus=num_cpus, quiet=quiet)
+            init_ray(address or cfg.compute.address, num_cpus=num_cpus, quiet=quiet, dashboard=cfg.compute.dashboard)
         except Exception as e:  # a node start-up timeout under load, a wrong address: one line, exit 2
             where = address or cfg.compute.address or "a local Ray"
             raise ConfigError(f"Ray did not start ({where}): {describe_error(e)}; nothing was run, "
@@ -154,33 +172,39 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     stages: list[str] = []
     job_error = None
     watch = None
-    interrupted = False
+    interrupted, interrupted_by = False, None
     lease_lost = None
     # 2. Stream the graph; the driver only sees acknowledgements.
     if res is not None:
-        ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
-        if quiet:
-            quiet_ray_data()
-        log.info("Starting execution: %d shard(s) on Ray, %s inference actor(s)", len(resume.todo),
-                 res.num_actors if res.fixed else f"{res.min_actors}..{res.max_actors or 'cluster limit'}")
-        watch = PoolWatch()
         stop = DeferredInterrupt()
+        if local:
+            log.info("Starting execution: %d shard(s) in this process (compute.executor: local)", len(resume.todo))
+            batches = LocalRunner(job_stages(cfg, run_id, device_kind)).run(shard_tables(resume.todo))
+        else:
+            ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
+            if quiet:
+                quiet_ray_data()
+            log.info("Starting execution: %d shard(s) on Ray, %s inference actor(s)", len(resume.todo),
+                     res.num_actors if res.fixed else f"{res.min_actors}..{res.max_actors or 'cluster limit'}")
+            watch = PoolWatch()
+            batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
         try:
-            with watch, stop.installed():
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            with watch or contextlib.nullcontext(), stop.installed():
+                for batch in batches:
                     with stop.critical():  # Ctrl-C never lands inside a commit
                         for ack in batch.to_pylist():
                             ledger.update(ack)
         except LeaseLost as e:  # another run took the output over: not one more commit
             lease_lost = job_error = str(e)
         except KeyboardInterrupt:  # Ctrl-C: stop, keep what committed, write the summary
-            interrupted, job_error = True, "interrupted (Ctrl-C)"
+            interrupted, interrupted_by = True, stop.signal_name or "SIGINT"
+            job_error = f"interrupted ({'Ctrl-C' if interrupted_by == 'SIGINT' else interrupted_by})"
             log.warning("interrupted: stopping; committed shards stay committed, a re-run resumes")
         except Exception as e:  # a stage failed past Ray's retries: report, don't lose the summary
             job_error = describe_error(e)
             log.error("job stopped early: %s", job_error, exc_info=log.isEnabledFor(logging.DEBUG))
         ledger.maybe_log(force=True)
-        if not interrupted and not lease_lost:
+        if not interrupted and not lease_lost and not local:
             stages = [ln.strip() for ln in ds.stats().splitlines() if ln.startswith("Operator")]
     # 3. Summary.
     totals = ledger.summary(job_error)
@@ -201,6 +225,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
         **(watch.summary() if watch is not None else {}),
         "job_error": job_error,
         "interrupted": interrupted,
+        "interrupted_by": interrupted_by,  # "SIGINT" (Ctrl-C) or "SIGTERM"
         "lease_lost": lease_lost,
         **static,
     }

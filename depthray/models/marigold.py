@@ -167,12 +167,11 @@ class MarigoldDepthModel:
     ) -> "MarigoldDepthModel":
         """Load a diffusers-layout Marigold checkpoint folder (unet, vae, scheduler, text)."""
         import diffusers
-        import transformers
-        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from depthray.models.empty_prompt import empty_prompt_embedding
 
         # Loading progress bars would flood worker logs (one per actor start).
         diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
 
         folder = Path(folder)
         index_path = folder / "model_index.json"
@@ -192,14 +191,9 @@ class MarigoldDepthModel:
         sched_cls = getattr(diffusers, index.get("scheduler", ["diffusers", "DDIMScheduler"])[1])
         scheduler = sched_cls.from_pretrained(folder, subfolder="scheduler")
 
-        # 2. The empty-prompt embedding, once; the text encoder is not kept.
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", variant=variant)
-        ids = tokenizer("", padding="do_not_pad", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            empty = text_encoder(ids)[0]  # [1,2,D]
-        del text_encoder
+        # 2. The empty-prompt embedding, once per checkpoint and machine (cached); the text
+        # encoder is never kept.
+        empty = empty_prompt_embedding(folder, variant)
 
         decoder = None
         if vae_decoder:

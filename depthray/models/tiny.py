@@ -185,14 +185,13 @@ def build_tiny_marigold(
 
     The folder appears complete or not at all (built in a temporary folder, then renamed).
     """
+    out = Path(out_dir)
+    if (out / "model_index.json").exists():  # refused before diffusers' seconds of imports
+        raise FileExistsError(f"{out} already holds a checkpoint")
     import diffusers
     from diffusers import MarigoldDepthPipeline
 
     diffusers.utils.logging.disable_progress_bar()
-
-    out = Path(out_dir)
-    if (out / "model_index.json").exists():
-        raise FileExistsError(f"{out} already holds a checkpoint")
     c = build_components(preset, scheduler, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))

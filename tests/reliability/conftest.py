@@ -27,17 +27,24 @@ from depthray.config import config_from_dict
 REPO = Path(__file__).resolve().parents[2]
 
 
-def job_config(input_url: str, output_url: str, model: dict, **sections) -> Any:
+def job_config(input_url: str, output_url: str, model: dict, executor: str = "ray", **sections) -> Any:
+    """A validated job config. `executor="local"` runs the stage chain in this process (for
+    tests whose subject is not Ray: the commit, the inputs, the stages); "ray" is the real job."""
     data: dict[str, Any] = {
         "input": {"url": input_url},
         "output": {"url": output_url},
         "model": model,
         "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
-        "compute": {"images_per_batch": 4},
+        "compute": {"images_per_batch": 4, "executor": executor},
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return config_from_dict(data, require_io=True)
+
+
+def local_job_config(input_url: str, output_url: str, model: dict, **sections) -> Any:
+    """`job_config` with the local executor: the stage chain in this process, no Ray."""
+    return job_config(input_url, output_url, model, executor="local", **sections)
 
 
 def double_model(**options) -> dict:

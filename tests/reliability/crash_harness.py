@@ -2,8 +2,10 @@
 `depthray run` process killed at a named commit step (depthray/crash_points.py), and a
 plain reader (stock pyarrow over the output folder, a `*.tar` glob) that filters nothing.
 
-The killed process joins the suite's shared Ray (`--address` its GCS), so a crash costs a
-driver start, not a Ray start; Ray ends the dead driver's workers itself.
+The commit is the driver's work whichever executor labels the rows, so the killed process
+runs the stage chain itself (`compute.executor: local`: a crash costs a Python start, not a
+Ray job); `job(..., executor="ray")` makes it join the suite's shared Ray (`--address` its
+GCS) instead, for the case that keeps the real Ray job in these tests.
 """
 
 from __future__ import annotations
@@ -113,14 +115,15 @@ def inputs(tmp_path: Path, make_image) -> dict[str, set[str]]:
     return expected
 
 
-def job(tmp_path: Path, output_url: str, fmt: str = "parquet", name: str = "job", **changes) -> Path:
+def job(tmp_path: Path, output_url: str, fmt: str = "parquet", name: str = "job", executor: str = "local",
+        **changes) -> Path:
     """A job config file: the CPU test double, two rows per part (a shard is several parts)."""
     data = {
         "input": {"url": str(tmp_path / "in" / "*.tar")},
         "output": {"url": output_url, "format": fmt, "rows_per_part": 2},
         "model": double_model(),
         "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
-        "compute": {"images_per_batch": 2, "num_cpus_per_actor": 0.5},
+        "compute": {"images_per_batch": 2, "num_cpus_per_actor": 0.5, "executor": executor},
     }
     for section, values in changes.items():
         data.setdefault(section, {}).update(values)
@@ -136,12 +139,14 @@ def run_killed(config: Path, log: Path, env: dict[str, str], timeout: float = 24
 
 
 def spawn(config: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`depthray run CONFIG` on the shared Ray with `env` (crash or pause points)."""
-    import ray
-
+    """`depthray run CONFIG` with `env` (crash or pause points): in its own process with the
+    local executor, or on the shared Ray (which must be running) with the Ray executor."""
     full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
     full["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full.get("PYTHONPATH")) if p)
     full.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "depthray.cli", "run", str(config), "--address",
-           ray.get_runtime_context().gcs_address]
+    cmd = [sys.executable, "-m", "depthray.cli", "run", str(config)]
+    if yaml.safe_load(config.read_text()).get("compute", {}).get("executor") == "ray":
+        import ray
+
+        cmd += ["--address", ray.get_runtime_context().gcs_address]
     return subprocess.Popen(cmd, cwd=REPO, env=full, stdout=log.open("wb"), stderr=subprocess.STDOUT)

@@ -1,6 +1,8 @@
 """The commit protocol where it is hardest: connections cut mid-shard, two runs on one output,
 readers during a run and after a SIGKILL, a changed config, a deleted part, an input list
-that grows, two inputs with the same shard names. Real Ray, real moto S3, real processes."""
+that grows, two inputs with the same shard names. Real moto S3 and real processes; the
+busy-output test is the real Ray job (a driver SIGKILLed while another run is refused), the
+others run the stage chain locally (`executor="local"`): their subject is the driver's commit."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def plain_reader_keys(out: Path) -> list[tuple[str, str]]:
     return [(r["source"], r["key"]) for r in pq.read_table(str(out), columns=["source", "key"]).to_pylist()]
 
 
-def test_connections_cut_mid_shard_are_retried_never_committed_short(ray_session, s3_bucket, fault_proxy,
+def test_connections_cut_mid_shard_are_retried_never_committed_short(s3_bucket, fault_proxy,
                                                                      make_image, make_tar):
     """A GET body cut in the middle, more often than the storage client retries by itself
     (s3fs: 5 times): the reader reads the shard again; every key ends exactly once, and no
@@ -61,7 +63,7 @@ def test_connections_cut_mid_shard_are_retried_never_committed_short(ray_session
         expected[f"{s:05d}"] = {f"s{s}k{i}" for i in range(30)}
     fault_proxy.cut_bodies(budget=8, match=lambda m, p: m == "GET" and "/in/00001.tar" in p)
     cfg = job_config(f"s3://{s3_bucket}/in/{{00000..00001}}.tar", f"s3://{s3_bucket}/out", double_model(),
-                     storage={"endpoint_url": fault_proxy.url, "retries": 3})
+                     executor="local", storage={"endpoint_url": fault_proxy.url, "retries": 3})
     summary = run_job(cfg)
     assert fault_proxy.injected["cut"] == 8, fault_proxy.injected
     assert (summary["shards_complete"], summary["shards_unfinished"]) == (2, {}), summary
@@ -71,13 +73,13 @@ def test_connections_cut_mid_shard_are_retried_never_committed_short(ray_session
     assert_exactly_once(expected, outs, errors)
 
 
-def test_a_shard_that_stays_unreadable_is_left_unfinished_not_committed(ray_session, s3_bucket, fault_proxy,
+def test_a_shard_that_stays_unreadable_is_left_unfinished_not_committed(s3_bucket, fault_proxy,
                                                                          make_image, make_tar):
     fs = fsspec.filesystem("s3")
     fs.pipe_file(f"{s3_bucket}/in/00000.tar", make_tar([(f"k{i}.jpg", make_image(16, 20, seed=i)) for i in range(20)]))
     fault_proxy.cut_bodies(budget=10_000, match=lambda m, p: m == "GET" and "/in/00000.tar" in p)
     cfg = job_config(f"s3://{s3_bucket}/in/00000.tar", f"s3://{s3_bucket}/out", double_model(),
-                     storage={"endpoint_url": fault_proxy.url, "retries": 1})
+                     executor="local", storage={"endpoint_url": fault_proxy.url, "retries": 1})
     summary = run_job(cfg)
     assert summary["shards_complete"] == 0 and "00000" in summary["shards_unfinished"], summary
     assert not fs.exists(f"{s3_bucket}/out/_manifest/00000.json")
@@ -187,12 +189,12 @@ def test_a_lease_without_heartbeat_is_taken_over_a_live_one_is_not(tmp_path):
     assert not lease.exists()
 
 
-def test_changed_config_is_refused_and_overwrite_relabels_shard_by_shard(ray_session, tmp_path, make_image):
+def test_changed_config_is_refused_and_overwrite_relabels_shard_by_shard(tmp_path, make_image):
     expected = write_shards(tmp_path / "in", make_image, shards=3, per=3)
     out = tmp_path / "out"
-    base = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model())
+    base = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(), executor="local")
     assert run_job(base)["shards_complete"] == 3
-    changed = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(),
+    changed = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(), executor="local",
                          inference={"ensemble_size": 2})
     listing = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and "_jobs" not in p.parts)
     with pytest.raises(ConfigError, match=r"inference.ensemble_size: 1 -> 2"):
@@ -212,10 +214,10 @@ def test_changed_config_is_refused_and_overwrite_relabels_shard_by_shard(ray_ses
     assert run_job(changed)["shards_skipped"] == 3  # the relabelled output now is this config's
 
 
-def test_a_deleted_part_is_noticed_and_redone(ray_session, tmp_path, make_image, capsys):
+def test_a_deleted_part_is_noticed_and_redone(tmp_path, make_image, capsys):
     expected = write_shards(tmp_path / "in", make_image, shards=3, per=4)
     out = tmp_path / "out"
-    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(), output={"rows_per_part": 2})
+    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(), executor="local", output={"rows_per_part": 2})
     run_job(cfg)
     manifest = json.loads((out / "_manifest" / "00001.json").read_text())
     gone = sorted(manifest["parts"])[0]
@@ -231,16 +233,16 @@ def test_a_deleted_part_is_noticed_and_redone(ray_session, tmp_path, make_image,
     assert_exactly_once(expected, outs, errors)
 
 
-def test_a_list_file_that_gains_an_entry_keeps_every_shard_name(ray_session, tmp_path, make_image):
+def test_a_list_file_that_gains_an_entry_keeps_every_shard_name(tmp_path, make_image):
     a = write_shards(tmp_path / "data" / "a", make_image, shards=2, per=2)
     listing = tmp_path / "data" / "shards.txt"
     listing.write_text("a/00000.tar\na/00001.tar\n".replace("a/", str(tmp_path / "data" / "a") + "/"))
     out = tmp_path / "out"
-    first = run_job(job_config(str(listing), str(out), double_model()))
+    first = run_job(job_config(str(listing), str(out), double_model(), executor="local"))
     assert first["shards_complete"] == 2
     b = write_shards(tmp_path / "other" / "b", make_image, shards=1, per=2)
     listing.write_text(listing.read_text() + str(tmp_path / "other" / "b" / "00000.tar") + "\n")
-    second = run_job(job_config(str(listing), str(out), double_model()))
+    second = run_job(job_config(str(listing), str(out), double_model(), executor="local"))
     assert (second["shards_skipped"], second["shards_complete"]) == (2, 1), second
     outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
     sources = {r["source"] for r in outs}
@@ -248,13 +250,13 @@ def test_a_list_file_that_gains_an_entry_keeps_every_shard_name(ray_session, tmp
     assert sum(len(v) for v in a.values()) + sum(len(v) for v in b.values()) == len(outs)
 
 
-def test_two_inputs_with_equal_shard_names_into_one_output_are_refused(ray_session, tmp_path, make_image):
+def test_two_inputs_with_equal_shard_names_into_one_output_are_refused(tmp_path, make_image):
     write_shards(tmp_path / "x", make_image, shards=2, per=2)
     write_shards(tmp_path / "y", make_image, shards=2, per=2)
     out = tmp_path / "out"
-    assert run_job(job_config(str(tmp_path / "x" / "*.tar"), str(out), double_model()))["shards_complete"] == 2
+    assert run_job(job_config(str(tmp_path / "x" / "*.tar"), str(out), double_model(), executor="local"))["shards_complete"] == 2
     with pytest.raises(ConfigError, match=r"already holds shard '00000' from .*x/00000.tar"):
-        run_job(job_config(str(tmp_path / "y" / "*.tar"), str(out), double_model()))
+        run_job(job_config(str(tmp_path / "y" / "*.tar"), str(out), double_model(), executor="local"))
 
 
 def test_the_lease_is_exclusive_on_s3_too(s3_bucket):

@@ -138,3 +138,21 @@ def test_steps_refused_by_kind_and_by_published_name(tmp_path, make_image, model
     else:
         check_steps(config_from_dict(data, require_io=True))
     assert not ray.is_initialized()
+
+
+def test_local_executor_runs_and_commits_without_starting_ray(tmp_path, make_image):
+    """`compute.executor: local` labels and commits in this process: no Ray is started (this
+    module runs with none), the shard is committed with its manifest, a re-run skips it."""
+    import ray
+
+    from depthray.config import config_from_dict
+    from depthray.job.driver import run_job
+
+    data = base(tmp_path, make_image)
+    data["model"] = double_model()
+    data["compute"] = {"executor": "local"}
+    cfg = config_from_dict(data, require_io=True)
+    summary = run_job(cfg)
+    assert (summary["images"], summary["errors"], summary["shards_complete"]) == (1, 0, 1), summary
+    assert not ray.is_initialized()
+    assert run_job(cfg)["shards_skipped"] == 1

@@ -59,9 +59,12 @@ def _env() -> dict[str, str]:
 
 
 def run_cli(config: Path, log: Path) -> subprocess.Popen:
-    """`depthray run` in its own process group (its local Ray included), so the test can
-    kill exactly what it started."""
-    cmd = [sys.executable, "-m", "depthray.cli", "run", str(config), "--address", "local"]
+    """`depthray run` in its own process group on the suite's shared Ray (`--address` its GCS,
+    as a job submitted to a running cluster: no Ray start per process), so the test can kill
+    exactly the driver it started; Ray ends a dead driver's workers itself."""
+    import ray
+
+    cmd = [sys.executable, "-m", "depthray.cli", "run", str(config), "--address", ray.get_runtime_context().gcs_address]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -99,7 +102,7 @@ def test_kill_driver_mid_job_then_resume(ray_session, tmp_path, make_image, caps
         first.wait(30)
         time.sleep(1.0)
     finally:
-        try:  # then whatever of its local Ray is left (same process group, started by us)
+        try:  # then anything else in its process group (started by us)
             os.killpg(first.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -207,12 +210,12 @@ def test_image_that_always_kills_or_hangs_its_worker_becomes_an_error(ray_sessio
     assert_exactly_once(expected, outs, errors)
 
 
-def test_gpu_out_of_memory_falls_back_to_smaller_batches(ray_session, tmp_path, make_image):
+def test_gpu_out_of_memory_falls_back_to_smaller_batches(tmp_path, make_image):
     expected = write_shards(tmp_path / "in", make_image, shards=2, per=3)
     calls = tmp_path / "calls.log"
     # 4 members per view, 8 views per call asked; the "GPU" holds only 1 view at a time.
     cfg = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"),
-                     double_model(oom_above=1, calls_log=str(calls)),
+                     double_model(oom_above=1, calls_log=str(calls)), executor="local",
                      inference={"ensemble_size": 4, "batch_size": 8})
     summary = run_job(cfg)
     assert (summary["shards_complete"], summary["images"], summary["errors"]) == (2, 6, 0), summary
@@ -224,7 +227,8 @@ def test_gpu_out_of_memory_falls_back_to_smaller_batches(ray_session, tmp_path, 
     assert np.isfinite([r["width"] for r in outs]).all()
 
     # Out of memory even at 1 view per call: each image becomes an error that says so.
-    cfg = job_config(str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out0"), double_model(oom_above=0))
+    cfg = job_config(str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out0"), double_model(oom_above=0),
+                     executor="local")
     summary = run_job(cfg)
     outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out0"))
     assert summary["shards_complete"] == 1 and not outs
@@ -275,7 +279,7 @@ def test_out_of_memory_keeps_the_smaller_batch_for_later_calls(tmp_path):
     assert sizes and max(sizes) <= 2, sizes  # no attempt at 8 views again
 
 
-def test_non_finite_model_output_is_an_error_row_never_a_label(ray_session, tmp_path, make_tar):
+def test_non_finite_model_output_is_an_error_row_never_a_label(tmp_path, make_tar):
     """A model that returns NaN for one image (a float16 VAE overflowing): that image becomes
     an `infer` / `non_finite` error; its neighbours in the same batch are written."""
     def png(value):
@@ -290,7 +294,7 @@ def test_non_finite_model_output_is_an_error_row_never_a_label(ray_session, tmp_
     (tmp_path / "in" / "00000.tar").write_bytes(make_tar([("a.png", buf.getvalue()), ("black.png", png(0)),
                                                           ("c.png", png(90))]))
     cfg = job_config(str(tmp_path / "in" / "00000.tar"), str(tmp_path / "out"),
-                     double_model(nan_if_black=True), inference={"ensemble_size": 2})
+                     double_model(nan_if_black=True), executor="local", inference={"ensemble_size": 2})
     summary = run_job(cfg)
     assert (summary["images"], summary["errors"]) == (2, 1), summary
     outs, errors = read_outputs(fsspec.filesystem("file"), str(tmp_path / "out"))

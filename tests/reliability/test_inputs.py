@@ -1,6 +1,7 @@
-"""Data as teams have it (#18), through real jobs (local Ray, test-double model, real
-files): the right image, the right key, the right orientation; column mistakes stop the
-job before Ray starts; folders are cut into stable shards; `_errors/` always reads."""
+"""Data as teams have it (#18), through real jobs (test-double model, real files): the right
+image, the right key, the right orientation; column mistakes stop the job before Ray starts;
+folders are cut into stable shards; `_errors/` always reads. What inputs become is the stage
+chain's work, so those jobs run it locally; Ctrl-C and the quiet terminal are real Ray jobs."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ from depthray.io.records import ERRORS
 from depthray.io.tar_samples import tar_bytes as tar_of
 from depthray.job.driver import run_job
 from depthray.job.ledger import summary_lines
-from tests.reliability.conftest import assert_exactly_once, double_model, enc, job_config, noise_rgb, read_outputs
+from tests.reliability.conftest import (
+    assert_exactly_once,
+    double_model,
+    enc,
+    job_config,
+    local_job_config,
+    noise_rgb,
+    read_outputs,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,7 +53,7 @@ def tar_members(fs, root: str) -> dict[str, bytes]:
     return out
 
 
-def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_path):
+def test_webdataset_passthrough_orientation_and_member_choice(tmp_path):
     """Items 1, 2, 12: the passthrough opens (with or without EXIF handling) in the depth's
     orientation; the photo is labelled, not the mask beside it; an ambiguous sample is an
     error row; `_errors/` reads as 0+ rows with the schema."""
@@ -61,7 +70,7 @@ def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_p
         ("two.jpg", photo), ("two.png", mask),
     ]))
     out = tmp_path / "out"
-    cfg = job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(),
+    cfg = local_job_config(str(tmp_path / "in" / "*.tar"), str(out), double_model(),
                      output={"format": "webdataset", "include_image": True})
     summary = run_job(cfg)
     fs = fsspec.filesystem("file")
@@ -83,14 +92,14 @@ def test_webdataset_passthrough_orientation_and_member_choice(ray_session, tmp_p
     assert json.loads(Path(summary["summary_path"]).read_text())["image_members_unlabelled"] == {"seg.png": 1}
     assert "1 image member(s) of WebDataset samples not labelled (1 .seg.png)" in "\n".join(summary_lines(summary))
     # 12: `_errors/` is there with its schema even where nothing failed (second output)
-    cfg2 = job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out2"), double_model(),
+    cfg2 = local_job_config(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out2"), double_model(),
                       input={"image_member": ["jpg"]})
     run_job(cfg2)
     table = pq.read_table(str(tmp_path / "out2" / "_errors"))
     assert table.num_rows == 0 and table.schema.names == ERRORS.names
 
 
-def test_image_folder_shards_stable_and_skipped_counted(ray_session, tmp_path):
+def test_image_folder_shards_stable_and_skipped_counted(tmp_path):
     """Items 6, 7: shards of at most images_per_shard per folder, recursive, named from the
     root: an image added to the root later adds one shard and renames none (each key once);
     files that are not images are counted in the summary."""
@@ -105,7 +114,7 @@ def test_image_folder_shards_stable_and_skipped_counted(ray_session, tmp_path):
     expected = {"trip/chunk-00000": {"p0", "p1"}, "trip/chunk-00001": {"p2", "p3"},
                 "trip/chunk-00002": {"p4"}, "trip/day2/chunk-00000": {"q"}}
     out = tmp_path / "out"
-    cfg = job_config(str(root), str(out), double_model(), input={"images_per_shard": 2})
+    cfg = local_job_config(str(root), str(out), double_model(), input={"images_per_shard": 2})
     first = run_job(cfg)
     assert first["input_files_skipped"] == {"heic": 1, "txt": 1}
     assert first["shards_complete"] == 4
@@ -116,7 +125,7 @@ def test_image_folder_shards_stable_and_skipped_counted(ray_session, tmp_path):
     assert_exactly_once({**expected, "chunk-00000": {"cover"}}, outs, errors)
 
 
-def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path):
+def test_parquet_keys_unique_across_files_and_kept_columns(tmp_path):
     """Items 4, 5: no key column -> the image struct's path, else "{shard}/{row}" (two files
     never collide); the source key/path and input.keep_columns ride along in every row."""
     (tmp_path / "in").mkdir()
@@ -128,7 +137,7 @@ def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path
                    "caption": ["cat", "dog"]})
     pq.write_table(hf, tmp_path / "in" / "hf.parquet")
     out = tmp_path / "out"
-    cfg = job_config(str(tmp_path / "in" / "*.parquet"), str(out), double_model(),
+    cfg = local_job_config(str(tmp_path / "in" / "*.parquet"), str(out), double_model(),
                      input={"keep_columns": ["caption"]})
     run_job(cfg)
     outs, errors = read_outputs(fsspec.filesystem("file"), str(out))
@@ -140,10 +149,62 @@ def test_parquet_keys_unique_across_files_and_kept_columns(ray_session, tmp_path
     table = pq.read_table(str(out), columns=["key", "caption"])  # a real column, as plain pyarrow reads it
     assert dict(zip(table["key"].to_pylist(), table["caption"].to_pylist()))["a/00000001"] == "a two"
     wds_out = tmp_path / "wds"
-    run_job(job_config(str(tmp_path / "in" / "*.parquet"), str(wds_out), double_model(),
+    run_job(local_job_config(str(tmp_path / "in" / "*.parquet"), str(wds_out), double_model(),
                        input={"keep_columns": ["caption"]}, output={"format": "webdataset"}))
     outs, _ = read_outputs(fsspec.filesystem("file"), str(wds_out), "webdataset")
     assert {r["key"]: r["meta"]["columns"]["caption"] for r in outs}["imgs/cat"] == "cat"
+
+
+def test_any_key_fits_a_webdataset_output(tmp_path):
+    """#26 item 1: keys of 300 characters, unicode, and ones that fill ustar's 100-byte name
+    field all end as samples a stock `webdataset` reader opens, each key exactly once (the
+    job used to abort on the first long name, every shard unfinished, on every re-run)."""
+    import webdataset as wds
+
+    keys = ["k" * 300, "ünïcødé/ключ 图" * 8, "a" * 84, "short"]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"key": keys, "image": [enc(rgb(16, 16), "PNG") for _ in keys]}),
+                   tmp_path / "in" / "long.parquet")
+    out = tmp_path / "out"
+    summary = run_job(local_job_config(str(tmp_path / "in" / "*.parquet"), str(out), double_model(),
+                                       input={"key_column": "key"}, output={"format": "webdataset"}))
+    assert (summary["shards_complete"], summary["images"], summary["errors"]) == (1, 4, 0), summary
+    tars = sorted(str(p) for p in out.glob("*.parts/*.tar"))
+    seen = [json.loads(sample["json"])["key"] for sample in wds.WebDataset(tars, shardshuffle=False)]
+    assert sorted(seen) == sorted(keys)
+    outs, errors = read_outputs(fsspec.filesystem("file"), str(out), "webdataset")
+    assert_exactly_once({"long": set(keys)}, outs, errors)
+
+
+def test_a_run_whose_images_all_failed_is_not_a_success(tmp_path, capsys):
+    """#26 item 8: through `depthray run`: every image an error row -> exit 4 naming the
+    setting (was 0); `quality.max_error_fraction` fails a run at that fraction of errors;
+    the error rows are committed either way, and a run that took no images is exit 0."""
+    from depthray.cli import main as cli_main
+
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"broken{i}.jpg").write_bytes(b"not an image")
+    (tmp_path / "in" / "ok.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+
+    def run(out: str, *overrides: str) -> tuple[int, str]:
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump({
+            "input": {"url": str(tmp_path / "in"), "images_per_shard": 8}, "output": {"url": str(tmp_path / out)},
+            "model": double_model(), "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+            "compute": {"executor": "local"}}))
+        capsys.readouterr()
+        rc = cli_main(["run", str(config), *[a for o in overrides for a in ("--set", o)]])
+        return rc, capsys.readouterr().err
+
+    assert run("default")[0] == 0  # 2 of 3 failed: under the default (every image)
+    rc, err = run("strict", "quality.max_error_fraction=0.5")
+    assert rc == 4 and "2 of the 3 images" in err and "quality.max_error_fraction: 0.5" in err, err
+    assert len(pq.read_table(tmp_path / "strict" / "_errors")) == 2  # committed all the same
+    assert run("strict", "quality.max_error_fraction=0.5")[0] == 0  # nothing left to take: no errors now
+    (tmp_path / "in" / "ok.jpg").unlink()
+    rc, err = run("all-failed")
+    assert rc == 4 and "2 of the 2 images" in err, err
 
 
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
@@ -208,9 +269,12 @@ def test_missing_config_file_is_one_line(tmp_path, capsys):
     assert rc == 2 and "nope.yaml: cannot read the config file" in err and "Traceback" not in err
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
-    """Item 9: SIGINT to a real `depthray run`: exit 130, a summary written, the committed
-    shard count and the advice to re-run printed; the re-run finishes each key once."""
+@pytest.mark.parametrize("signame,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path, signame, code):
+    """Item 9 (#18), and #26 item 9 for SIGTERM (how Kubernetes and spot schedulers stop a
+    pod; Ray's own handler exited 15 with no summary): the signal to a real `depthray run`
+    on Ray: exit 130 / 143, a summary written, the lease released, the committed shard count
+    and the advice to re-run printed; the re-run finishes each key once."""
     import os
     import signal
     import subprocess
@@ -234,7 +298,11 @@ def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "run.log"
-    proc = subprocess.Popen([sys.executable, "-m", "depthray.cli", "run", str(config), "--address", "local"],
+    import ray
+
+    # On the suite's Ray, as a job submitted to a running cluster (no Ray start of its own)
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "depthray.cli", "run", str(config), "--address", address],
                             cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -244,16 +312,17 @@ def test_ctrl_c_stops_cleanly_and_resumes(ray_session, tmp_path):
             time.sleep(0.2)
         time.sleep(3)  # mid-job: the model sleeps 0.5 s a call, 24 calls
         assert proc.poll() is None, log.read_text()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signame))
         rc = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
-    assert rc == 130, text
+    assert rc == code, text
     assert "re-run the same command to resume" in text and "KeyboardInterrupt" not in text, text
     summaries = [json.loads(p.read_text()) for p in (out / "_jobs").glob("2*.json")]
     assert len(summaries) == 1 and summaries[0]["interrupted"] is True
+    assert summaries[0]["interrupted_by"] == signame and not (out / "_jobs" / "lease.json").exists()
     committed = summaries[0]["shards_complete"]
     assert committed == len(list((out / "_manifest").glob("*.json")))  # the count is exact
     assert committed < 24 and f"interrupted: {committed} shard(s) committed" in text
@@ -359,6 +428,11 @@ def test_verbose_run_keeps_rays_own_output(monkeypatch):
     init_ray(num_cpus=2, quiet=True)
     assert calls[-1]["log_to_driver"] is False and calls[-1]["logging_level"] == logging.ERROR
     assert os.environ["RAY_BACKEND_LOG_LEVEL"] == "fatal"
+    # A local Ray starts without the dashboard unless compute.dashboard asks for it (#25):
+    # its processes took a core for ~10 s of every start on a 2-core machine.
+    assert all(c["include_dashboard"] is False for c in calls)
+    init_ray(num_cpus=2, dashboard=True)
+    assert calls[-1]["include_dashboard"] is True
     parse = build_parser().parse_args
     assert parse(["run", "job.yaml", "--verbose"]).ray_logs and parse(["-v", "run", "job.yaml"]).verbose
     assert not parse(["run", "job.yaml"]).ray_logs

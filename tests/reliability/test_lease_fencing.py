@@ -99,7 +99,9 @@ def test_a_run_that_lost_its_lease_stops_committing(ray_session, output, tmp_pat
     exits 3 naming the other run, and leaves the other run's lease alone."""
     inputs(tmp_path, make_image)
     go = tmp_path / "go"
-    proc = spawn(job(tmp_path, output.url()), tmp_path / "run.log", {"DEPTHRAY_PAUSE_AT": f"commit_start:2={go}"})
+    # The Ray executor: the hardest case, its stream keeps producing while the run is held.
+    proc = spawn(job(tmp_path, output.url(), executor="ray"), tmp_path / "run.log",
+                 {"DEPTHRAY_PAUSE_AT": f"commit_start:2={go}"})
     try:
         _wait_for(lambda: list(tmp_path.glob("go.*.reached")) or proc.poll() is not None, 150,
                   "the second commit")

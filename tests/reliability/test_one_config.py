@@ -20,7 +20,7 @@ import yaml
 from depthray.config import ConfigError
 from depthray.job import driver
 from depthray.job.driver import run_job
-from tests.reliability.conftest import double_model, job_config
+from tests.reliability.conftest import double_model, job_config, local_job_config
 from tests.reliability.test_crashes import write_shards
 
 pytestmark = pytest.mark.timeout(300)
@@ -45,11 +45,11 @@ def _no_ray(*args, **kwargs):
     raise AssertionError("Ray was started: the refusal came too late")
 
 
-def test_other_settings_with_new_shard_names_are_refused_before_ray(ray_session, tmp_path, make_image,
+def test_other_settings_with_new_shard_names_are_refused_before_ray(tmp_path, make_image,
                                                                      monkeypatch, capsys):
     a, b = _inputs(tmp_path, make_image)
     out = tmp_path / "out"
-    first = job_config(a, str(out), double_model())
+    first = local_job_config(a, str(out), double_model())
     assert run_job(first)["shards_complete"] == 2
     record = json.loads((out / "_jobs" / "config.json").read_text())
     assert record["config_hash"] == first.hash("cpu") and record["hashes"] == {first.hash("cpu"): "cpu"}
@@ -67,6 +67,17 @@ def test_other_settings_with_new_shard_names_are_refused_before_ray(ray_session,
     capsys.readouterr()
     assert cli_main(["run", str(config)]) == 2
     assert "inference.ensemble_size: 1 -> 2" in capsys.readouterr().err
+    # `depthray status` reads the same record and says what `depthray run` would do.
+    assert cli_main(["status", str(config)]) == 1
+    text = capsys.readouterr().out
+    assert "refused `depthray run` would stop before any work" in text and "inference.ensemble_size: 1 -> 2" in text
+    first_yaml = tmp_path / "first.yaml"
+    first_yaml.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "inference": {
+        "ensemble_size": 1, "tiling": {"mode": "off"}}}))
+    assert cli_main(["status", str(first_yaml), "--json"]) == 1  # b's shards are still to do
+    st = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert st["output_config"] == {"config_hash": first.hash("cpu"), "hashes": {first.hash("cpu"): "cpu"},
+                                   "refused": None}
     # GPU labels (bfloat16) beside CPU ones (float32), new shard names: refused, naming both.
     with pytest.raises(ConfigError, match=r"model.device: 'cpu' -> 'cuda'; model.dtype: 'float32' -> 'bfloat16'"
                                           r".*output.allow_mixed_devices"):
@@ -74,12 +85,12 @@ def test_other_settings_with_new_shard_names_are_refused_before_ray(ray_session,
     assert _files(out) == before, "a refused run changed the output"
 
 
-def test_cpu_and_gpu_labels_mix_only_when_allowed(ray_session, tmp_path, make_image):
+def test_cpu_and_gpu_labels_mix_only_when_allowed(tmp_path, make_image):
     a, b = _inputs(tmp_path, make_image)
     out = tmp_path / "out"
-    cpu = job_config(a, str(out), double_model(), output={"allow_mixed_devices": True})
+    cpu = local_job_config(a, str(out), double_model(), output={"allow_mixed_devices": True})
     assert run_job(cpu)["shards_complete"] == 2
-    gpu = job_config(b, str(out), GPU_DOUBLE, output={"allow_mixed_devices": True})
+    gpu = local_job_config(b, str(out), GPU_DOUBLE, output={"allow_mixed_devices": True})
     assert run_job(gpu)["shards_complete"] == 2
     record = json.loads((out / "_jobs" / "config.json").read_text())
     assert record["hashes"] == {cpu.hash("cpu"): "cpu", gpu.hash("cuda"): "cuda"}
@@ -87,7 +98,7 @@ def test_cpu_and_gpu_labels_mix_only_when_allowed(ray_session, tmp_path, make_im
     assert {(r["source"], r["config_hash"]) for r in rows} == {
         ("00000", cpu.hash("cpu")), ("00001", cpu.hash("cpu")), ("00010", gpu.hash("cuda")), ("00011", gpu.hash("cuda"))}
     # A CPU run over the GPU-labelled shards skips them: complete, not "other settings".
-    assert run_job(job_config(b, str(out), double_model(), output={"allow_mixed_devices": True}))[
+    assert run_job(local_job_config(b, str(out), double_model(), output={"allow_mixed_devices": True}))[
         "shards_skipped"] == 2
 
 
@@ -103,12 +114,12 @@ def test_a_device_left_to_ray_is_checked_once_ray_resolved_it(ray_session, tmp_p
     assert _files(out) == before
 
 
-def test_overwrite_with_other_settings_makes_them_the_outputs(ray_session, tmp_path, make_image):
+def test_overwrite_with_other_settings_makes_them_the_outputs(tmp_path, make_image):
     a, b = _inputs(tmp_path, make_image)
     out = tmp_path / "out"
-    run_job(job_config(a, str(out), double_model()))
-    other = job_config(b, str(out), double_model(), inference={"ensemble_size": 2}, output={"overwrite": True})
+    run_job(local_job_config(a, str(out), double_model()))
+    other = local_job_config(b, str(out), double_model(), inference={"ensemble_size": 2}, output={"overwrite": True})
     assert run_job(other)["shards_complete"] == 2
     assert json.loads((out / "_jobs" / "config.json").read_text())["config_hash"] == other.hash("cpu")
     with pytest.raises(ConfigError, match=r"inference.ensemble_size: 2 -> 1"):
-        run_job(job_config(a, str(out), double_model()))  # the first settings are now the other ones
+        run_job(local_job_config(a, str(out), double_model()))  # the first settings are now the other ones

@@ -90,7 +90,8 @@ def test_write_that_keeps_failing_ends_in_a_summary_then_resumes(secret_ray, s3_
     # Every PUT of a depth part is refused: the write stage fails after all retries.
     fault_proxy.always(500, lambda m, p: m == "PUT" and ".part-" in p and "/_errors/" not in p)
     out = f"s3://{s3_bucket}/out"
-    cfg = job_config(f"s3://{s3_bucket}/in/*.tar", out, double_model(),
+    # The write stage's failure and the driver's summary are the subject: the local executor
+    cfg = job_config(f"s3://{s3_bucket}/in/*.tar", out, double_model(), executor="local",
                      storage={"endpoint_url": fault_proxy.url, "retries": 2})
     with caplog.at_level(logging.INFO):
         summary = run_job(cfg)

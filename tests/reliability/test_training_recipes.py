@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from depthray.job.driver import run_job
-from tests.reliability.conftest import double_model, job_config
+from tests.reliability.conftest import double_model, local_job_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,13 +63,13 @@ def check_pairs(pairs) -> None:
         assert float(np.corrcoef(gray, depth[0].numpy().ravel())[0, 1]) > 0.9
 
 
-def test_recipes_on_job_outputs_every_extension(ray_session, tmp_path, doc_code):
+def test_recipes_on_job_outputs_every_extension(tmp_path, doc_code):
     fs = fsspec.filesystem("file")
     keys = write_inputs(fs, str(tmp_path / "in"))
     wds_out, pq_out = tmp_path / "wds", tmp_path / "pq"
-    run_job(job_config(str(tmp_path / "in"), str(wds_out), double_model(),
-                       output={"format": "webdataset", "include_image": True}))
-    run_job(job_config(str(tmp_path / "in"), str(pq_out), double_model()))
+    run_job(local_job_config(str(tmp_path / "in"), str(wds_out), double_model(),
+                             output={"format": "webdataset", "include_image": True}))
+    run_job(local_job_config(str(tmp_path / "in"), str(pq_out), double_model()))
     tars = sorted(str(p) for p in wds_out.rglob("*.tar") if "_" not in p.relative_to(wds_out).parts[0][:1])
     loader = doc_code["make_webdataset_loader"](tars, batch_size=1, num_workers=0, size=(24, 32))
     pairs = [(im[0], d[0]) for im, d in loader]
@@ -80,13 +80,13 @@ def test_recipes_on_job_outputs_every_extension(ray_session, tmp_path, doc_code)
     check_pairs(ds[i] for i in range(len(ds)))
 
 
-def test_parquet_recipe_on_s3_as_documented(ray_session, s3_bucket, doc_code):
+def test_parquet_recipe_on_s3_as_documented(s3_bucket, doc_code):
     """The documented S3 call: `ParquetDepthDataset("s3://bucket/depth/", filesystem=s3fs.S3FileSystem())`."""
     import s3fs
 
     fs = fsspec.filesystem("s3")
     keys = write_inputs(fs, f"{s3_bucket}/images")
-    run_job(job_config(f"s3://{s3_bucket}/images", f"s3://{s3_bucket}/depth", double_model()))
+    run_job(local_job_config(f"s3://{s3_bucket}/images", f"s3://{s3_bucket}/depth", double_model()))
     ds = doc_code["ParquetDepthDataset"](f"s3://{s3_bucket}/depth/", filesystem=s3fs.S3FileSystem(), size=(24, 32))
     assert sorted(r["key"] for r in ds.rows) == sorted(keys)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, num_workers=0)
@@ -94,7 +94,7 @@ def test_parquet_recipe_on_s3_as_documented(ray_session, s3_bucket, doc_code):
     check_pairs(ds[i] for i in range(len(ds)))
 
 
-def test_delta_recipe_and_depthray_reader_on_s3(ray_session, s3_bucket, doc_code):
+def test_delta_recipe_and_depthray_reader_on_s3(s3_bucket, doc_code):
     """A job with `output.format: delta` on the moto server, read by the documented recipe
     (`DeltaDepthDataset(url, storage_options=...)`) and by depthray's own reader
     (preview / eval's `read_outputs`): every key once, pairs in their orientation."""
@@ -103,7 +103,7 @@ def test_delta_recipe_and_depthray_reader_on_s3(ray_session, s3_bucket, doc_code
     fs = fsspec.filesystem("s3")
     keys = write_inputs(fs, f"{s3_bucket}/images")
     url = f"s3://{s3_bucket}/depth"
-    run_job(job_config(f"s3://{s3_bucket}/images", url, double_model(), output={"format": "delta"}))
+    run_job(local_job_config(f"s3://{s3_bucket}/images", url, double_model(), output={"format": "delta"}))
     options = {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ALLOW_HTTP": "true",
                "AWS_REGION": "us-east-1"}
     ds = doc_code["DeltaDepthDataset"](url, storage_options=options, size=(24, 32))
