@@ -2,8 +2,14 @@
 shard's commit, on local disk and on moto S3; what a Delta reader sees right after
 (`DeltaTable(url).to_pyarrow_table()`: never part of a shard, never a key twice); then a
 plain and an overwrite re-run of two copies: every key once, one config. Each shard (and
-each shard's overwrite) is one table version, read from the log's own JSON; and two
-processes committing one shard at once on moto: Delta's conflict check refuses one."""
+each shard's overwrite) is one table version, read from the log's own JSON; a re-run after
+OPTIMIZE replaces each compacted shard whole; and two processes committing one shard at
+once on moto: Delta's conflict check refuses one.
+
+The table commit is the driver's whichever executor labelled the rows, so the jobs run the
+stage chain with `compute.executor: local` (no Ray job per crash); one case, the hardest
+(on moto S3, killed between the commit record and the transaction, which the next run then
+takes), runs the real Ray job."""
 
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ from tests.reliability.test_commit_windows import killed_at, state
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture
 def output(request, tmp_path):
+    """The crashed output: `request.param` "local" (a folder) or "s3" (moto), set per case."""
     if request.param == "s3":
         return Output("s3", tmp_path, request.getfixturevalue("s3_bucket"))
     return Output("local", tmp_path)
@@ -73,16 +80,22 @@ def reruns_finish_exactly_once(output: Output, config, expected, finished: int, 
         assert not [f for f in output.files(name) if f.startswith(("_pending/", "_trash/"))]
 
 
-@pytest.mark.parametrize("step", ["commit_start:2", "table_commit:2", "table_committed:2", "before_manifest:2",
-                                  "after_manifest:2"])
-def test_a_delta_reader_sees_a_shard_whole_or_not_at_all(ray_session, output, tmp_path, make_image, step):
+STEPS = ["commit_start:2", "table_commit:2", "table_committed:2", "before_manifest:2", "after_manifest:2"]
+RAY_CASE = ("s3", "table_commit:2")  # the one case on the real Ray job: S3, a transaction still to take
+CASES = [(store, step, "ray" if (store, step) == RAY_CASE else "local") for store in ("local", "s3") for step in STEPS]
+
+
+@pytest.mark.parametrize("output,step,executor", CASES, indirect=["output"])
+def test_a_delta_reader_sees_a_shard_whole_or_not_at_all(request, output, tmp_path, make_image, step, executor):
     """Killed before the shard's commit record, between it and the shard's transaction
     (nothing of the shard in the table either way), after the transaction (all of its rows;
     its error rows not yet under `_errors/`), before and after its manifest. The next run,
     either mode, finishes the commit from its record, taking the transaction only if the
     table's log says it is not in, and every key ends once."""
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
     expected = inputs(tmp_path, make_image)
-    config = job(tmp_path, output.url(), "delta")
+    config = job(tmp_path, output.url(), "delta", executor=executor)
     killed_at(step, config, tmp_path)
     manifests, records = state(output)
     per, seen, _ = seen_in_table(output)
@@ -104,7 +117,8 @@ def test_a_delta_reader_sees_a_shard_whole_or_not_at_all(ray_session, output, tm
     reruns_finish_exactly_once(output, config, expected, finished=1, taken=int(not in_table))
 
 
-def test_an_overwrite_cut_after_its_transaction_shows_new_rows_only(ray_session, output, tmp_path, make_image):
+@pytest.mark.parametrize("output", ["local", "s3"], indirect=True)
+def test_an_overwrite_cut_after_its_transaction_shows_new_rows_only(output, tmp_path, make_image):
     """An overwrite killed right after its second shard's transaction: that shard's new rows
     replaced its old ones in the same version (never both, never neither); re-runs finish."""
     expected = inputs(tmp_path, make_image)
@@ -132,7 +146,7 @@ def log_commits(output: Output, name: str = "out") -> list[dict]:
     return out
 
 
-def test_each_shard_and_its_overwrite_is_one_table_version(ray_session, tmp_path, make_image):
+def test_each_shard_and_its_overwrite_is_one_table_version(tmp_path, make_image):
     """Every shard's parts enter the table in one version, and an overwrite's version also
     removes every part the shard had: read from `_delta_log/*.json` itself."""
     output = Output("local", tmp_path)
@@ -159,6 +173,36 @@ def test_each_shard_and_its_overwrite_is_one_table_version(ray_session, tmp_path
     from depthray.io.outputs import read_outputs
 
     assert Counter(r.key for r in read_outputs(output.url())) == Counter(r["key"] for r in rows)
+
+
+def test_a_rerun_after_optimize_replaces_each_compacted_shard_whole(tmp_path, make_image):
+    """Delta's OPTIMIZE rewrites each shard's parts into files of its own (`source={shard}/`):
+    the manifests' parts are no longer listed, so a plain re-run redoes every such shard, and
+    each shard's one version removes exactly its partition's compacted files: every key
+    once, rows of this config only, no compacted file left in the latest version."""
+    from deltalake import DeltaTable
+
+    from depthray.config import StorageConfig
+    from depthray.io.table import ShardTable
+
+    output = Output("local", tmp_path)
+    expected = inputs(tmp_path, make_image)
+    config = job(tmp_path, output.url(), "delta")
+    assert run_job(load_config(config))["shards_complete"] == 3
+    DeltaTable(output.url()).optimize.compact()
+    table = ShardTable(output.url(), StorageConfig())
+    compacted = {s: set(table.shard_files(s)) for s in expected}
+    assert all(files and all(f.startswith(f"source={s}/") for f in files) for s, files in compacted.items()), compacted
+    summary = run_job(load_config(config))
+    assert summary["shards_complete"] == 3 and not summary["job_error"], summary
+    assert set(summary["shards_redone"]) == set(expected), summary["shards_redone"]
+    assert all(why.startswith("part ") and why.endswith(" is missing") for why in summary["shards_redone"].values())
+    commits = log_commits(output)
+    assert sorted(sorted(c["remove"]) for c in commits[-3:]) == sorted(sorted(f) for f in compacted.values())
+    assert not set(table.files()) & set().union(*compacted.values())
+    rows, errors = output.table_view()
+    assert_exactly_once(expected, rows, errors)
+    assert {r["config_hash"] for r in rows} == {load_config(config).hash("cpu")}
 
 
 CHILD = r"""
