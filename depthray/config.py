@@ -86,7 +86,7 @@ class InputConfig:
 @dataclass
 class OutputConfig:
     url: str = ""
-    format: str = "parquet"  # parquet | webdataset
+    format: str = "parquet"  # parquet | webdataset | delta (a Delta Lake table: one transaction per shard)
     include_image: bool = False  # webdataset: pass the input image through as {key}.{ext}, upright
     overwrite: bool = False  # relabel every shard (one at a time; old parts go when new ones commit)
     # One configuration per output (_jobs/config.json): true also accepts runs that differ only
@@ -199,7 +199,7 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
     "model.kind": ("marigold", "marigold-e2e", "transformers"),
     "input.format": ("auto", "webdataset", "parquet", "images"),
-    "output.format": ("parquet", "webdataset"),
+    "output.format": ("parquet", "webdataset", "delta"),
     "compute.executor": ("ray", "local"),
 }
 

@@ -21,6 +21,8 @@ from collections import Counter
 # `reached`, in the order a commit passes them.
 STEPS = (
     "commit_start",  # a shard is complete; nothing of its commit is written yet
+    "table_commit",  # Delta output: the commit record is written, the shard's transaction not yet taken
+    "table_committed",  # Delta output: the shard's transaction is in the table, its error parts not yet
     "old_parts_hidden",  # overwrite: the replaced parts are out of readers' sight, new ones not yet in
     "part_moved",  # one more staged part (S3) / part folder (local disk) is in place
     "new_parts_in_place",  # every new part is in place; the replaced ones are not yet deleted

@@ -15,6 +15,7 @@ from typing import Any
 from depthray.config import Config, ConfigError
 from depthray.io import output_config
 from depthray.io.manifest import ManifestStore, why_not_done
+from depthray.io.table import table_listing
 
 
 def job_status(cfg: Config) -> dict[str, Any]:
@@ -28,6 +29,7 @@ def job_status(cfg: Config) -> dict[str, Any]:
         listing = store.listing()
     except Exception as e:
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read it ({type(e).__name__}: {e})") from e
+    listing = table_listing(cfg.output.url, cfg.storage, listing)  # a Delta output: listed files only
     committed = ManifestStore.names_in(listing)
     names = [s.name for s in shards]
     manifests = store.read_many([n for n in names if n in committed])

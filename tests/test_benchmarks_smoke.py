@@ -122,6 +122,21 @@ def test_scale_benchmark_smoke_ends_with_its_json_keys():
 
 
 @pytest.mark.timeout(300)
+def test_table_formats_benchmark_smoke_measures_delta_on_disk_and_moto():
+    """benchmarks/table_formats.py at toy sizes, the Delta half (pylance is no test
+    dependency): each measure is a finite number above zero, local and on moto."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.table_formats", "--shards", "2", "--rows", "4",
+                          "--part-rows", "2", "--commits", "21", "--maps", "1", "--formats", "delta"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    for kind in ("delta_local", "delta_s3"):
+        for key in ("data_s_per_shard", "commit_s_per_shard", "overwrite_commit_s", "scan_rows_per_s", "lookup_ms"):
+            assert math.isfinite(last[kind][key]) and last[kind][key] > 0, (kind, key)
+    assert last["delta_growth"]["commits"] == 21
+
+
+@pytest.mark.timeout(300)
 def test_gpu_check_runs_every_section_and_keeps_results_line_by_line(tmp_path, tiny_model_dir):
     """benchmarks/gpu.py (the issue-17 GPU check) at toy sizes on the CPU: every engine section
     measures, and each result is on disk as its own line as soon as it exists."""

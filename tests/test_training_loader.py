@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 @pytest.fixture(scope="module")
 def doc_code():
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 2, "docs/training.md should hold the WebDataset and the Parquet recipe"
+    assert len(blocks) == 3, "docs/training.md should hold the WebDataset, the Parquet and the Delta recipe"
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own documentation
@@ -72,6 +73,32 @@ def test_parquet_recipe(tmp_path, samples, doc_code):
     order = [int(r["key"].split("_")[1]) for r in ds.rows]
     loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False)
     _check_pairs(list(loader), samples, keep=order)
+
+
+def test_delta_recipe(tmp_path, samples, doc_code):
+    """The Delta recipe on a table holding the Parquet recipe's rows: same pairs, low
+    confidence dropped, pinned to the version it opened."""
+    import pyarrow.parquet as pq
+    from deltalake import write_deltalake
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for s in samples:
+        (images / f"{s.key}.jpg").write_bytes(fx.jpeg(s.rgb))
+    rows = pq.read_table(fx.write_parquet(tmp_path / "pq", samples, parts=2, image_dir=images))
+    write_deltalake(str(tmp_path / "delta"), rows.slice(0, 3))
+    write_deltalake(str(tmp_path / "delta"), rows.slice(3), mode="append")
+    ds = doc_code["DeltaDepthDataset"](str(tmp_path / "delta"), size=(24, 32))
+    assert len(ds) == 5 and ds.version == 1
+    order = [int(r["key"].split("_")[1]) for r in ds.rows]
+    _check_pairs(list(torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False)), samples, keep=order)
+    meta = json.loads(rows.column("meta")[2].as_py() or "{}")
+    flagged = rows.set_column(rows.schema.get_field_index("meta"), "meta", pa.array(
+        [json.dumps({**meta, "low_confidence": True}) if i == 2 else m for i, m in enumerate(rows.column("meta").to_pylist())]))
+    write_deltalake(str(tmp_path / "delta"), flagged, mode="overwrite")
+    assert len(doc_code["DeltaDepthDataset"](str(tmp_path / "delta"), size=(24, 32))) == 4
+    with pytest.raises(ValueError, match="was asked for disparity"):
+        doc_code["DeltaDepthDataset"](str(tmp_path / "delta"), size=(24, 32), space="disparity")
 
 
 def test_recipes_refuse_a_disparity_label_when_asked_for_depth(tmp_path, samples, doc_code):

@@ -16,6 +16,12 @@ A shard is complete when the write stage has acknowledged every row its reader a
  6. writes `_manifest/{shard}.json` (what depthray's readers and resume trust);
  7. deletes the commit record.
 
+A Delta output (`output.format: delta`, depthray/io/table.py) has no result parts to move:
+its record also notes an application version, and step 4 for results is one table
+transaction (the shard's files the table listed out, the new ones in, that version), taken
+first; steps 3-4 then move only the error parts. Whether a cut commit's transaction got in,
+the table's log says (`ShardTable.committed`), so a replay never adds a shard twice.
+
 Steps 3-7 are idempotent and need nothing but the commit record, so `repair` (the next run,
 before any work, whatever its settings and mode) replays them for every record it finds:
 a crash anywhere in a commit ends in the shard committed, never in parts visible without a
@@ -38,6 +44,7 @@ from depthray import crash_points
 from depthray.io.fs import fsync_dir, is_local, join, write_atomic
 from depthray.io.manifest import ManifestStore, manifest_parts
 from depthray.io.sinks import ERRORS_DIR, SHARD_DIR, STAGING_DIR, part_shard
+from depthray.io.table import ShardTable
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +62,13 @@ def shard_folders(shard: str) -> tuple[str, str]:
 
 
 class Committer:
-    def __init__(self, store: ManifestStore, fence: Callable[[], int] | None = None):
+    def __init__(self, store: ManifestStore, fence: Callable[[], int] | None = None,
+                 table: ShardTable | None = None):
         self.store = store
         self.fs, self.root = store.fs, store.root
         self.local = is_local(store.fs)
         self.fence = fence  # the lease's verify: raises once another run took the output over
+        self.table = table  # a Delta output's table; repair opens it when a record names one
 
     def record_path(self, shard: str) -> str:
         return join(self.root, PENDING_DIR, f"{shard}.json")
@@ -69,6 +78,8 @@ class Committer:
         if self.fence is not None:
             manifest = {**manifest, "lease_generation": self.fence()}
         record = {"shard": shard, "manifest": manifest, "replaced": sorted(replaced or [])}
+        if self.table is not None:
+            record["table_txn"] = self.table.next_txn()
         write_atomic(self.fs, self.record_path(shard), json.dumps(record, sort_keys=True).encode())
         self.finish(record, staged=True)
 
@@ -77,21 +88,46 @@ class Committer:
         is in `_staging/` (no need to look); else `listing` says where each part is."""
         shard, manifest = record["shard"], record["manifest"]
         new = manifest_parts(manifest)
+        replaced, folders = set(record["replaced"]), shard_folders(shard)
+        if "table_txn" in record:  # results: one table transaction; then errors as below
+            manifest = self._table_commit(record, None if staged else listing or {})
+            new = {p: s for p, s in new.items() if p.startswith(ERRORS_DIR + "/")}
+            replaced, folders = {p for p in replaced if p.startswith(ERRORS_DIR + "/")}, folders[1:]
         if self.local:
-            self._local_parts(shard, set(new), set(record["replaced"]))
+            self._local_parts(shard, set(new), replaced, folders)
         else:
-            self._object_parts(new, set(record["replaced"]), None if staged else listing or {})
+            self._object_parts(new, replaced, None if staged else listing or {})
         crash_points.reached("before_manifest")
         self.store.write(shard, manifest)
         crash_points.reached("after_manifest")
         self.fs.rm_file(self.record_path(shard))
 
+    # ------------------------------------------------------------------ Delta table
+    def _table_commit(self, record: dict, listing: dict[str, int] | None) -> dict:
+        """The shard's transaction unless the table's log shows it in already (a replay);
+        returns the manifest with a table version that holds the shard."""
+        shard, manifest, txn = record["shard"], record["manifest"], record["table_txn"]
+        if self.table is None:
+            self.table = ShardTable(self.store.url, self.store.storage)
+        results = dict(manifest.get("parts") or {})
+        if self.table.committed(shard, txn):
+            version = self.table.version()
+        else:
+            gone = sorted(p for p in results if listing is not None and p not in listing)
+            if gone:
+                raise CommitBroken(f"shard {shard}: parts {gone} are gone")
+            crash_points.reached("table_commit")
+            version = self.table.commit(shard, results, txn)
+        crash_points.reached("table_committed")
+        return {**manifest, "table_version": version}
+
     # ------------------------------------------------------------------ local disk
-    def _local_parts(self, shard: str, new: set[str], replaced: set[str]) -> None:
+    def _local_parts(self, shard: str, new: set[str], replaced: set[str],
+                     folders: tuple[str, ...] | None = None) -> None:
         trash = join(self.root, TRASH_DIR, uuid.uuid4().hex)
         moves = []
         hidden = False
-        for folder in shard_folders(shard):
+        for folder in folders if folders is not None else shard_folders(shard):
             staged, final = join(self.root, STAGING_DIR, folder), join(self.root, folder)
             want = {posixpath.basename(p) for p in new if posixpath.dirname(p) == folder}
             if os.path.isdir(staged):  # not published yet: whatever lies at the final name is old

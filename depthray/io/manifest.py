@@ -24,6 +24,7 @@ from depthray.io.output_config import config_difference, possible_kinds, same_bu
 from depthray.io.sinks import STAGING_DIR, part_shard
 from depthray.io.listing import source_identity
 from depthray.io.sources import Shard
+from depthray.io.table import check_format, table_listing
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ OVERWRITE_FILE = "overwrite.json"  # under _jobs/: the overwrite in progress (it
 
 class ManifestStore:
     def __init__(self, output_url: str, storage: StorageConfig):
+        self.url, self.storage = output_url, storage  # a Delta output's table opens from these
         self.fs, self.root = filesystem(output_url, storage)
 
     def path(self, shard: str) -> str:
@@ -183,6 +185,8 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
     store = ManifestStore(cfg.output.url, cfg.storage)
     fs, root = store.fs, store.root
     listing = store.listing()
+    check_format(cfg.output.format, cfg.output.url, listing)
+    listing = table_listing(cfg.output.url, cfg.storage, listing)
     have = ManifestStore.names_in(listing)
     names = {s.name for s in shards}
     kinds = possible_kinds(cfg)  # the job resolves `auto` where its actors run

@@ -1,4 +1,5 @@
-"""Read depthray outputs back: Parquet parts, WebDataset tars or a folder of depth files.
+"""Read depthray outputs back: Parquet parts, WebDataset tars, a Delta table or a folder of
+depth files.
 
 Only stock tools (fsspec, pyarrow, tarfile, PIL) and the documented encodings are used, so
 this is also what any consumer of the outputs would write:
@@ -11,7 +12,9 @@ this is also what any consumer of the outputs would write:
 
 Folders, files, globs and any fsspec URL (s3://...) work, opened the way the job opens
 them (depthray/io/fs.py: `storage:` settings, AWS_ENDPOINT_URL). Paths with a component
-starting with `_` (`_errors/`, `_manifest/`) or `.` are not outputs and are skipped. The
+starting with `_` (`_errors/`, `_manifest/`) or `.` are not outputs and are skipped. A Delta
+output (`_delta_log/` in the folder) is read as a table at its latest version, through
+`deltalake`, like any Delta reader: it lists only committed shards' files. The
 format helpers are the writers' own: tar grouping (depthray/io/tar_samples.py), PNG codecs
 (depthray/io/codecs.py), image decoding as displayed (depthray/io/decode.py).
 """
@@ -31,6 +34,7 @@ from depthray.io.codecs import decode_depth, decode_uncertainty_png16, depth_png
 from depthray.io.decode import IMAGE_EXTS, decode_rgb
 from depthray.io.manifest import MANIFEST_DIR, manifest_parts
 from depthray.io.fs import filesystem
+from depthray.io.table import is_table, table_options, table_uri
 from depthray.io.tar_samples import iter_samples
 
 log = logging.getLogger(__name__)
@@ -103,28 +107,48 @@ def read_outputs(
     limit: int | None = None,
     storage: StorageConfig | None = None,
 ) -> Iterator[OutputRecord]:
-    """Yield the records of a depthray output (Parquet, WebDataset or folder), in file order."""
-    fs, files = list_files(url, storage)
-    fmt = detect_format(files)
-    log.info("reading %s output: %d files under %s", fmt, len(files), url)
-    reader = {"parquet": _read_parquet, "webdataset": _read_webdataset, "folder": _read_folder}[fmt]
+    """Yield the records of a depthray output (Parquet, WebDataset, Delta table or folder), in
+    file order."""
+    fs, path = filesystem(url, storage)
+    if not any(c in path for c in "*?[") and is_table(fs, path.rstrip("/")):
+        log.info("reading the Delta table %s", url)
+        records = _read_table(url, storage, with_uncertainty, with_image)
+    else:
+        fs, files = list_files(url, storage)
+        fmt = detect_format(files)
+        log.info("reading %s output: %d files under %s", fmt, len(files), url)
+        reader = {"parquet": _read_parquet, "webdataset": _read_webdataset, "folder": _read_folder}[fmt]
+        records = reader(fs, files, with_uncertainty, with_image)
     n = 0
-    for rec in reader(fs, files, with_uncertainty, with_image):
+    for rec in records:
         yield rec
         n += 1
         if limit is not None and n >= limit:
             return
 
 
+_WANTED = ["key", "depth", "uncertainty", "uncertainty_scale", "uncertainty_mean", "meta", "image"]
+
+
+def _read_table(url, storage, with_uncertainty, with_image) -> Iterator[OutputRecord]:
+    from deltalake import DeltaTable
+
+    dataset = DeltaTable(table_uri(url), storage_options=table_options(url, storage)).to_pyarrow_dataset()
+    cols = [c for c in _WANTED if c in dataset.schema.names and (with_uncertainty or c != "uncertainty")
+            and (with_image or c != "image")]
+    for batch in dataset.to_batches(columns=cols, batch_size=16):  # rows hold whole PNGs: small batches
+        for row in batch.to_pylist():
+            yield _record(row["key"], row, with_uncertainty)
+
+
 def _read_parquet(fs, files, with_uncertainty, with_image) -> Iterator[OutputRecord]:
     import pyarrow.parquet as pq
 
-    wanted = ["key", "depth", "uncertainty", "uncertainty_scale", "uncertainty_mean", "meta", "image"]
     for path in (f for f in files if f.endswith(".parquet")):
         with fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
             names = set(pf.schema_arrow.names)
-            cols = [c for c in wanted if c in names]
+            cols = [c for c in _WANTED if c in names]
             if not with_uncertainty and "uncertainty" in cols:
                 cols.remove("uncertainty")
             if not with_image and "image" in cols:

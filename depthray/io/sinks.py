@@ -7,12 +7,14 @@ hold, so a retried write task rewrites the same file instead of adding a duplica
     {output}/{shard}.parts/{name}.part-{hash}.parquet|.tar     depth results
     {output}/_errors/{shard}.parts/{name}.part-{hash}.parquet   error records (any output format)
     {output}/_errors/empty.parquet                               0 rows, so `_errors/` always reads
+    {output}/{shard}.parts/{name}.part-{hash}.{run_id}.parquet   `output.format: delta` (depthray/io/table.py)
 
 ({name}: the shard name's last component.) A shard's parts share one folder so that on
 local disk the commit makes them visible with one directory rename (depthray/io/commit.py).
 Parts are written under `{output}/_staging/` (readers skip `_` folders: pyarrow's dataset
 discovery, depthray's own readers) and moved to the names above only when their shard
-commits, so nobody reads a shard still in flight.
+commits, so nobody reads a shard still in flight. A Delta table's parts are written to
+their final names at once: the table lists them only when their shard's transaction commits.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 from depthray.config import OutputConfig, StorageConfig
 from depthray.io import records
 from depthray.io.fs import filesystem, join, write_atomic
+from depthray.io.table import part_rel as table_part_rel
 from depthray.io.tar_samples import tar_bytes
 
 ERRORS_DIR = "_errors"
@@ -130,6 +133,29 @@ class ParquetSink(Sink):
         return _parquet_bytes(with_kept_columns(table, rows))
 
 
+class TableSink(ParquetSink):
+    """`output.format: delta`: the job's Parquet part (less `source`, the table's partition
+    column), written straight to its name in the table folder (no staging: the table does
+    not list it before its shard's transaction).
+    The run id in the name keeps a relabelled part apart from the live one it replaces."""
+
+    def __init__(self, url, storage, model: str, config_hash: str, run_id: str):
+        super().__init__(url, storage, model, config_hash)
+        self.run_id = run_id
+
+    def encode(self, rows):
+        table = records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA)
+        # `source` is the table's partition value (the log holds it), not a column of its files
+        return _parquet_bytes(with_kept_columns(table, rows).drop_columns(["source"]))
+
+    def write(self, shard, rows, digest):
+        rel = table_part_rel(shard, digest, self.run_id)
+        fs, root = filesystem(self.url, self.storage)
+        data = self.encode(rows)
+        write_atomic(fs, join(root, rel), data)
+        return rel, len(data)
+
+
 def with_kept_columns(table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
     """`input.keep_columns` (carried in each row's meta as "columns") as real columns; a
     name the output already uses gets an `input_` prefix. Values stay in `meta` as well."""
@@ -193,7 +219,11 @@ class ErrorSink(Sink):
         return _parquet_bytes(records.to_table(rows, records.ERRORS))
 
 
-def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash: str) -> Sink:
+def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash: str, run_id: str = "") -> Sink:
+    if cfg.format == "delta":
+        if not run_id:  # two runs must never write one name: the second's would replace a live file
+            raise ValueError("output.format delta: the write stage needs the run id")
+        return TableSink(cfg.url, storage, model, config_hash, run_id)
     if cfg.format == "webdataset":
         return WebDatasetSink(cfg.url, storage, model, config_hash, cfg.include_image)
     return ParquetSink(cfg.url, storage, model, config_hash)
@@ -210,9 +240,9 @@ def unlabelled_members(rows: list[dict[str, Any]]) -> Counter:
 
 
 def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, model: str,
-                config_hash: str) -> pa.Table:
+                config_hash: str, run_id: str = "") -> pa.Table:
     """Ray Data UDF: ENCODED rows -> parts on storage, and one ACK row per source shard."""
-    sink = make_sink(cfg, storage, model, config_hash)
+    sink = make_sink(cfg, storage, model, config_hash, run_id)
     errors_sink = ErrorSink(cfg.url, storage)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in batch.to_pylist():

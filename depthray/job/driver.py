@@ -24,7 +24,8 @@ from depthray.config import Config, ConfigError
 from depthray.io import output_config
 from depthray.io.commit import Committer, repair
 from depthray.io.manifest import ManifestStore, input_fingerprints, resume_shards
-from depthray.io.sinks import ensure_errors_file
+from depthray.io.sinks import OUTPUT_SCHEMA, ensure_errors_file
+from depthray.io.table import ShardTable, require_deltalake
 from depthray.job.checks import (
     check_bucket,
     check_columns,
@@ -129,6 +130,8 @@ def local_resources(cfg: Config) -> Resources:
 def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s: float, address: str | None,
          num_cpus: int | None, quiet: bool = False) -> dict[str, Any]:
     check_input(cfg, shards)
+    if cfg.output.format == "delta":
+        require_deltalake()
     store = ManifestStore(cfg.output.url, cfg.storage)
     try:
         # Whatever this run's settings and mode: first finish what a killed run left mid-commit.
@@ -141,6 +144,9 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
         raise ConfigError(f"output.url {cfg.output.url!r}: cannot read or clean it ({describe_error(e)})") from e
     log.info("%d shards: %d to do, %d already complete", len(shards), len(resume.todo), len(resume.skipped))
     ensure_errors_file(cfg.output.url, cfg.storage)
+    table = ShardTable(cfg.output.url, cfg.storage) if cfg.output.format == "delta" else None
+    if table is not None:
+        table.ensure(OUTPUT_SCHEMA)  # version 0, no rows: readers can open it from the start
     res = None
     local = cfg.compute.executor == "local"
     if resume.todo and local:
@@ -162,7 +168,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
     identities = {s.name: {"url": s.url, **{f"source_{k}": v for k, v in fingerprints.get(s.url, {}).items()}}
                   for s in resume.todo}
     manifest_fields = {**static, "settings": cfg.settings(device_kind), "overwrite_epoch": resume.overwrite_epoch}
-    committer = Committer(store, fence=lease.verify)
+    committer = Committer(store, fence=lease.verify, table=table)
     ledger = ShardLedger(identities, lambda name, m: committer.commit(name, m, resume.replaced.get(name)),
                          manifest_fields, log_every_s)
     stages: list[str] = []

@@ -57,7 +57,8 @@ def job_stages(cfg: Config, run_id: str = "", device_kind: str | None = None) ->
               batch_size=cfg.compute.images_per_batch, stateful=True),
         Stage("encode", encode_batch, {"quality": cfg.quality}),
         Stage("write", write_batch, {"cfg": cfg.output, "storage": cfg.storage, "model": model_label(cfg),
-                                     "config_hash": cfg.hash(device_kind)}, batch_size=cfg.output.rows_per_part),
+                                     "config_hash": cfg.hash(device_kind), "run_id": run_id},
+              batch_size=cfg.output.rows_per_part),
     ]
 
 

@@ -81,6 +81,22 @@ class Output:
         return rows, errors
 
 
+    def table_view(self, name: str = "out") -> tuple[list[dict], list[dict]]:
+        """(result rows, error rows) as a Delta reader sees them: the table at its latest
+        version through deltalake (the S3 endpoint from the environment, as any client
+        would set it), and `pq.read_table(output/_errors)`."""
+        from deltalake import DeltaTable
+
+        uri, options = self.root(name), {}
+        if self.kind == "s3":
+            uri, options = f"s3://{uri}", {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ALLOW_HTTP": "true"}
+        rows = DeltaTable(uri, storage_options=options).to_pyarrow_table(columns=["source", "key", "config_hash"])
+        root = self.root(name)
+        errors = pq.read_table(f"{root}/_errors", filesystem=self.fs, columns=["source", "key"]).to_pylist() \
+            if self.fs.exists(f"{root}/_errors") else []
+        return rows.to_pylist(), errors
+
+
 def inputs(tmp_path: Path, make_image) -> dict[str, set[str]]:
     """Three shards of four images; shard 00001 also holds a file that is no image (an
     error row, so its commit moves an error part too)."""

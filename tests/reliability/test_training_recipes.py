@@ -4,6 +4,7 @@ every input extension, an EXIF-rotated photo, and the S3 recipe on the moto serv
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -91,3 +92,23 @@ def test_parquet_recipe_on_s3_as_documented(s3_bucket, doc_code):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, num_workers=0)
     assert sum(b[0].shape[0] for b in loader) == len(keys)
     check_pairs(ds[i] for i in range(len(ds)))
+
+
+def test_delta_recipe_and_depthray_reader_on_s3(s3_bucket, doc_code):
+    """A job with `output.format: delta` on the moto server, read by the documented recipe
+    (`DeltaDepthDataset(url, storage_options=...)`) and by depthray's own reader
+    (preview / eval's `read_outputs`): every key once, pairs in their orientation."""
+    from depthray.io.outputs import read_outputs
+
+    fs = fsspec.filesystem("s3")
+    keys = write_inputs(fs, f"{s3_bucket}/images")
+    url = f"s3://{s3_bucket}/depth"
+    run_job(local_job_config(f"s3://{s3_bucket}/images", url, double_model(), output={"format": "delta"}))
+    options = {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_ALLOW_HTTP": "true",
+               "AWS_REGION": "us-east-1"}
+    ds = doc_code["DeltaDepthDataset"](url, storage_options=options, size=(24, 32))
+    assert sorted(r["key"] for r in ds.rows) == sorted(keys)
+    check_pairs(ds[i] for i in range(len(ds)))
+    records = list(read_outputs(url))
+    assert sorted(r.key for r in records) == sorted(keys)
+    assert all(r.depth.shape in ((48, 64), (64, 48)) and r.uncertainty is not None for r in records)
