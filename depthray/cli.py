@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preview-size", type=int, default=1024, metavar="PX",
                    help="long side of {stem}.preview.png (default 1024; 0 = full size); depth stays full size")
+    p.add_argument("--progress-every", type=float, default=5.0, metavar="S",
+                   help="for images still running after S seconds, a views line every S seconds (default 5)")
     p.add_argument("--config", help="YAML config (model: and inference: sections are used)")
     p.add_argument("--model", help="checkpoint: local folder, hub id or s3:// URL (sets model.path)")
     p.add_argument("--tiny", action="store_true",

@@ -79,7 +79,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 tqdm.write(f"skipped {path}: {row['error']}: {row['message']}")
             bar.update(1)
 
-        views = ViewProgress(len(files), lambda line: tqdm.write(line, file=sys.stderr))
+        views = ViewProgress(len(files), lambda line: tqdm.write(line, file=sys.stderr), every_s=args.progress_every)
         failed = predict_files(files, cfg, args.out, on_done=done, progress=views,
                                preview_max_side=args.preview_size, model=model)
     seconds = time.perf_counter() - t0
