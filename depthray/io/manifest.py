@@ -253,12 +253,25 @@ def resume_shards(shards: list[Shard], cfg: Config, fingerprints: dict[str, dict
     for rel in stale:
         fs.rm_file(join(root, rel))
     resume.deleted_parts = len(stale)
+    foreign = foreign_files(listing)
+    if foreign:
+        log.warning("output.url %s holds %d file(s) depthray did not write (e.g. %s): they stay, but a "
+                    "reader of the whole folder (pq.read_table(output)) reads them too; use an empty prefix",
+                    cfg.output.url, len(foreign), ", ".join(foreign[:3]))
     if stale:
         log.info("deleted %d leftover file(s) of %d shard(s) to redo", len(stale), len(redo))
     for name, why in sorted(resume.redo.items()):
         if why != "overwriting":
             log.warning("shard %s has a manifest but is redone: %s", name, why)
     return resume
+
+
+def foreign_files(listing: dict[str, int]) -> list[str]:
+    """Visible files of an output that are not depthray's: not a part (`{shard}.parts/`), not
+    under a `_`/`.` folder (manifests, jobs, errors, staging, the Delta log), not in a Delta
+    partition folder (`source=...`, where OPTIMIZE writes)."""
+    return sorted(rel for rel in listing if part_shard(rel) is None and not any(
+        c.startswith(("_", ".", "source=")) or c.endswith(".parts") for c in rel.split("/")))
 
 
 def input_fingerprints(shards: list[Shard], storage: StorageConfig) -> dict[str, dict[str, Any]]:

@@ -324,6 +324,30 @@ def test_gzipped_tar_shards_are_webdataset_shards(tmp_path):
     assert_exactly_once(expected, outs, errors)
 
 
+def test_an_output_prefix_holding_other_files_is_warned_about(tmp_path, caplog):
+    """#26 item 10: writing into a prefix that holds other files used to say nothing (and
+    the documented `pq.read_table(output)` then fails on them): a warning names them, and
+    a re-run's own parts, manifests and errors never count as foreign."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(enc(rgb(16, 16), "JPEG"))
+    out = tmp_path / "out"
+    (out / "old").mkdir(parents=True)
+    (out / "notes.txt").write_text("someone else's")
+    (out / "old" / "table.parquet").write_bytes(b"PAR1")
+    cfg = local_job_config(str(tmp_path / "in"), str(out), double_model())
+    with caplog.at_level(logging.WARNING, logger="depthray"):
+        run_job(cfg)
+    warned = [r.getMessage() for r in caplog.records if "did not write" in r.getMessage()]
+    assert len(warned) == 1 and "2 file(s)" in warned[0] and "notes.txt" in warned[0], warned
+    (out / "notes.txt").unlink()
+    (out / "old" / "table.parquet").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="depthray"):
+        cfg.output.overwrite = True  # a run that finds only its own files: parts, manifests, errors
+        run_job(cfg)
+    assert not [r for r in caplog.records if "did not write" in r.getMessage()]
+
+
 def test_wrong_columns_stop_before_ray(tmp_path, capsys):
     """Item 3: a wrong image_column or a misspelt key_column is exit 2 naming the columns
     that exist, found while planning (seconds, no Ray, nothing written)."""
