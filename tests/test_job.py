@@ -224,9 +224,10 @@ def test_one_shard_spreads_over_the_pool_and_the_tail_is_short(ray_session, tmp_
 def test_shards_commit_while_the_model_still_runs(ray_session, tmp_path, make_image):
     """A reader (or `depthray status`) sees shards complete during a job, not all at its end:
     with parts of 8 rows, the first shard's manifest exists before the model's last call.
-    The model is the slow stage here, as on a GPU job (1 s a call, eight calls): with a
-    0.4 s model, on a 2-core machine loaded by a second test process, the first commit came
-    0.5 s after the last call (the read, decode and write tasks share the CPU the actor leaves)."""
+    The double's last call (the 8th) waits, up to 60 s, for a manifest to appear: a job
+    that commits shards as they finish gets one within seconds; one that commits only at
+    its end gets none, the call runs late and the manifests all come after it. (A fixed
+    sleep per call made this a race on a 2-core machine shared with a second test process.)"""
     from depthray.config import config_from_dict
     from depthray.io.tar_samples import tar_bytes
     from depthray.job.driver import run_job
@@ -240,7 +241,8 @@ def test_shards_commit_while_the_model_still_runs(ray_session, tmp_path, make_im
     cfg = config_from_dict({
         "input": {"url": str(tmp_path / "in" / "{000..003}.tar")},
         "output": {"url": str(tmp_path / "out"), "rows_per_part": 8},
-        "model": double_model(sleep_s=1.0, calls_log=str(calls)),
+        "model": double_model(sleep_s=0.4, calls_log=str(calls), wait_on_call=8,
+                              wait_for_glob=str(tmp_path / "out" / "_manifest" / "*.json")),
         "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
         "compute": {"images_per_batch": 4, "num_actors": 1, "num_cpus_per_actor": 0.5}}, require_io=True)
     summary = run_job(cfg)
@@ -248,4 +250,8 @@ def test_shards_commit_while_the_model_still_runs(ray_session, tmp_path, make_im
     manifests = sorted((tmp_path / "out" / "_manifest").glob("*.json"), key=lambda p: p.stat().st_mtime)
     assert len(manifests) == 4
     last_call = max(float(line.split()[3]) for line in calls.read_text().split("\n") if line)
-    assert manifests[0].stat().st_mtime < last_call, "every shard committed only after the last model call"
+    calls_at = sorted(float(line.split()[3]) for line in calls.read_text().split("\n") if line)
+    assert manifests[0].stat().st_mtime < last_call, (
+        "every shard committed only after the last model call: calls at "
+        f"{[round(t - calls_at[0], 2) for t in calls_at]}, manifests at "
+        f"{[round(m.stat().st_mtime - calls_at[0], 2) for m in manifests]}")

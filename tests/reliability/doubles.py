@@ -23,13 +23,16 @@ class FaultyModel:
     - `oom_above`: calls with more views than this raise torch.OutOfMemoryError;
     - `die_if_white`: any all-white view kills the process, every time (a poison image);
     - `hang_if_white`: any all-white view blocks the call for an hour (a hung GPU call);
-    - `nan_if_black`: an all-black view gets a 4x4 NaN patch (a float16 VAE that overflowed).
+    - `nan_if_black`: an all-black view gets a 4x4 NaN patch (a float16 VAE that overflowed);
+    - `wait_for_glob` + `wait_on_call`: that call (and later ones) first waits, up to 60 s,
+      until a file matches the glob (a test that needs something to happen before a call).
     """
 
     def __init__(self, processing_resolution: int = 32, sleep_s: float = 0.0,
                  die_once_marker: str | None = None, die_on_call: int = 1,
                  oom_above: int | None = None, calls_log: str | None = None, die_if_white: bool = False,
-                 hang_if_white: bool = False, device: str = "cpu", nan_if_black: bool = False):
+                 hang_if_white: bool = False, device: str = "cpu", nan_if_black: bool = False,
+                 wait_for_glob: str | None = None, wait_on_call: int = 1):
         torch.set_num_threads(1)
         self.processing_resolution = processing_resolution
         self.sleep_s = sleep_s
@@ -41,10 +44,17 @@ class FaultyModel:
         self.hang_if_white = hang_if_white
         self.nan_if_black = nan_if_black
         self.device = torch.device(device)  # reported only: the double computes on the CPU
+        self.wait_for_glob, self.wait_on_call = wait_for_glob, wait_on_call
         self.calls = 0
 
     def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         self.calls += 1
+        if self.wait_for_glob and self.calls >= self.wait_on_call:
+            import glob
+
+            deadline = time.monotonic() + 60
+            while not glob.glob(self.wait_for_glob) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.calls_log:
             with open(self.calls_log, "a") as f:
                 f.write(f"{os.getpid()} {views.shape[0]} {_node_id()} {time.time():.3f}\n")
