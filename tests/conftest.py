@@ -135,6 +135,30 @@ def ray_session(_ray_env):
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         _shared_ray["gcs"] = ray.get_runtime_context().gcs_address
+    wait_until_ray_idle()
+    yield
+
+
+def wait_until_ray_idle(timeout_s: float = 60.0) -> None:
+    """Wait until the shared Ray has every CPU free again: a driver an earlier test SIGKILLed
+    (or a job's actor pool just shut down) holds its CPUs for a moment, seconds on a loaded
+    machine, and a job started meanwhile plans around the CPUs it sees (a job whose write
+    tasks found none free committed every shard only at its end)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def idle_ray(ray_session):
+    """The shared Ray, with every CPU free when the test starts (for tests that time a job)."""
+    wait_until_ray_idle()
     yield
 
 

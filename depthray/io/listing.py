@@ -91,9 +91,7 @@ def _url_path(url: str) -> str:
 def source_identity(url: str) -> str:
     """What makes two shard URLs the same input: the URL itself, except that HTTP(S) ones
     are the same wherever they are served from (scheme, host and port left out)."""
-    if url.startswith(("http://", "https://")):
-        return "http:" + url.split("://", 1)[1].partition("/")[2]
-    return url
+    return "http:" + _url_path(url) if url.startswith(("http://", "https://")) else url
 
 
 def _name_shards(urls: list[str], formats: list[str], base: str | None = None) -> list[Shard]:

@@ -289,12 +289,20 @@ def input_fingerprints(shards: list[Shard], storage: StorageConfig) -> dict[str,
         fs, path = filesystem(folder, storage)
         if folder.startswith(("http://", "https://")):
             # An HTTP "listing" is an index page's links, without sizes or dates: ask each
-            # file (a HEAD: Content-Length, ETag or Last-Modified), so a replaced file is seen.
-            for s in members:
+            # file (a HEAD: Content-Length, ETag or Last-Modified), so a replaced file is seen;
+            # many at once, as a job may list thousands.
+            from concurrent.futures import ThreadPoolExecutor
+
+            def head(url: str) -> dict[str, Any] | None:
                 try:
-                    out[s.url] = _fingerprint(fs.info(s.url))
+                    return _fingerprint(fs.info(url))
                 except (OSError, ValueError):
-                    continue
+                    return None
+
+            with ThreadPoolExecutor(16) as pool:
+                for s, fp in zip(members, pool.map(head, [s.url for s in members])):
+                    if fp is not None:
+                        out[s.url] = fp
             continue
         try:
             entries = fs.ls(path, detail=True)

@@ -8,6 +8,7 @@ the URL, raised before Ray starts. Nothing here imports Ray (`depthray status` u
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 from depthray.config import Config, ConfigError, model_kinds
@@ -237,9 +238,12 @@ def check_local_cpus(cfg: Config, address: str | None, num_cpus: int | None) -> 
     if num_cpus is not None and num_cpus < 1:
         return  # not a size at all: Ray's own start-up error says so
     if num_cpus is None:
-        from ray._private.utils import get_num_cpus  # what a local Ray sizes itself to (cgroup-aware)
+        try:  # what a local Ray sizes itself to (cgroup-aware); private, so not relied on
+            from ray._private.utils import get_num_cpus
 
-        num_cpus = get_num_cpus()
+            num_cpus = get_num_cpus()
+        except Exception:
+            num_cpus = os.cpu_count() or 1
     actors = cfg.compute.num_actors or cfg.compute.min_actors
     need = actors * cfg.compute.num_cpus_per_actor + 1
     if num_cpus < need:

@@ -150,3 +150,20 @@ def spawn(config: Path, log: Path, env: dict[str, str]) -> subprocess.Popen:
 
         cmd += ["--address", ray.get_runtime_context().gcs_address]
     return subprocess.Popen(cmd, cwd=REPO, env=full, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def rerun_copies(output: Output, config: Path):
+    """Two copies of the crashed output `out`, each re-run with the same settings: without,
+    then with `output.overwrite`. Yields (name, overwrite, cfg, summary) once each run has
+    finished every shard with no job error; the caller checks what the copy then holds."""
+    from depthray.config import load_config
+    from depthray.job.driver import run_job
+
+    for overwrite in (False, True):
+        name = f"out-{'overwrite' if overwrite else 'plain'}"
+        output.copy("out", name)
+        cfg = load_config(config, [f"output.url={output.url(name)}", f"output.overwrite={overwrite}"])
+        summary = run_job(cfg)
+        assert not summary["shards_unfinished"] and not summary["job_error"], summary
+        yield name, overwrite, cfg, summary
+

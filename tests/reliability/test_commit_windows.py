@@ -15,7 +15,7 @@ import pytest
 from depthray.config import load_config
 from depthray.job.driver import run_job
 from tests.reliability.conftest import assert_exactly_once
-from tests.reliability.crash_harness import Output, inputs, job, run_killed
+from tests.reliability.crash_harness import Output, inputs, job, rerun_copies, run_killed
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -56,12 +56,7 @@ def visible(output: Output, name: str = "out") -> tuple[dict[str, set[str]], Cou
 def reruns_finish_exactly_once(output: Output, config, expected, repaired: bool) -> None:
     """Two copies of the crashed output, re-run with the same settings: without, then with
     `output.overwrite`. Each ends with every key once and one config hash on every row."""
-    for overwrite in (False, True):
-        name = f"out-{'overwrite' if overwrite else 'plain'}"
-        output.copy("out", name)
-        cfg = load_config(config, [f"output.url={output.url(name)}", f"output.overwrite={overwrite}"])
-        summary = run_job(cfg)
-        assert not summary["shards_unfinished"] and not summary["job_error"], summary
+    for name, overwrite, cfg, summary in rerun_copies(output, config):
         if repaired:  # the killed run's commit was finished before any work
             assert summary["repaired"]["commits_finished"] == 1, summary["repaired"]
         rows, errors = output.plain_view(name)

@@ -24,7 +24,7 @@ import pytest
 from depthray.config import load_config
 from depthray.job.driver import run_job
 from tests.reliability.conftest import REPO, assert_exactly_once
-from tests.reliability.crash_harness import Output, inputs, job
+from tests.reliability.crash_harness import Output, inputs, job, rerun_copies
 from tests.reliability.test_commit_windows import killed_at, state
 
 pytestmark = pytest.mark.timeout(600)
@@ -64,12 +64,7 @@ def reruns_finish_exactly_once(output: Output, config, expected, finished: int, 
     takes one twice), and the plain re-run redoes no shard but the `overwriting` ones an
     overwrite in progress had not reached."""
     before = len(versions(output, "out"))
-    for overwrite in (False, True):
-        name = f"out-{'overwrite' if overwrite else 'plain'}"
-        output.copy("out", name)
-        cfg = load_config(config, [f"output.url={output.url(name)}", f"output.overwrite={overwrite}"])
-        summary = run_job(cfg)
-        assert not summary["shards_unfinished"] and not summary["job_error"], summary
+    for name, overwrite, cfg, summary in rerun_copies(output, config):
         assert summary["repaired"]["commits_finished"] == finished, summary["repaired"]
         assert len(versions(output, name)) == before + taken + summary["shards_complete"], versions(output, name)
         if not overwrite:
