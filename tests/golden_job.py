@@ -53,6 +53,8 @@ def summarize(output_dir: str | Path) -> dict[str, dict]:
     rows = {}
     for r in table.to_pylist():
         meta = json.loads(r["meta"] or "{}")
+        if "source_url" in meta:  # the input's place: its file name (the folder is a temporary one)
+            meta["source_url"] = meta["source_url"].rsplit("/", 1)[-1]
         rows[r["key"]] = {
             "source": r["source"], "width": r["width"], "height": r["height"],
             "ensemble_size": r["ensemble_size"], "num_views": r["num_views"],

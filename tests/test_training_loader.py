@@ -21,7 +21,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 @pytest.fixture(scope="module")
 def doc_code():
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 3, "docs/training.md should hold the WebDataset, the Parquet and the Delta recipe"
+    assert len(blocks) == 5, ("docs/training.md should hold the stock readers, the way back to the input "
+                              "image, and the WebDataset, the Parquet and the Delta recipe")
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own documentation

@@ -22,7 +22,7 @@ from depthray.io.folders import file_ext as _ext, select, split_url
 from depthray.io.fs import filesystem
 from depthray.io.listing import (  # noqa: F401  (the listing API, re-exported)
     LIST_FILE_EXTS, SHARD_EXTS, SHARD_KEY, Listing, Shard, _strip_ext, expand_braces, list_shards, safe_name)
-from depthray.io.tar_samples import iter_samples
+from depthray.io.tar_samples import iter_samples_placed
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,16 @@ def choose_member(members: list[str], wanted: list[str] | None) -> tuple[str | N
 
 class WebDatasetReader(Reader):
     """Tar members grouped by WebDataset key (path up to the first dot of the basename);
-    the image member is chosen by `input.image_member` (choose_member)."""
+    the image member is chosen by `input.image_member` (choose_member). Each row's meta says
+    where its image lies: `source_url` (the tar), `source_member`, and for an uncompressed
+    tar `source_offset`/`source_size`, the member's bytes in it (one range read back)."""
 
-    def _sample(self, key: str, members: dict[str, bytes], seen: dict[str, int]) -> dict[str, Any]:
+    def read(self, shard: Shard) -> Iterator[pa.Table]:
+        self.shard_url = shard.url
+        yield from super().read(shard)
+
+    def _sample(self, key: str, members: dict[str, bytes], places: dict[str, tuple[str, int, int]],
+                seen: dict[str, int]) -> dict[str, Any]:
         key, dup = _unique(key, seen)
         if dup:
             return {"key": key, "error": "duplicate_key",
@@ -175,15 +182,24 @@ class WebDatasetReader(Reader):
         ext, reason, message = choose_member(list(members), self.cfg.image_member)
         if reason:
             return {"key": key, "error": reason, "message": message}
+        name, offset, size = places[ext]
+        meta: dict[str, Any] = {"source_url": self.shard_url, "source_member": name}
+        if not _compressed(self.shard_url):  # a gzipped tar's offsets are in the inflated stream
+            meta.update(source_offset=offset, source_size=size)
         others = sorted(e for e in members if e != ext and e.rsplit(".", 1)[-1] in IMAGE_EXTS)
-        meta = json.dumps({"image_member": ext, "unlabelled_members": others}) if others else None
-        return {"key": key, "data": members[ext], "ext": ext.rsplit(".", 1)[-1], "meta": meta}
+        if others:
+            meta.update(image_member=ext, unlabelled_members=others)
+        return {"key": key, "data": members[ext], "ext": ext.rsplit(".", 1)[-1], "meta": json.dumps(meta)}
 
     def samples(self, fs, path):
         seen: dict[str, int] = {}
         with fs.open(path, "rb") as f:
-            for key, members in iter_samples(f):
-                yield self._sample(key, members, seen)
+            for key, members, places in iter_samples_placed(f):
+                yield self._sample(key, members, places, seen)
+
+
+def _compressed(url: str) -> bool:
+    return not url.split("?", 1)[0].lower().endswith(".tar")
 
 
 class ParquetReader(Reader):

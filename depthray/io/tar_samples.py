@@ -22,19 +22,28 @@ def split_key(name: str) -> tuple[str, str]:
 def iter_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream (key, {extension: bytes}) from a tar, one sample at a time; directories and
     hidden files (`._x.jpg` from macOS, `.DS_Store`) are skipped."""
+    for key, members, _ in iter_samples_placed(fileobj):
+        yield key, members
+
+
+def iter_samples_placed(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes], dict[str, tuple[str, int, int]]]]:
+    """`iter_samples` plus where each member lies: {extension: (member name, offset of its
+    data in the uncompressed tar stream, size)}. For an uncompressed tar the offset is the
+    file's byte offset, so a label leads back to its image with one range read."""
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        key, members = None, {}
+        key, members, places = None, {}, {}
         for m in tar:
             if not m.isfile() or posixpath.basename(m.name).startswith("."):
                 continue
             k, ext = split_key(m.name)
             if k != key and key is not None:
-                yield key, members
-                members = {}
+                yield key, members, places
+                members, places = {}, {}
             key = k
             members[ext] = tar.extractfile(m).read()
+            places[ext] = (m.name, m.offset_data, m.size)
         if key is not None:
-            yield key, members
+            yield key, members, places
 
 
 def tar_bytes(files: Iterable[tuple[str, bytes]]) -> bytes:

@@ -3,7 +3,9 @@ every input extension, an EXIF-rotated photo, and the S3 recipe on the moto serv
 
 from __future__ import annotations
 
+import glob
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -112,3 +114,98 @@ def test_delta_recipe_and_depthray_reader_on_s3(s3_bucket, doc_code):
     records = list(read_outputs(url))
     assert sorted(r.key for r in records) == sorted(keys)
     assert all(r.depth.shape in ((48, 64), (64, 48)) and r.uncertainty is not None for r in records)
+
+
+# ------------------------------------------------ every input format, back to its image (#26 item 7)
+
+
+def write_input_formats(root: Path) -> dict[str, str]:
+    """The same five images as a folder, an uncompressed tar (members in a sub-folder, so the
+    member name is no key), a gzipped tar and a Parquet file of bytes: format -> input URL."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from depthray.io.tar_samples import tar_bytes
+
+    fs = fsspec.filesystem("file")
+    folder = root / "folder"
+    write_inputs(fs, str(folder))
+    files = sorted(folder.iterdir())
+    (root / "tar").mkdir()
+    (root / "tar" / "s0.tar").write_bytes(tar_bytes((f"photos/{p.name}", p.read_bytes()) for p in files))
+    (root / "tgz").mkdir()
+    (root / "tgz" / "s0.tar.gz").write_bytes(gzip.compress((root / "tar" / "s0.tar").read_bytes()))
+    (root / "parquet").mkdir()
+    pq.write_table(pa.table({"key": [p.stem for p in files], "image": [p.read_bytes() for p in files]}),
+                   root / "parquet" / "p0.parquet", row_group_size=2)  # rows in several groups
+    return {"folder": str(folder), "tar": str(root / "tar"), "tgz": str(root / "tgz"),
+            "parquet": str(root / "parquet")}
+
+
+@pytest.mark.parametrize("input_format", ["folder", "tar", "tgz", "parquet"])
+def test_recipes_lead_back_to_the_input_image_of_every_input_format(tmp_path, doc_code, input_format):
+    """The documented recipes, as written, on Parquet and WebDataset outputs (the latter
+    without the image passed through) of folder, tar, gzipped-tar and Parquet inputs: each
+    label finds its own image through `read_input_image` (a wrong member, offset or row shows
+    as low correlation), and a tar member's offset is a range read of exactly its bytes."""
+    url = write_input_formats(tmp_path / "in")[input_format]
+    keys = {p.stem for p in (tmp_path / "in" / "folder").iterdir()}
+    pq_out, wds_out = tmp_path / "pq", tmp_path / "wds"
+    run_job(local_job_config(url, str(pq_out), double_model()))
+    run_job(local_job_config(url, str(wds_out), double_model(), output={"format": "webdataset"}))
+
+    ds = doc_code["ParquetDepthDataset"](str(pq_out), size=(24, 32))
+    assert sorted(r["key"].rsplit("/", 1)[-1] for r in ds.rows) == sorted(keys)
+    check_pairs(ds[i] for i in range(len(ds)))
+    originals = {p.stem: p.read_bytes() for p in (tmp_path / "in" / "folder").iterdir()}
+    for row in ds.rows:
+        assert doc_code["read_input_image"](row["meta"]) == originals[row["key"].rsplit("/", 1)[-1]]
+        if input_format == "tar":
+            assert row["meta"]["source_member"].startswith("photos/") and "source_offset" in row["meta"]
+        if input_format == "tgz":
+            assert "source_offset" not in row["meta"]  # offsets of a gzipped stream mean nothing
+
+    tars = sorted(glob.glob(f"{wds_out}/[!_]*/**/*.tar", recursive=True))
+    loader = doc_code["make_webdataset_loader"](tars, batch_size=1, num_workers=0, size=(24, 32))
+    pairs = [(im[0], d[0]) for im, d in loader]
+    assert len(pairs) == len(keys)
+    check_pairs(pairs)
+
+
+def test_stock_readers_open_outputs_as_they_are(tmp_path, make_image, doc_code):
+    """docs/training.md's one line per reader (pyarrow, datasets, DuckDB, polars; webdataset
+    and datasets on a WebDataset output), on
+    an output a killed run left: each sees exactly the committed shards' labels, never the
+    staged parts of the shard whose commit the kill cut off, never an error row; the errors
+    read apart."""
+    from tests.reliability import crash_harness as ch
+
+    expected = ch.inputs(tmp_path, make_image)
+    for fmt in ("parquet", "webdataset"):
+        out = tmp_path / f"out-{fmt}"
+        config = ch.job(tmp_path, str(out), fmt=fmt, name=fmt)
+        rc = ch.run_killed(config, tmp_path / f"{fmt}.log", {"DEPTHRAY_CRASH_AT": "commit_start:3"})
+        assert rc == -9, (tmp_path / f"{fmt}.log").read_text()[-2000:]
+        committed = sorted(p.stem for p in (out / "_manifest").glob("*.json"))
+        staged = [p for p in (out / "_staging").rglob("*.part-*") if p.is_file()]
+        assert len(committed) == 2 and staged, (committed, staged)  # a shard in flight: the hard case
+        bad = {k for s in committed for k in expected[s] if k.endswith("bad")}
+        assert bad, "the committed shards hold an error row"
+        want = sorted(k for s in committed for k in expected[s] if k not in bad)
+
+        seen = doc_code["open_with_stock_readers"](str(out), fmt)
+        errors = seen.pop("errors")
+        assert sorted(errors.column("key").to_pylist()) == sorted(bad)
+        for reader, rows in seen.items():
+            if reader == "errors_duckdb":
+                assert sorted(rows.column("key").to_pylist()) == sorted(bad)
+            elif reader == "webdataset":
+                assert sorted(json.loads(s["json"])["key"] for s in rows) == want, reader
+            elif fmt == "webdataset":  # datasets' webdataset builder: the JSON member per sample
+                assert sorted(r["key"] for r in rows["json"]) == want, reader
+            else:
+                got = rows["key"].to_list() if hasattr(rows["key"], "to_list") else rows["key"]
+                got = got.to_pylist() if hasattr(got, "to_pylist") else got
+                assert sorted(got) == want, reader
