@@ -14,6 +14,7 @@ Counting:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ def model_settings(cfg: Config) -> tuple[int, int, str]:
     res, steps = cfg.model.processing_resolution, cfg.inference.num_inference_steps
     if res is not None and steps is not None:
         return int(res), int(steps), "config"
+    if cfg.model.factory:
+        return factory_settings(cfg)
     local = cfg.model.path if "://" not in cfg.model.path else None
     if cfg.model.kind == "marigold-e2e":
         steps = 1  # end-to-end checkpoints take exactly one step (models/marigold_e2e.py)
@@ -66,6 +69,28 @@ def model_settings(cfg: Config) -> tuple[int, int, str]:
     found = registered(local)
     return (int(res or found.processing_resolution), int(steps or found.denoising_steps),
             f"config + {found.source}")
+
+
+def factory_settings(cfg: Config) -> tuple[int, int, str]:
+    """A factory model's resolution and steps are its own: only the built model knows them
+    (`processing_resolution`, and the default its `num_inference_steps` argument resolves
+    to; a model without that argument runs one evaluation per member). So the factory is
+    called here once per process, as a job's actor would; config values still win."""
+    model = _factory_model(cfg.model.factory, json.dumps(cfg.model.options, sort_keys=True, default=str))
+    res = cfg.model.processing_resolution or model.processing_resolution
+    steps = cfg.inference.num_inference_steps
+    if steps is None:
+        default = getattr(model, "default_num_inference_steps", None)
+        steps = default if default is not None else 1
+    return int(res), int(steps), f"model.factory {cfg.model.factory} (built to read them)"
+
+
+@functools.lru_cache(maxsize=4)
+def _factory_model(factory: str, options_json: str):
+    from depthray.models.loading import load_model
+
+    log.info("building %s to read its processing resolution and steps", factory)
+    return load_model({"factory": factory, "options": json.loads(options_json)})
 
 
 def transformers_view_rule(cfg: Config, processing_resolution: int | None = None):
@@ -92,7 +117,10 @@ def global_view_size(height: int, width: int, cfg: Config,
     processing resolution, the planner's default). A transformers model takes it at its
     processor's size for the image (TransformersDepthModel.view_size), which only its local
     checkpoint says; `processing_resolution` overrides the config's, as at load."""
-    if cfg.model.kind != "transformers" or cfg.model.factory:
+    if cfg.model.factory:  # a plug-in with a view rule of its own (the model interface's view_size)
+        model = _factory_model(cfg.model.factory, json.dumps(cfg.model.options, sort_keys=True, default=str))
+        return tuple(model.view_size(height, width)) if hasattr(model, "view_size") else None
+    if cfg.model.kind != "transformers":
         return None
     rule = transformers_view_rule(cfg, processing_resolution)
     if rule is None:

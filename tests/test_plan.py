@@ -180,3 +180,38 @@ def test_plan_measure_agrees_with_predict_on_the_same_image(tmp_path, capsys):
     assert predict_files([str(tmp_path / "in" / "a.jpg")], cfg, tmp_path / "out2",
                          model=make(processing_resolution=64, calls_log=str(log))) == 0
     assert timing.model_calls == len(log.read_text().splitlines()) > 10
+
+
+class _StepsDouble(_CountingDouble):
+    """A plug-in with denoising steps of its own: counts the steps it runs."""
+
+    default_num_inference_steps = 3
+
+    def __call__(self, views, seeds, num_inference_steps=None):
+        self.evaluations = getattr(self, "evaluations", 0) + views.shape[0] * (num_inference_steps or 3)
+        return super().__call__(views, seeds)
+
+
+def steps_double(processing_resolution: int = 48):
+    return _StepsDouble(processing_resolution)
+
+
+@pytest.mark.parametrize("factory,res,steps", [("tests.test_plan:steps_double", 48, 3),
+                                               ("tests.reliability.doubles:make", 40, 1)])
+def test_plan_reads_a_factory_models_resolution_and_steps(tmp_path, capsys, factory, res, steps):
+    """#26 item 10: `depthray plan` for a `model.factory` plug-in counts the views, members and
+    steps the plug-in itself runs (its processing_resolution, its default steps or one
+    evaluation per member when it has no steps), not Marigold's defaults (768 px, 4 steps)."""
+    config = tmp_path / "job.yaml"
+    config.write_text(f"model: {{factory: '{factory}', options: {{processing_resolution: {res}}}}}\n"
+                      "inference: {ensemble_size: 2}\n")
+    assert main(["plan", str(config), "--size", "300x200"]) == 0
+    out = capsys.readouterr().out
+    assert f"processing resolution {res}, ensemble 2, {steps} denoising step(s)" in out
+    cfg = config_from_dict({"model": {"factory": factory, "options": {"processing_resolution": res}},
+                            "inference": {"ensemble_size": 2}})
+    model = steps_double(res) if factory.endswith("steps_double") else _CountingDouble(res)
+    result = predict_image(np.random.default_rng(0).random((200, 300, 3), dtype=np.float32), model, cfg.inference)
+    row = next(line for line in out.splitlines() if line.strip().startswith("300x200"))
+    assert int(row.split()[-3]) == result.model_evaluations  # members: views x ensemble
+    assert int(row.split()[-2]) == getattr(model, "evaluations", model.seen)  # x steps, as run
