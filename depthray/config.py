@@ -79,8 +79,8 @@ class InputConfig:
     # (s3://, https://, ...) are read with the storage settings.
     image_root: str | None = None
     # parquet / arrow: column with the sample key; None = "key" when the file has one, else
-    # the image's path (no extension), else "{shard}/{row}" (unique across the dataset). A column named
-    # here that the first file lacks stops the job before it starts.
+    # the image's path (no extension), else "{shard}/{row}" (unique across the dataset).
+    # A column named here that the first file lacks stops the job before it starts.
     key_column: str | None = None
     # webdataset: which member is the image, as extensions in priority order. A multi-part
     # extension ("seg.png") matches only an entry spelled that way, never "png". None = jpg,
