@@ -133,8 +133,9 @@ def test_embedded_bytes_are_read_not_the_path(tmp_path, monkeypatch):
 def test_string_columns_of_paths_and_s3_urls(tmp_path, monkeypatch, s3_bucket, s3_endpoint):
     """(c, d) A column of plain strings (was one `corrupt_shard` TypeError per file):
     absolute paths, paths relative to the Parquet file's folder, and `s3://` URLs read with
-    the job's `storage.endpoint_url` (AWS_ENDPOINT_URL unset). A missing file and a missing
-    object are one error row each, naming them; the others are labelled."""
+    the job's `storage.endpoint_url` (AWS_ENDPOINT_URL unset). A missing file, a missing
+    object and a file that is no image are one error row each, naming them; the others
+    are labelled."""
     inp, elsewhere = tmp_path / "in", tmp_path / "photos"
     rel = write_images(inp / "imgs", ["r0.jpg", "r1.jpg"])
     absolute = write_images(elsewhere, ["a0.jpg", "a1.jpg", "a2.jpg"])
@@ -143,7 +144,8 @@ def test_string_columns_of_paths_and_s3_urls(tmp_path, monkeypatch, s3_bucket, s
     for name in s3:
         fs3.pipe_file(f"{s3_bucket}/pics/{name}", (tmp_path / "s3" / name).read_bytes())
     (elsewhere / "a1.jpg").unlink()  # missing among them
-    tables = {"abs": [str(elsewhere / n) for n in absolute], "rel": [f"imgs/{n}" for n in rel],
+    (inp / "imgs" / "broken.jpg").write_bytes(b"not an image")
+    tables = {"abs": [str(elsewhere / n) for n in absolute], "rel": [f"imgs/{n}" for n in [*rel, "broken.jpg"]],
               "remote": [f"s3://{s3_bucket}/pics/{n}" for n in s3] + [f"s3://{s3_bucket}/pics/gone.jpg"]}
     for name, paths in tables.items():
         datasets.Dataset.from_dict({"image": paths}).to_parquet(str(inp / f"{name}.parquet"))
@@ -152,15 +154,18 @@ def test_string_columns_of_paths_and_s3_urls(tmp_path, monkeypatch, s3_bucket, s
     summary = run_job(local_job_config(str(inp / "*.parquet"), str(tmp_path / "out"), double_model(),
                                        storage={"endpoint_url": s3_endpoint, "retries": 1}))
     rows, errors = labelled(tmp_path / "out")
-    expected = {"abs": {str(elsewhere / n)[1:-4] for n in absolute}, "rel": {"imgs/r0", "imgs/r1"},
+    expected = {"abs": {str(elsewhere / n)[1:-4] for n in absolute}, "rel": {"imgs/r0", "imgs/r1", "imgs/broken"},
                 "remote": {f"{s3_bucket}/pics/{n[:-4]}" for n in s3} | {f"{s3_bucket}/pics/gone"}}
     assert_exactly_once(expected, list(rows.values()), errors)
-    assert summary["shards_complete"] == 3 and summary["errors"] == 2
+    assert summary["shards_complete"] == 3 and summary["errors"] == 3
     by_key = {e["key"]: e for e in errors}
     missing = by_key[str(elsewhere / "a1")[1:]]
     assert (missing["stage"], missing["error"]) == ("read", "missing_image")
     assert f"file://{elsewhere}/a1.jpg" in missing["message"]
     assert f"s3://{s3_bucket}/pics/gone.jpg" in by_key[f"{s3_bucket}/pics/gone"]["message"]
+    broken = by_key["imgs/broken"]
+    assert (broken["stage"], broken["error"]) == ("decode", "not_an_image")
+    assert broken["message"].startswith(f"file://{inp}/imgs/broken.jpg: "), broken
     sizes = {"abs": absolute, "rel": rel, "remote": s3}
     urls = {"abs": f"file://{elsewhere}/", "rel": f"file://{inp}/imgs/", "remote": f"s3://{s3_bucket}/pics/"}
     for (shard, key), row in rows.items():
