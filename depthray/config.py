@@ -66,11 +66,21 @@ class ModelConfig:
 @dataclass
 class InputConfig:
     url: str = ""  # glob, brace range, list file (.txt) or folder; any fsspec URL
-    format: str = "auto"  # auto | webdataset | parquet | images
-    image_column: str = "image"  # parquet: column with encoded image bytes
-    # parquet: column with the sample key; None = "key" when the file has one, else the
-    # image struct's path, else "{shard}/{row}" (unique across the dataset). A column named
-    # here that the first file lacks stops the job before it starts.
+    # auto | webdataset | parquet | arrow | images. arrow: Arrow IPC files, as Hugging Face
+    # datasets' save_to_disk writes them (auto: by the .arrow extension; in a folder holding
+    # state.json, only the files it lists)
+    format: str = "auto"
+    # parquet / arrow: the image column, read by its type: encoded image bytes; a {bytes, path}
+    # struct (datasets' Image(): the path is read when the bytes are null); or a string, the
+    # path or URL of the image file
+    image_column: str = "image"
+    # parquet / arrow: what relative image paths resolve against (a folder path or URL);
+    # None = the folder of the file that holds them. Absolute paths are local files; URLs
+    # (s3://, https://, ...) are read with the storage settings.
+    image_root: str | None = None
+    # parquet / arrow: column with the sample key; None = "key" when the file has one, else
+    # the image's path (no extension), else "{shard}/{row}" (unique across the dataset).
+    # A column named here that the first file lacks stops the job before it starts.
     key_column: str | None = None
     # webdataset: which member is the image, as extensions in priority order. A multi-part
     # extension ("seg.png") matches only an entry spelled that way, never "png". None = jpg,
@@ -78,7 +88,7 @@ class InputConfig:
     # one of them is an error row (ambiguous_image).
     image_member: list | None = None
     images_per_shard: int = 1000  # image folders: a folder is cut into sorted shards of this many
-    keep_columns: list = field(default_factory=list)  # parquet: input columns copied to every output row
+    keep_columns: list = field(default_factory=list)  # parquet / arrow: input columns copied to every output row
     max_pixels: int = 64_000_000  # larger images are rejected as errors (decompression bombs)
     min_side: int = 8  # smaller images are rejected as errors
 
@@ -198,7 +208,7 @@ _CHOICES = {
                                "pyramid-joint", "pyramid-joint-split"),
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
     "model.kind": ("marigold", "marigold-e2e", "transformers"),
-    "input.format": ("auto", "webdataset", "parquet", "images"),
+    "input.format": ("auto", "webdataset", "parquet", "arrow", "images"),
     "output.format": ("parquet", "webdataset", "delta"),
     "compute.executor": ("ray", "local"),
 }
@@ -268,6 +278,8 @@ def _validate_input(inp: InputConfig, errors: list[str]) -> None:
         inp.image_member = [v.lower().lstrip(".") for v in inp.image_member]
         if not inp.image_member:
             errors.append("input.image_member: give at least one extension (e.g. [jpg, png]) or leave it out")
+    if inp.image_root is not None and not inp.image_root.strip():
+        errors.append("input.image_root: a folder path or URL, or null (the folder of each input file)")
     if inp.images_per_shard < 1:
         errors.append("input.images_per_shard: must be >= 1")
 

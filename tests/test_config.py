@@ -34,6 +34,10 @@ def test_choices_and_ranges():
     with pytest.raises(ConfigError, match="compute.batch_timeout_s: must be >= 0"):
         config_from_dict({"compute": {"batch_timeout_s": -1}})
     assert config_from_dict({"compute": {"batch_timeout_s": 0}}).compute.batch_timeout_s == 0
+    with pytest.raises(ConfigError, match="input.image_root: a folder path or URL, or null"):
+        config_from_dict({"input": {"image_root": " "}})
+    inp = config_from_dict({"input": {"format": "arrow", "image_root": "s3://b/imgs"}}).input
+    assert (inp.format, inp.image_root) == ("arrow", "s3://b/imgs")
 
 
 def test_yaml_file_and_overrides(tmp_path):

@@ -153,6 +153,23 @@ def test_unreadable_parquet_is_recorded(tmp_path):
     assert [e["error"] for e in errs] == ["corrupt_shard"] and trailer["shard_total"] == 1
 
 
+def test_arrow_ipc_stream_and_file_shards(tmp_path, make_image):
+    """`.arrow` shards in both IPC formats: the stream datasets' save_to_disk writes (its
+    record batches larger than a block: cut, in order) and the file (Feather v2) format."""
+    imgs = [make_image(16, 16, seed=i) for i in range(40)]
+    table = pa.table({"image": imgs, "key": [f"k{i:02d}" for i in range(40)]})
+    with pa.ipc.new_stream(tmp_path / "s.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=100)
+    with pa.ipc.new_file(tmp_path / "f.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=7)
+    shards = list_shards(InputConfig(url=str(tmp_path)), STORAGE)
+    assert [(s.name, s.format) for s in shards] == [("f", "arrow"), ("s", "arrow")]
+    for shard in shards:
+        *rows, trailer = read_all(shard)
+        assert [r["key"] for r in rows] == [f"k{i:02d}" for i in range(40)] and trailer["shard_total"] == 40
+        assert [r["data"] for r in rows] == imgs
+
+
 def test_reader_streams_blocks_from_s3(s3_bucket, make_tar, make_image):
     fs = fsspec.filesystem("s3")
     n = 70  # more than one block of 32

@@ -123,7 +123,9 @@ def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Tabl
         try:
             arr, meta = decode_image(row["data"], cfg.max_pixels, cfg.min_side)
         except DecodeError as e:
-            out.append(records.error_row(row, "decode", e.reason, str(e)))
+            # an image read from a path (Parquet/Arrow path columns, folders): name the file
+            src = json.loads(row.get("meta") or "{}").get("source_url")
+            out.append(records.error_row(row, "decode", e.reason, f"{src}: {e}" if src else str(e)))
             continue
         meta = {**json.loads(row.get("meta") or "{}"), **meta}  # the reader's facts (source key, ...)
         # arr.data: the pixels go into the Arrow column without another ~1 MB copy

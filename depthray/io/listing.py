@@ -4,6 +4,8 @@ Image files are cut into shards by depthray/io/folders.py."""
 
 from __future__ import annotations
 
+import json
+import logging
 import posixpath
 import re
 from dataclasses import dataclass
@@ -12,8 +14,12 @@ from depthray.config import ConfigError, InputConfig, StorageConfig
 from depthray.io.folders import ImageSet, chunk_label, file_ext, hidden, split_url
 from depthray.io.fs import filesystem, full_url
 
+log = logging.getLogger(__name__)
+
 # Gzipped tars are read as they stream (tarfile's "r|*"), so they are WebDataset shards too.
-SHARD_EXTS = {"tar": "webdataset", "tar.gz": "webdataset", "tgz": "webdataset", "parquet": "parquet"}
+# .arrow: Arrow IPC files, as Hugging Face datasets' save_to_disk writes them (io/columns.py).
+SHARD_EXTS = {"tar": "webdataset", "tar.gz": "webdataset", "tgz": "webdataset", "parquet": "parquet",
+              "arrow": "arrow"}
 LIST_FILE_EXTS = (".txt", ".lst", ".list")
 SHARD_KEY = "<shard>"  # key of an error record about a whole shard (e.g. truncated tar)
 
@@ -22,7 +28,7 @@ SHARD_KEY = "<shard>"  # key of an error record about a whole shard (e.g. trunca
 class Shard:
     name: str  # relative path without extension; names output parts and manifests
     url: str  # full URL (file://, s3://, ...) of the file, or of the folder for images
-    format: str  # webdataset | parquet | images
+    format: str  # webdataset | parquet | arrow | images
 
 
 # ---------------------------------------------------------------------------- listing
@@ -141,11 +147,33 @@ def _list_folder(fs, root: str, declared: str, images: ImageSet) -> tuple[list[s
     it goes to `images` (cut into shards later) and other files are counted as skipped."""
     files = sorted(p for p in fs.find(root) if not hidden(p))
     shard_files = [p for p in files if _ext(p) in SHARD_EXTS and declared in ("auto", SHARD_EXTS[_ext(p)])]
+    shard_files = _saved_datasets_only(fs, files, shard_files)
     if shard_files and declared != "images":
         return [full_url(fs, p) for p in shard_files], [SHARD_EXTS[_ext(p)] for p in shard_files]
     for p in files:
         images.add(fs, p)
     return [], []
+
+
+def _saved_datasets_only(fs, files: list[str], shard_files: list[str]) -> list[str]:
+    """In a folder `datasets.save_to_disk` wrote (a `state.json` beside its `.arrow` files;
+    each split's folder of a DatasetDict has one), the shards are the files its
+    `_data_files` lists: `.map()` on a dataset loaded from there writes `cache-*.arrow`
+    files beside them, which are no part of it."""
+    listed: dict[str, set[str]] = {}
+    for p in files:
+        if posixpath.basename(p) == "state.json":
+            try:
+                state = json.loads(fs.cat_file(p))
+                listed[posixpath.dirname(p)] = {d["filename"] for d in state["_data_files"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not datasets' state.json: its folder is listed as any folder
+    keep = [p for p in shard_files if _ext(p) != "arrow" or posixpath.basename(p) in
+            listed.get(posixpath.dirname(p), {posixpath.basename(p)})]
+    if len(keep) < len(shard_files):
+        log.info("input: %d .arrow file(s) not listed by their folder's state.json left out (datasets cache files)",
+                 len(shard_files) - len(keep))
+    return keep
 
 
 def list_shards(cfg: InputConfig, storage: StorageConfig) -> Listing:

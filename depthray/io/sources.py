@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from depthray.config import InputConfig, StorageConfig
 from depthray.io import records
+from depthray.io.columns import ACCEPTED, TableFile, base_folder, fetch, image_kind, image_value, key_of_path, resolve
 from depthray.io.decode import IMAGE_EXTS
 from depthray.io.folders import file_ext as _ext, select, split_url
 from depthray.io.fs import filesystem
@@ -203,25 +204,30 @@ def _compressed(url: str) -> bool:
 
 
 class ParquetReader(Reader):
-    """Rows of a Parquet file: `input.image_column` (bytes, or a {bytes, path} struct as
-    Hugging Face datasets write it) and the key: `input.key_column`, else a "key" column,
-    else the struct's path (without extension), else "{shard}/{row}"; keys are unique
-    across the dataset. Every row's meta keeps the source key or path, and the columns
-    `input.keep_columns` names."""
+    """Rows of a Parquet or Arrow IPC file (depthray/io/columns.py): `input.image_column`
+    by its type (bytes; a {bytes, path} struct as Hugging Face datasets write it, the
+    path read when the bytes are null; a path or URL string) and the key:
+    `input.key_column`, else a "key" column, else the image's path (without extension),
+    else "{shard}/{row}"; keys are unique across the dataset. Every row's meta keeps the
+    source key or path, `source_url` when the image was read from a path, and the columns
+    `input.keep_columns` names. An image path that cannot be read is that row's error."""
 
     def read(self, shard: Shard) -> Iterator[pa.Table]:
-        self.shard_name = shard.name
+        self.shard_name, self.table_format = shard.name, shard.format
+        self.base = base_folder(shard.url, self.cfg.image_root)
         yield from super().read(shard)
 
     def samples(self, fs, path):
-        import pyarrow.parquet as pq
-
         seen: dict[str, int] = {}
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
+            table = TableFile(f, getattr(self, "table_format", "parquet"))
+            names = table.schema.names
             if self.cfg.image_column not in names:
                 raise ValueError(f"no column {self.cfg.image_column!r} (columns: {', '.join(names)})")
+            kind = image_kind(table.schema.field(self.cfg.image_column).type)
+            if kind is None:
+                raise ValueError(f"column {self.cfg.image_column!r} is "
+                                 f"{table.schema.field(self.cfg.image_column).type}, not {ACCEPTED}")
             key_column = self.cfg.key_column or "key"
             if self.cfg.key_column and key_column not in names:
                 raise ValueError(f"no key column {key_column!r} (columns: {', '.join(names)})")
@@ -229,35 +235,61 @@ class ParquetReader(Reader):
             keep = [c for c in self.cfg.keep_columns if c in names and c not in (self.cfg.image_column, key_column)]
             cols = [self.cfg.image_column] + ([key_column] if has_key else []) + keep
             index = 0
-            for batch in pf.iter_batches(batch_size=self.rows_per_block, columns=cols):
+            for batch in table.batches(cols, self.rows_per_block):
                 images = batch.column(self.cfg.image_column).to_pylist()
                 keys = batch.column(key_column).to_pylist() if has_key else [None] * len(images)
                 kept = {c: batch.column(c).to_pylist() for c in keep}
+                rows = []
                 for i, (raw_key, value) in enumerate(zip(keys, images)):
-                    meta: dict[str, Any] = {"source_row": index}
-                    src_path = value.get("path") if isinstance(value, dict) else None
-                    if raw_key is not None:
-                        key = str(raw_key)
-                        meta["source_key"] = key
-                    elif src_path:
-                        key = _strip_ext(src_path.lstrip("/"))
-                        meta["source_path"] = src_path
-                    else:
-                        key = f"{getattr(self, 'shard_name', 'shard')}/{index:08d}"
-                    if src_path:
-                        meta["source_path"] = src_path
-                    if kept:
-                        meta["columns"] = {c: _jsonable(v[i]) for c, v in kept.items()}
-                    key, dup = _unique(key, seen)
+                    rows.append(self._row(raw_key, *image_value(value, kind), index, seen,
+                                          {c: _jsonable(v[i]) for c, v in kept.items()}))
                     index += 1
-                    if isinstance(value, dict):
-                        value = value.get("bytes")
-                    if dup:
-                        yield {"key": key, "error": "duplicate_key", "message": "key already seen in this shard"}
-                    elif not value:
-                        yield {"key": key, "error": "no_image", "message": "image column is empty"}
-                    else:
-                        yield {"key": key, "data": bytes(value), "ext": None, "meta": json.dumps(meta, default=str)}
+                yield from self._fetched(rows)
+
+    def _row(self, raw_key, data: bytes | None, src_path: str | None, index: int, seen: dict[str, int],
+             kept: dict[str, Any]) -> dict[str, Any]:
+        meta: dict[str, Any] = {"source_row": index}
+        if raw_key is not None:
+            key = str(raw_key)
+            meta["source_key"] = key
+        elif src_path:
+            key = key_of_path(src_path)
+        else:
+            key = f"{getattr(self, 'shard_name', 'shard')}/{index:08d}"
+        if src_path:
+            meta["source_path"] = src_path
+        if kept:
+            meta["columns"] = kept
+        key, dup = _unique(key, seen)
+        if dup:
+            return {"key": key, "error": "duplicate_key", "message": "key already seen in this shard"}
+        if data:
+            return {"key": key, "data": data, "ext": None, "meta": meta}
+        if src_path:  # read in _fetched, with the rest of its block
+            url = resolve(src_path, self.base)
+            meta["source_url"] = url
+            return {"key": key, "url": url, "ext": _ext(url) if _ext(url) in IMAGE_EXTS else None, "meta": meta}
+        return {"key": key, "error": "no_image", "message": "image column is empty"}
+
+    def _fetched(self, rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The block's rows in order, path-valued images read meanwhile. A missing or
+        unreadable file is its row's error, naming the URL; a transient failure (dropped
+        connection, 5xx) is raised, so the shard is read again (Reader.read)."""
+        pending = [r for r in rows if "url" in r]
+        for r, got in zip(pending, fetch([r["url"] for r in pending], self.storage)):
+            url = r.pop("url")
+            if not isinstance(got, BaseException):
+                r["data"] = got
+            elif is_transient(got):
+                raise got
+            else:
+                reason = "missing_image" if isinstance(got, FileNotFoundError) else "image_unreadable"
+                r.update(error=reason, message=f"{url}: {type(got).__name__}: {got}"[:2000])
+                r.pop("meta"), r.pop("ext")
+        for r in rows:
+            if "meta" in r:
+                r["meta"] = json.dumps(r["meta"], default=str)
+            yield r
 
 
 def _jsonable(v: Any) -> Any:
@@ -287,7 +319,9 @@ class ImageFolderReader(Reader):
                    "meta": json.dumps({"source_url": fs.unstrip_protocol(p)})}
 
 
-READERS = {"webdataset": WebDatasetReader, "parquet": ParquetReader, "images": ImageFolderReader}
+# Arrow IPC files (Hugging Face save_to_disk) are tables as Parquet files are: one reader.
+READERS = {"webdataset": WebDatasetReader, "parquet": ParquetReader, "arrow": ParquetReader,
+           "images": ImageFolderReader}
 
 
 def read_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig) -> Iterator[pa.Table]:

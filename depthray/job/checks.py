@@ -107,23 +107,22 @@ def describe_error(e: BaseException, limit: int = 500) -> str:
 
 
 def check_columns(cfg: Config, shards: list[Shard]) -> None:
-    """Parquet inputs: the first file's schema holds input.image_column, the key_column
-    named (when one is) and input.keep_columns; else a ConfigError naming the columns that
-    exist (a wrong column would make every shard a corrupt one, or keys row numbers)."""
-    first = next((s for s in shards if s.format == "parquet"), None)
+    """Parquet and Arrow inputs: the first file's schema holds input.image_column, of a type
+    an image is read from (io/columns.py: bytes, a {bytes, path} struct, a path string),
+    the key_column named (when one is) and input.keep_columns; else a ConfigError naming
+    the columns that exist or the column's type (a wrong column would make every shard a
+    corrupt one, or keys row numbers)."""
+    first = next((s for s in shards if s.format in ("parquet", "arrow")), None)
     if first is None:
         return
-    import pyarrow.parquet as pq
-
-    from depthray.io.fs import filesystem
+    from depthray.io.columns import ACCEPTED, image_kind, read_schema
 
     try:
-        fs, path = filesystem(first.url, cfg.storage)
-        with fs.open(path, "rb") as f:
-            names = pq.ParquetFile(f).schema_arrow.names
+        schema = read_schema(first.url, first.format, cfg.storage)
     except Exception as e:  # unreadable: the reader reports it per shard
         log.debug("cannot read the schema of %s: %s", first.url, e)
         return
+    names = schema.names
     inp = cfg.input
     wanted = [("input.image_column", inp.image_column)] + \
         ([("input.key_column", inp.key_column)] if inp.key_column else []) + \
@@ -132,6 +131,10 @@ def check_columns(cfg: Config, shards: list[Shard]) -> None:
     if missing:
         raise ConfigError(f"{', '.join(missing)}: no such column in {first.url} "
                           f"(columns: {', '.join(names)})")
+    tp = schema.field(inp.image_column).type
+    if image_kind(tp) is None:
+        raise ConfigError(f"input.image_column {inp.image_column!r} in {first.url} is of type {tp}: "
+                          f"an image is read from {ACCEPTED}")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
