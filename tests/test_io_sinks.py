@@ -223,3 +223,66 @@ def test_encode_turns_a_missing_map_into_an_error_row():
     out = encode_batch(records.to_table(rows, records.PREDICTED)).to_pylist()
     assert out[0]["error"] is None and out[0]["depth"]
     assert (out[1]["key"], out[1]["stage"]) == ("b", "encode")
+
+
+def test_tar_parts_are_the_bytes_tarfile_writes():
+    """Samples are built one by one (io/tar_samples.py: tar_member), joined into the tar
+    `tarfile` writes: same headers (ustar, pax for long or non-ASCII names), padding, end."""
+    import random
+
+    from depthray.io.tar_samples import tar_bytes
+
+    def tarfile_bytes(files):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in files:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    rng = random.Random(0)
+    for _ in range(50):
+        files = [(rng.choice(["a", "k" * 300, "ünï/ключ 图", "x" * 99, "y" * 100, "z" * 101]) + str(i),
+                  rng.randbytes(rng.choice([0, 1, 511, 512, 513, 3000, 10240]))) for i in range(rng.randrange(6))]
+        assert tar_bytes(files) == tarfile_bytes(files)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_a_row_the_writer_cannot_build_is_an_error_row_but_a_storage_failure_raises(tmp_path, monkeypatch, fmt):
+    """One unwritable row costs itself (`write` / `unwritable`, naming the key), the others
+    are written and the ACK still counts every row; a failed write to storage raises, so
+    Ray retries the task and the shard is never committed short."""
+    import depthray.io.sinks as sinks
+
+    rows = predicted_rows("s1", ["a", "bad", "c"]) + [{"source": "s1", "key": None, "shard_total": 3}]
+    if fmt == "parquet":  # a kept map column's entry, as JSON: [int, str] is no Arrow list
+        rows[1]["meta"] = json.dumps({"columns": {"tags": [[1, "x"]]}})
+    else:  # a name the writer cannot make (no input reaches this since keys are UTF-8)
+        real = sinks.safe_key
+
+        def refuse(key):
+            if key == "bad":
+                raise ValueError("no tar name for this key")
+            return real(key)
+
+        monkeypatch.setattr(sinks, "safe_key", refuse)
+    cfg = OutputConfig(url=str(tmp_path), format=fmt)
+    [ack] = write_batch(encoded_batch(rows), cfg, STORAGE, "m", "h").to_pylist()
+    assert (ack["rows"], ack["outputs"], ack["errors"]) == (4, 2, 1)
+    assert json.loads(ack["error_reasons"]) == {"write:unwritable": 1}
+    [err] = pq.read_table(tmp_path / "_staging" / "_errors").to_pylist()
+    assert (err["key"], err["stage"], err["error"]) == ("bad", "write", "unwritable")
+    assert err["message"].startswith("key 'bad' cannot be written as"), err
+    if fmt == "parquet":
+        assert sorted(pq.read_table(tmp_path / "_staging").column("key").to_pylist()) == ["a", "c"]
+    else:
+        with tarfile.open(tmp_path / "_staging" / ack["parts"][0]) as tar:
+            assert sorted(n for n in tar.getnames() if n.endswith(".json")) == ["a.json", "c.json"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks, "write_atomic", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_batch(encoded_batch(rows), cfg, STORAGE, "m", "h")

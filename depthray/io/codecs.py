@@ -144,12 +144,12 @@ def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:
             meta = json.loads(row.get("meta") or "{}")
             row["depth"] = encode_depth_png16(depth, meta.get("output_space", "depth"))
             row["uncertainty"], row["uncertainty_scale"] = encode_uncertainty_png16(unc)
-        except Exception as e:  # a bad result must not take its neighbours with it
+            row["uncertainty_mean"] = float(unc.mean())
+            if quality is not None:
+                meta.update(assess(depth, unc, quality).to_meta())
+                row["meta"] = json.dumps(meta)
+        except Exception as e:  # a bad result must not take its neighbours with it (nor the job)
             out.append(records.error_row(row, "encode", "encode", f"{type(e).__name__}: {e}"))
             continue
-        row["uncertainty_mean"] = float(unc.mean())
-        if quality is not None:
-            meta.update(assess(depth, unc, quality).to_meta())
-            row["meta"] = json.dumps(meta)
         out.append(row)
     return records.to_table(out, records.ENCODED)

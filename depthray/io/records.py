@@ -127,6 +127,7 @@ def error_row(row: dict[str, Any], stage: str, error: str, message: str) -> dict
         "key": row.get("key"),
         "stage": stage,
         "error": error,
-        "message": message[:2000],
+        # a lone surrogate (a name that was not UTF-8) in a message would fail the whole table
+        "message": message[:2000].encode("utf-8", "backslashreplace").decode("utf-8"),
         "ext": row.get("ext"),
     }

@@ -32,7 +32,7 @@ from depthray.config import OutputConfig, StorageConfig
 from depthray.io import records
 from depthray.io.fs import filesystem, join, write_atomic
 from depthray.io.table import part_rel as table_part_rel
-from depthray.io.tar_samples import tar_bytes
+from depthray.io.tar_samples import tar_join, tar_member
 
 ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
@@ -87,24 +87,34 @@ def safe_key(key: str) -> str:
 
 
 class Sink:
-    """Writes one part file per call; subclasses say how rows become bytes."""
+    """Writes one part file per call; subclasses say how a row becomes this format's sample
+    (`sample`, one row at a time) and how samples become a part's bytes (`encode`)."""
 
     extension = ""
     subdir = ""
+    kind = ""  # what an unwritable row's message says it could not become
 
     def __init__(self, url: str, storage: StorageConfig):
         self.url = url
         self.storage = storage
 
-    def encode(self, rows: list[dict[str, Any]]) -> bytes:
+    def sample(self, row: dict[str, Any]) -> Any:
+        """`row` as this format stores it; raises for a row the format cannot hold."""
+        return row
+
+    def encode(self, samples: list[Any]) -> bytes:
         raise NotImplementedError
 
     def write(self, shard: str, rows: list[dict[str, Any]], digest: str) -> tuple[str, int]:
         """Write `rows` (all from input shard `shard`) as one staged part; returns its path
-        relative to the output (where it goes on commit) and its size in bytes."""
+        relative to the output (where it goes on commit) and its size in bytes. Raises for
+        a row the format cannot hold: `write_batch` sets those aside first (`writable`)."""
+        return self.write_samples(shard, [self.sample(r) for r in rows], digest)
+
+    def write_samples(self, shard: str, samples: list[Any], digest: str) -> tuple[str, int]:
         rel = part_rel(shard, digest, self.extension, self.subdir)
         fs, root = filesystem(self.url, self.storage)
-        data = self.encode(rows)
+        data = self.encode(samples)
         write_atomic(fs, join(root, STAGING_DIR, rel), data)
         return rel, len(data)
 
@@ -123,14 +133,17 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 class ParquetSink(Sink):
     extension = "parquet"
+    kind = "a Parquet row"
 
     def __init__(self, url, storage, model: str, config_hash: str):
         super().__init__(url, storage)
         self.extra = {"model": model, "config_hash": config_hash}
 
-    def encode(self, rows):
-        table = records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA)
-        return _parquet_bytes(with_kept_columns(table, rows))
+    def sample(self, row):
+        return {**row, **self.extra, KEPT: kept_columns(row)}
+
+    def encode(self, samples):
+        return _parquet_bytes(with_kept_columns(records.to_table(samples, OUTPUT_SCHEMA), samples))
 
 
 class TableSink(ParquetSink):
@@ -143,23 +156,39 @@ class TableSink(ParquetSink):
         super().__init__(url, storage, model, config_hash)
         self.run_id = run_id
 
-    def encode(self, rows):
-        table = records.to_table(({**r, **self.extra} for r in rows), OUTPUT_SCHEMA)
+    def encode(self, samples):
+        table = with_kept_columns(records.to_table(samples, OUTPUT_SCHEMA), samples)
         # `source` is the table's partition value (the log holds it), not a column of its files
-        return _parquet_bytes(with_kept_columns(table, rows).drop_columns(["source"]))
+        return _parquet_bytes(table.drop_columns(["source"]))
 
-    def write(self, shard, rows, digest):
+    def write_samples(self, shard, samples, digest):
         rel = table_part_rel(shard, digest, self.run_id)
         fs, root = filesystem(self.url, self.storage)
-        data = self.encode(rows)
+        data = self.encode(samples)
         write_atomic(fs, join(root, rel), data)
         return rel, len(data)
 
 
-def with_kept_columns(table: pa.Table, rows: list[dict[str, Any]]) -> pa.Table:
-    """`input.keep_columns` (carried in each row's meta as "columns") as real columns; a
-    name the output already uses gets an `input_` prefix. Values stay in `meta` as well."""
-    kept = [json.loads(r.get("meta") or "{}").get("columns") or {} for r in rows]
+KEPT = "_kept_columns"  # a Parquet sample's kept input columns, parsed (no output column)
+
+
+def kept_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's `input.keep_columns` values (carried in its meta as "columns"), each checked
+    to become an Arrow value: after the reader's JSON some cannot (a map's [int, str]
+    entries, a uint64 past int64's range), and one such value must cost its row, not the part."""
+    kept = json.loads(row.get("meta") or "{}").get("columns") or {}
+    for name, value in kept.items():
+        try:
+            pa.array([value])
+        except Exception as e:
+            raise ValueError(f"input column {name!r} value {str(value)[:200]}: {type(e).__name__}: {e}") from e
+    return kept
+
+
+def with_kept_columns(table: pa.Table, samples: list[dict[str, Any]]) -> pa.Table:
+    """`input.keep_columns` (`kept_columns` of each sample) as real columns; a name the
+    output already uses gets an `input_` prefix. Values stay in `meta` as well."""
+    kept = [s[KEPT] for s in samples]
     names = list(dict.fromkeys(c for k in kept for c in k))
     for c in names:
         values = pa.array([k.get(c) for k in kept])
@@ -174,27 +203,31 @@ class WebDatasetSink(Sink):
     image as `{key}.{ext}` (its original encoding and extension)."""
 
     extension = "tar"
+    kind = "a WebDataset sample"
 
     def __init__(self, url, storage, model: str, config_hash: str, include_image: bool):
         super().__init__(url, storage)
         self.extra = {"model": model, "config_hash": config_hash}
         self.include_image = include_image
 
-    def encode(self, rows):
-        return tar_bytes(self._files(rows))
+    def sample(self, row):
+        """(key, the sample's tar members as pieces of bytes)."""
+        return row["key"], [piece for name, data in self._files(row) for piece in tar_member(name, data)]
 
-    def _files(self, rows):
-        for r in sorted(rows, key=lambda r: r["key"]):
-            name = safe_key(r["key"])
-            meta = {k: r.get(k) for k in ("key", "source", "width", "height", "uncertainty_scale",
-                                          "uncertainty_mean", "ensemble_size", "num_views")}
-            meta.update(self.extra, **json.loads(r.get("meta") or "{}"))
-            yield f"{name}.depth.png", r["depth"]
-            yield f"{name}.uncertainty.png", r["uncertainty"]
-            yield f"{name}.json", json.dumps(meta, sort_keys=True).encode()
-            if self.include_image and r.get("data"):
-                ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
-                yield f"{name}.{ext}", r["data"]
+    def encode(self, samples):
+        return tar_join(piece for _, pieces in sorted(samples, key=lambda s: s[0]) for piece in pieces)
+
+    def _files(self, r):
+        name = safe_key(r["key"])
+        meta = {k: r.get(k) for k in ("key", "source", "width", "height", "uncertainty_scale",
+                                      "uncertainty_mean", "ensemble_size", "num_views")}
+        meta.update(self.extra, **json.loads(r.get("meta") or "{}"))
+        yield f"{name}.depth.png", r["depth"]
+        yield f"{name}.uncertainty.png", r["uncertainty"]
+        yield f"{name}.json", json.dumps(meta, sort_keys=True).encode()
+        if self.include_image and r.get("data"):
+            ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
+            yield f"{name}.{ext}", r["data"]
 
 
 EMPTY_ERRORS = "empty.parquet"  # `_errors/empty.parquet`: 0 rows, the schema
@@ -215,8 +248,8 @@ class ErrorSink(Sink):
     extension = "parquet"
     subdir = ERRORS_DIR
 
-    def encode(self, rows):
-        return _parquet_bytes(records.to_table(rows, records.ERRORS))
+    def encode(self, samples):
+        return _parquet_bytes(records.to_table(samples, records.ERRORS))
 
 
 def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash: str, run_id: str = "") -> Sink:
@@ -239,6 +272,24 @@ def unlabelled_members(rows: list[dict[str, Any]]) -> Counter:
     return found
 
 
+def writable(sink: Sink, rows: list[dict[str, Any]]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The rows' samples, and an error row for each row the sink cannot hold: a part encoded
+    whole would raise for one such row, Ray would retry the same rows until the dataset
+    ended, and no shard of the job would ever commit. Only encoding is guarded: the part's
+    write to storage comes after, and its failures still fail the task (Ray retries it;
+    the commit protocol keeps the outputs exactly once)."""
+    samples, failed = [], []
+    for row in rows:
+        try:
+            samples.append(sink.sample(row))
+        except MemoryError:  # the worker's trouble, not this row's
+            raise
+        except Exception as e:
+            failed.append(records.error_row(row, "write", "unwritable", f"key {row['key']!r} cannot be written "
+                                            f"as {sink.kind}: {type(e).__name__}: {e}"))
+    return samples, failed
+
+
 def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, model: str,
                 config_hash: str, run_id: str = "") -> pa.Table:
     """Ray Data UDF: ENCODED rows -> parts on storage, and one ACK row per source shard."""
@@ -250,10 +301,12 @@ def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, mode
     acks = []
     for shard, rows in groups.items():
         trailer = next((r for r in rows if records.is_trailer(r)), None)
-        outputs = [r for r in rows if not records.is_trailer(r) and r.get("error") is None]
+        labelled = [r for r in rows if not records.is_trailer(r) and r.get("error") is None]
         errors = [r for r in rows if records.is_error(r)]
-        digest = part_hash([r["key"] for r in outputs + errors])
-        part = sink.write(shard, outputs, digest) if outputs else None
+        digest = part_hash([r["key"] for r in labelled + errors])  # of the batch: a retry's names
+        outputs, unwritable = writable(sink, labelled)
+        errors += unwritable
+        part = sink.write_samples(shard, outputs, digest) if outputs else None
         error_part = errors_sink.write(shard, errors, digest) if errors else None
         acks.append(
             {
@@ -268,7 +321,7 @@ def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, mode
                 "error_parts": [error_part[0]] if error_part else [],
                 "error_part_bytes": [error_part[1]] if error_part else [],
                 "error_reasons": json.dumps(Counter(f"{r['stage']}:{r['error']}" for r in errors)),
-                "infer_s": float(sum(r.get("infer_s") or 0.0 for r in outputs)),
+                "infer_s": float(sum(r.get("infer_s") or 0.0 for r in labelled)),
                 "unlabelled_members": json.dumps(unlabelled_members(rows)),
             }
         )

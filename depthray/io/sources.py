@@ -136,6 +136,20 @@ class Reader:
         yield records.to_table(rows, records.SAMPLE)
 
 
+def _utf8_key(key: str) -> tuple[str, str]:
+    """(key, "") or, for a tar member name that is not UTF-8 (tarfile reads its bytes as lone
+    surrogates, which no Arrow string, Parquet column or JSON reader takes: the whole shard's
+    block failed), (its bytes escaped as text, why it is an error row)."""
+    try:
+        key.encode("utf-8")
+        return key, ""
+    except UnicodeEncodeError:
+        raw = key.encode("utf-8", "surrogateescape")
+        shown = raw.decode("utf-8", "backslashreplace")
+        return shown, (f"member name {raw!r} is not UTF-8 (a latin-1 or other legacy encoding?); "
+                       f"the key is shown escaped as {shown!r}: rename the members in UTF-8 to label them")
+
+
 def _unique(key: str, seen: dict[str, int]) -> tuple[str, bool]:
     """Keys are unique per shard: a repeat gets a `~dupN` suffix and becomes an error."""
     n = seen.get(key, 0)
@@ -176,10 +190,13 @@ class WebDatasetReader(Reader):
 
     def _sample(self, key: str, members: dict[str, bytes], places: dict[str, tuple[str, int, int]],
                 seen: dict[str, int]) -> dict[str, Any]:
-        key, dup = _unique(key, seen)
+        key, not_utf8 = _utf8_key(key)
+        key, dup = _unique(key, seen)  # after escaping: an escaped name equal to a real key is a repeat
         if dup:
             return {"key": key, "error": "duplicate_key",
                     "message": "key already seen in this shard (tar members not grouped by key?)"}
+        if not_utf8:
+            return {"key": key, "error": "bad_key", "message": not_utf8}
         ext, reason, message = choose_member(list(members), self.cfg.image_member)
         if reason:
             return {"key": key, "error": reason, "message": message}

@@ -6,7 +6,6 @@ first dot of its file name (`a/b/x.depth.png` -> key `a/b/x`, extension `depth.p
 
 from __future__ import annotations
 
-import io
 import posixpath
 import tarfile
 from typing import IO, Iterable, Iterator
@@ -46,16 +45,29 @@ def iter_samples_placed(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, byt
             yield key, members, places
 
 
+def tar_member(name: str, data: bytes) -> list[bytes]:
+    """One member as it lies in a POSIX (pax) tar: header(s), data, zero padding to a block
+    (pieces, joined once with the whole part: a depth PNG is not copied twice).
+    A name that fits ustar (100 bytes, ASCII) gets a plain ustar header, a longer or
+    non-ASCII one an extended header that every tar reader (GNU tar, Python's tarfile and
+    so webdataset) honours; ustar alone failed on keys from ~85 characters. Members are
+    built one by one so a writer can set aside a sample whose member cannot be built
+    (depthray/io/sinks.py) and still write the others; bytes as `tarfile` writes them."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")  # TarFile's own defaults
+    return [header, data, tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)]
+
+
+def tar_join(pieces: Iterable[bytes]) -> bytes:
+    """An uncompressed tar of `tar_member` pieces, in the order given, ended as `tarfile`
+    ends an archive: two zero blocks, then zeros to a whole record."""
+    pieces = list(pieces)
+    size = sum(map(len, pieces)) + 2 * tarfile.BLOCKSIZE
+    return b"".join(pieces + [tarfile.NUL * (2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE)])
+
+
 def tar_bytes(files: Iterable[tuple[str, bytes]]) -> bytes:
-    """An uncompressed tar of (name, bytes), in the order given. POSIX (pax) format: a member
-    name that fits ustar (100 bytes, ASCII) gets a plain ustar header, a longer or non-ASCII
-    one an extended header that every tar reader (GNU tar, Python's tarfile and so
-    webdataset) honours; ustar alone failed on keys from ~85 characters."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    """An uncompressed tar of (name, bytes), in the order given (see `tar_member`)."""
+    return tar_join(piece for name, data in files for piece in tar_member(name, data))
