@@ -226,11 +226,12 @@ class ParquetReader(Reader):
     path read when the bytes are null; a path or URL string) and the key:
     `input.key_column`, else a "key" column, else the image's path (without extension),
     else "{shard}/{row}"; keys are unique across the dataset. Every row's meta keeps the
-    source key or path, `source_url` when the image was read from a path, and the columns
+    source key or path, `source_url` when the image was read from a path (else
+    `source_table`/`source_row`/`source_column`: the value in this file), and the columns
     `input.keep_columns` names. An image path that cannot be read is that row's error."""
 
     def read(self, shard: Shard) -> Iterator[pa.Table]:
-        self.shard_name, self.table_format = shard.name, shard.format
+        self.shard_name, self.table_format, self.shard_url = shard.name, shard.format, shard.url
         self.base = base_folder(shard.url, self.cfg.image_root)
         yield from super().read(shard)
 
@@ -280,7 +281,8 @@ class ParquetReader(Reader):
         key, dup = _unique(key, seen)
         if dup:
             return {"key": key, "error": "duplicate_key", "message": "key already seen in this shard"}
-        if data:
+        if data:  # the way back to the image: this file's row, in the image column
+            meta.update(source_table=getattr(self, "shard_url", None), source_column=self.cfg.image_column)
             return {"key": key, "data": data, "ext": None, "meta": meta}
         if src_path:  # read in _fetched, with the rest of its block
             url = resolve(src_path, self.base)

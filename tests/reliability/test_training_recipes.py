@@ -121,7 +121,8 @@ def test_delta_recipe_and_depthray_reader_on_s3(s3_bucket, doc_code):
 
 def write_input_formats(root: Path) -> dict[str, str]:
     """The same five images as a folder, an uncompressed tar (members in a sub-folder, so the
-    member name is no key), a gzipped tar and a Parquet file of bytes: format -> input URL."""
+    member name is no key), a gzipped tar, a Parquet file of bytes, and as `datasets` writes
+    them (paths in a Parquet file, bytes in a save_to_disk folder): format -> input URL."""
     import gzip
 
     import pyarrow as pa
@@ -140,16 +141,25 @@ def write_input_formats(root: Path) -> dict[str, str]:
     (root / "parquet").mkdir()
     pq.write_table(pa.table({"key": [p.stem for p in files], "image": [p.read_bytes() for p in files]}),
                    root / "parquet" / "p0.parquet", row_group_size=2)  # rows in several groups
+    import datasets
+
+    as_struct = datasets.Dataset.from_dict({"image": [str(p) for p in files]}).cast_column("image", datasets.Image())
+    as_struct.to_parquet(str(root / "hf_paths.parquet"))  # {bytes: null, path} structs: images read by path
+    embedded = datasets.Dataset.from_dict({"key": [p.stem for p in files], "image": [p.read_bytes() for p in files]})
+    embedded.save_to_disk(str(root / "hf_disk"))  # Arrow IPC stream files, bytes inside
     return {"folder": str(folder), "tar": str(root / "tar"), "tgz": str(root / "tgz"),
-            "parquet": str(root / "parquet")}
+            "parquet": str(root / "parquet"), "hf_paths": str(root / "hf_paths.parquet"),
+            "hf_disk": str(root / "hf_disk")}
 
 
-@pytest.mark.parametrize("input_format", ["folder", "tar", "tgz", "parquet"])
+@pytest.mark.parametrize("input_format", ["folder", "tar", "tgz", "parquet", "hf_paths", "hf_disk"])
 def test_recipes_lead_back_to_the_input_image_of_every_input_format(tmp_path, doc_code, input_format):
     """The documented recipes, as written, on Parquet and WebDataset outputs (the latter
     without the image passed through) of folder, tar, gzipped-tar and Parquet inputs: each
     label finds its own image through `read_input_image` (a wrong member, offset or row shows
-    as low correlation), and a tar member's offset is a range read of exactly its bytes."""
+    as low correlation), and a tar member's offset is a range read of exactly its bytes.
+    Also Hugging Face exports: a Parquet file of {bytes: null, path} structs and a
+    `save_to_disk` folder."""
     url = write_input_formats(tmp_path / "in")[input_format]
     keys = {p.stem for p in (tmp_path / "in" / "folder").iterdir()}
     pq_out, wds_out = tmp_path / "pq", tmp_path / "wds"
