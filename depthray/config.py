@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from depthray.config_build import build, flatten
+from depthray.models.kinds import KINDS
 
 
 class ConfigError(ValueError):
@@ -173,17 +174,18 @@ class Config:
 
         `dtype: auto` and `device: auto` are given as what the model's kind runs them as on
         the kind of device it runs on (`device_kind`: "cpu" | "cuda"; None = the kind
-        model.device names, else "cpu"; depthray/precision.py): a CPU float32 run and a GPU
+        model.device names, else "cpu"; depthray/models/kinds.py): a CPU float32 run and a GPU
         half-precision run give different depths.
         """
-        from depthray.precision import device_type, resolve_dtype
+        from depthray.models.kinds import MARIGOLD
+        from depthray.precision import device_type
 
         model = dataclasses.asdict(self.model)
         model["device"] = device_type(model["device"], device_kind)
         # A factory is not handed model.dtype and picks its own; its rows keep the Marigold
         # row's reading of `auto`, as before (what it runs is the factory's to say).
-        kind = model["kind"] if model["factory"] is None else "marigold"
-        model["dtype"] = resolve_dtype(kind, model["dtype"], model["device"])
+        kind = KINDS[model["kind"]] if model["factory"] is None else MARIGOLD
+        model["dtype"] = kind.dtype(model["dtype"], model["device"])
         return flatten({"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)})
 
     def hash(self, device_kind: str | None = None) -> str:
@@ -201,13 +203,16 @@ class Config:
 LABELS_VERSION = 2
 
 
+# How tiles are fused (depthray/tiling.py implements each; listed once, here).
+FUSIONS = ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split", "pyramid-joint",
+           "pyramid-joint-split")
+
 _CHOICES = {
     "inference.ensemble_reduction": ("median", "mean"),
     "inference.tiling.mode": ("auto", "on", "off"),
-    "inference.tiling.fusion": ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split",
-                               "pyramid-joint", "pyramid-joint-split"),
+    "inference.tiling.fusion": FUSIONS,
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
-    "model.kind": ("marigold", "marigold-e2e", "transformers"),
+    "model.kind": lambda: tuple(KINDS),  # read when validating: a kind registers once, in models/kinds.py
     "input.format": ("auto", "webdataset", "parquet", "arrow", "images"),
     "output.format": ("parquet", "webdataset", "delta"),
     "compute.executor": ("ray", "local"),
@@ -221,6 +226,7 @@ _BOOL_WORDS = {"inference.tiling.mode": {True: "on", False: "off"}}
 def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
     flat = flatten(cfg.to_dict())
     for key, allowed in _CHOICES.items():
+        allowed = allowed() if callable(allowed) else allowed
         if flat[key] not in allowed:
             errors.append(f"{key}: must be one of {', '.join(allowed)}, got {flat[key]!r}")
     inf = cfg.inference
@@ -286,7 +292,7 @@ def _validate_input(inp: InputConfig, errors: list[str]) -> None:
 
 def model_kinds() -> tuple[str, ...]:
     """The `model.kind` values depthray knows (one list: validation, checks and docs use it)."""
-    return _CHOICES["model.kind"]
+    return tuple(KINDS)
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:

@@ -44,31 +44,19 @@ class ImagePlan:
 def model_settings(cfg: Config) -> tuple[int, int, str]:
     """(processing resolution, steps, where they came from) without loading the model.
 
-    Config values win; then a local checkpoint's model_index.json; then Marigold defaults
-    (depthray.models.checkpoints, the same reading the engine does when it loads).
+    Config values win; then what the model's kind reads from its checkpoint (a Marigold
+    model_index.json, a transformers preprocessor_config.json; depthray/models/kinds.py, the
+    same reading the engine does when it loads); a factory plug-in is built to ask it.
     """
-    from depthray.models.checkpoints import checkpoint_defaults as registered
+    from depthray.models.kinds import kind_of
 
     res, steps = cfg.model.processing_resolution, cfg.inference.num_inference_steps
     if res is not None and steps is not None:
         return int(res), int(steps), "config"
     if cfg.model.factory:
         return factory_settings(cfg)
-    local = cfg.model.path if "://" not in cfg.model.path else None
-    if cfg.model.kind == "marigold-e2e":
-        steps = 1  # end-to-end checkpoints take exactly one step (models/marigold_e2e.py)
-    if cfg.model.kind == "transformers":
-        # One forward, no steps; the input size its preprocessor_config.json registers.
-        rule = transformers_view_rule(cfg)
-        if rule is not None:
-            return rule.side, 1, f"config + {Path(local) / 'preprocessor_config.json'}"
-        if res is None:
-            raise ValueError(f"model.path {cfg.model.path!r}: no local preprocessor_config.json; "
-                             "set model.processing_resolution for a transformers model's plan")
-        return int(res), 1, "config"
-    found = registered(local)
-    return (int(res or found.processing_resolution), int(steps or found.denoising_steps),
-            f"config + {found.source}")
+    kind = kind_of(cfg.model)
+    return kind.plan_settings(kind, cfg.model, res, steps)
 
 
 def factory_settings(cfg: Config) -> tuple[int, int, str]:
@@ -93,24 +81,6 @@ def _factory_model(factory: str, options_json: str):
     return load_model({"factory": factory, "options": json.loads(options_json)})
 
 
-def transformers_view_rule(cfg: Config, processing_resolution: int | None = None):
-    """The view rule (models/hf_sizes.py) of a local transformers checkpoint, read from its
-    config.json and preprocessor_config.json as the model reads them at load; None when the
-    checkpoint is not a local folder."""
-    from types import SimpleNamespace
-
-    from depthray.models.hf_families import family_of
-    from depthray.models.hf_sizes import view_rule
-
-    folder = Path(cfg.model.path) if "://" not in cfg.model.path else None
-    if folder is None or not all((folder / name).is_file() for name in ("config.json", "preprocessor_config.json")):
-        return None
-    config = json.loads((folder / "config.json").read_text())
-    family_of(SimpleNamespace(**config), cfg.model.options.get("output_space"))  # a refused family fails here too
-    pre = json.loads((folder / "preprocessor_config.json").read_text())
-    return view_rule(config.get("model_type", ""), pre, processing_resolution or cfg.model.processing_resolution)
-
-
 def global_view_size(height: int, width: int, cfg: Config,
                      processing_resolution: int | None = None) -> tuple[int, int] | None:
     """The global view a job gives the model for an image (None: the long side at the
@@ -122,7 +92,9 @@ def global_view_size(height: int, width: int, cfg: Config,
         return tuple(model.view_size(height, width)) if hasattr(model, "view_size") else None
     if cfg.model.kind != "transformers":
         return None
-    rule = transformers_view_rule(cfg, processing_resolution)
+    from depthray.models.kinds import transformers_view_rule
+
+    rule = transformers_view_rule(cfg.model, processing_resolution)
     if rule is None:
         raise ValueError(f"model.path {cfg.model.path!r}: the network input size of a transformers model "
                          "follows its preprocessor_config.json, which is not in a local folder here; plan "

@@ -1,26 +1,10 @@
-"""What `model.dtype: auto` and `model.device: auto` run as, per model kind: the one table the
-engines load with and the config records (config.Config.settings, so manifests and the
-config hash describe the run that happened). No torch here: the config imports it.
+"""What `model.device: auto` runs on: the loaders and config.Config.settings read it, so
+manifests and the config hash describe the run that happened. (What `dtype: auto` runs as
+is a fact of the model kind: depthray/models/kinds.py.) No torch at import: the config
+imports it.
 """
 
 from __future__ import annotations
-
-# model.kind -> dtype `auto` runs on CUDA (float32 on the CPU for every kind).
-# Marigold is trained in bfloat16 and it halves memory; the transformers backend runs
-# float16, the half precision transformers' depth models are published and run in.
-AUTO_CUDA_DTYPE = {"marigold": "bfloat16", "marigold-e2e": "bfloat16", "transformers": "float16"}
-
-
-def resolve_dtype(kind: str, dtype: str, device_type: str) -> str:
-    """The dtype name a model of `kind` runs in for `dtype` on a device of `device_type`."""
-    if dtype != "auto":
-        return dtype
-    if device_type != "cuda":
-        return "float32"
-    try:
-        return AUTO_CUDA_DTYPE[kind]
-    except KeyError:
-        raise ValueError(f"model.kind {kind!r} has no dtype for `auto` on CUDA") from None
 
 
 def device_type(device: str, where: str | None = None) -> str:

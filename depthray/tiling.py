@@ -32,10 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from depthray.config import TilingConfig
-
-FUSIONS = ("align", "lowfreq", "pyramid", "pyramid-lowfreq", "pyramid-split", "pyramid-joint",
-           "pyramid-joint-split")
+from depthray.config import FUSIONS, TilingConfig
 
 
 def uses_lowfreq(fusion: str) -> bool:

@@ -107,8 +107,8 @@ def test_transformers_output_space_must_be_known(tiny_da_dir, tmp_path):
         load_model({"kind": "transformers", "path": str(tmp_path / "nopre"), "device": "cpu"})
 
 
-@pytest.mark.parametrize("kind", ["transformers", "marigold"])
-def test_auto_dtype_on_a_gpu_is_what_the_rows_record(kind, tiny_da_dir, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("kind", ["transformers", "marigold", "marigold-e2e"])
+def test_auto_dtype_on_a_gpu_is_what_the_rows_record(kind, tiny_da_dir, tiny_model_dir, tiny_e2e_dir, monkeypatch):
     """Without a GPU: the loader is told its device is CUDA and stopped when it asks for the
     network's weights; the dtype it asked for is the one `Config.settings("cuda")` records
     (the config hash and manifests of a GPU job)."""
@@ -130,12 +130,34 @@ def test_auto_dtype_on_a_gpu_is_what_the_rows_record(kind, tiny_da_dir, tiny_mod
     else:
         monkeypatch.setattr(marigold, "pick_device", lambda _device: torch.device("cuda"))
         monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", staticmethod(stop))
-        folder = tiny_model_dir
+        folder = tiny_e2e_dir if kind == "marigold-e2e" else tiny_model_dir
     with pytest.raises(Asked) as asked:
         load_model({"kind": kind, "path": str(folder)})
     recorded = config_from_dict({"model": {"kind": kind, "path": str(folder)}}).settings("cuda")
-    assert str(asked.value) == recorded["model.dtype"] == {"transformers": "float16", "marigold": "bfloat16"}[kind]
+    assert str(asked.value) == recorded["model.dtype"] == {"transformers": "float16", "marigold": "bfloat16",
+                                                                      "marigold-e2e": "bfloat16"}[kind]
     assert recorded["model.device"] == "cuda"
+
+
+@pytest.mark.parametrize("kind", ["transformers", "marigold", "marigold-e2e"])
+def test_each_kind_on_the_cpu_records_what_its_loaded_model_runs(kind, tiny_da_dir, tiny_model_dir, tiny_e2e_dir):
+    """#27: one home per model kind. On the CPU each kind is really loaded with `dtype: auto`;
+    the dtype and steps the model runs are what `Config.settings("cpu")` records and what
+    `depthray plan` counts (models/kinds.py answers all three)."""
+    from depthray.models.kinds import KINDS
+    from depthray.plan import model_settings
+
+    folder = {"transformers": tiny_da_dir, "marigold": tiny_model_dir, "marigold-e2e": tiny_e2e_dir}[kind]
+    cfg = config_from_dict({"model": {"kind": kind, "path": str(folder), "device": "cpu"}})
+    model = load_model(cfg.model)
+    assert type(model).kind is KINDS[kind]
+    assert str(model.dtype).removeprefix("torch.") == cfg.settings("cpu")["model.dtype"] == "float32"
+    network = model.net if kind == "transformers" else model.unet  # one call per step (or forward)
+    calls = []
+    network.register_forward_hook(lambda *_: calls.append(1))
+    r = model.processing_resolution
+    model(torch.rand(1, 3, r, r), [0])  # one view, the model's default steps
+    assert model_settings(cfg)[:2] == (r, len(calls))
 
 
 def test_deterministic_models_ensemble_over_augmentations(tiny_da_dir):
@@ -269,3 +291,45 @@ def test_plan_reads_the_model_kinds_settings(tiny_da_dir):
         model_settings(cfg)
     cfg = config_from_dict({"model": {"kind": "marigold-e2e", "path": "org/remote"}})
     assert model_settings(cfg)[1] == 1
+
+
+class ToyEngine:
+    """A model kind's engine as small as it gets: what `ModelKind.load` builds."""
+
+    def __init__(self, folder, m):
+        self.folder, self.processing_resolution = folder, m.processing_resolution or 32
+
+    @classmethod
+    def from_model_config(cls, folder, m):
+        return cls(folder, m)
+
+    def __call__(self, views, seeds):
+        return views[:, 0]
+
+
+def test_a_new_model_kind_is_its_engine_plus_one_registration(tmp_path, monkeypatch):
+    """#27 done-when: a kind is added by registering one `ModelKind` (here: at runtime, with a
+    test engine); validation, the pre-run checks, what `dtype: auto` records, `depthray plan`
+    and the loader all know it from that entry alone."""
+    from depthray.job.checks import check_model
+    from depthray.models.kinds import KINDS, ModelKind
+    from depthray.plan import model_settings
+
+    toy = ModelKind(name="toy", engine="tests.test_model_kinds:ToyEngine", auto_cuda_dtype="float16",
+                    marker="toy.json", layout="toy", variants=False, steps="none",
+                    plan_settings=lambda kind, m, res, steps: (res or 32, 1, "toy"))
+    data = {"model": {"kind": "toy", "path": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="model.kind"):
+        config_from_dict(data)
+    monkeypatch.setitem(KINDS, "toy", toy)  # the one registration line
+    cfg = config_from_dict(data)
+    with pytest.raises(ConfigError, match="toy.json"):
+        check_model(cfg)  # a folder without the kind's marker
+    (tmp_path / "toy.json").write_text("{}")
+    check_model(cfg)
+    assert cfg.settings("cuda")["model.dtype"] == "float16" and cfg.settings("cpu")["model.dtype"] == "float32"
+    assert model_settings(cfg)[:2] == (32, 1)
+    with pytest.raises(ConfigError, match="no denoising steps"):
+        check_model(config_from_dict({**data, "inference": {"num_inference_steps": 2}}))
+    model = load_model(cfg.model)
+    assert isinstance(model, ToyEngine) and str(model.folder) == str(tmp_path)

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 
-from depthray.config import Config, ConfigError, model_kinds
+from depthray.config import Config, ConfigError
 from depthray.io.sources import Shard, list_shards
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,15 @@ def check_columns(cfg: Config, shards: list[Shard]) -> None:
                           f"an image is read from {ACCEPTED}")
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
-
-
 def check_model(cfg: Config) -> None:
     """The model spec, before Ray starts (a worker would fail 40 s later, once per retry):
     a factory must import and name a callable; otherwise the kind must be known and the
-    path a local folder holding model_index.json, a hub id `org/name`, or a URL with a
-    protocol fsspec knows. (Whether a hub id or URL exists is learnt when it is fetched.)"""
+    path a local folder holding its kind's marker file, a hub id `org/name`, or a URL with
+    a protocol fsspec knows. (Whether a hub id or URL exists is learnt when it is fetched.)
+    What each kind needs: depthray/models/kinds.py."""
     import importlib
+
+    from depthray.models.kinds import HUB_ID, kind_of, local_folder
 
     m = cfg.model
     if m.factory:
@@ -158,11 +158,12 @@ def check_model(cfg: Config) -> None:
         if not callable(getattr(module, attr, None)):
             raise ConfigError(f"model.factory {m.factory!r}: {module_name!r} has no callable {attr!r}")
         return
-    kinds = model_kinds()
-    if m.kind not in kinds:
-        raise ConfigError(f"model.kind {m.kind!r} is unknown: use one of {', '.join(kinds)}, or set model.factory")
-    path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
+    try:
+        kind = kind_of(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_steps(cfg)
+    path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
     if "://" in path:
         import fsspec
 
@@ -170,41 +171,29 @@ def check_model(cfg: Config) -> None:
         if proto not in fsspec.available_protocols() or not path.split("://", 1)[1].strip("/"):
             raise ConfigError(f"model.path {m.path!r}: not a usable URL (protocol {proto!r})")
         return
-    import os
-
-    local = os.path.expanduser(path)
-    if os.path.isdir(local):
-        # diffusers layout (Marigold kinds) or transformers layout: the file that says what it is
-        marker = "config.json" if m.kind == "transformers" else "model_index.json"
-        if not os.path.isfile(os.path.join(local, marker)):
-            raise ConfigError(f"model.path {m.path!r}: a folder without {marker}, not a {m.kind} "
-                              "checkpoint (make one with `depthray make-tiny-model`, or use a hub id)")
+    folder = local_folder(path)
+    if folder is not None:
+        problem = kind.folder_problem(m.path, folder)
+        if problem:
+            raise ConfigError(problem)
         return
-    if path.startswith(("/", ".", "~")) or not _HUB_ID.match(path):
+    if path.startswith(("/", ".", "~")) or not HUB_ID.match(path):
         raise ConfigError(f"model.path {m.path!r}: no such folder, and not a hub id (org/name)")
 
 
 def check_steps(cfg: Config) -> None:
     """`inference.num_inference_steps` the model kind can run, before Ray: otherwise every
-    image of the job would become an `infer` error row and the job would still exit 0.
-    transformers models have no steps; end-to-end checkpoints (by kind, by their published
-    name, or by a local model_index.json's `end_to_end`) take exactly one."""
-    import os
+    image of the job would become an `infer` error row and the job would still exit 0
+    (transformers models have no steps; end-to-end checkpoints, by kind, by their published
+    name or by a local model_index.json's `end_to_end`, take exactly one)."""
+    from depthray.models.kinds import kind_of
 
-    from depthray.models.marigold_e2e import is_end_to_end
-
-    m, steps = cfg.model, cfg.inference.num_inference_steps
-    if steps is None or m.factory:
+    m = cfg.model
+    if m.factory:
         return
-    if m.kind == "transformers":
-        raise ConfigError(f"inference.num_inference_steps: {steps}, but a transformers model runs one "
-                          "forward pass and has no denoising steps; leave it null")
-    path = m.path[len("file://"):] if m.path.startswith("file://") else m.path
-    local = os.path.expanduser(path)
-    folder = local if "://" not in path and os.path.isdir(local) else None
-    if steps != 1 and (m.kind == "marigold-e2e" or is_end_to_end(m.path, folder)):
-        raise ConfigError(f"inference.num_inference_steps: {steps}, but {m.path!r} is an end-to-end "
-                          "fine-tuned checkpoint, defined for exactly one step; use 1 or null")
+    problem = kind_of(m).step_problem(cfg.inference.num_inference_steps, m.path)
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_input(cfg: Config, shards: list[Shard]) -> None:

@@ -29,7 +29,8 @@ from depthray.models.base import check_views
 from depthray.models.hf_families import OUTPUT_SPACES, Family, family_of
 from depthray.models.hf_sizes import ViewRule, pixel_scale, view_rule
 from depthray.models.hf_tiny import build_tiny_depth_anything  # noqa: F401  (its home before hf_tiny)
-from depthray.precision import resolve_device, resolve_dtype
+from depthray.models.kinds import TRANSFORMERS
+from depthray.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class TransformersDepthModel:
     """An `AutoModelForDepthEstimation` with the depthray model interface."""
 
     deterministic = True  # members of one view are identical: ensemble over augmentations
+    kind = TRANSFORMERS  # its facts (dtype `auto`, no steps, checkpoint marker): models/kinds.py
 
     def __init__(self, net: torch.nn.Module, preprocessor: dict, *, family: Family, model_type: str,
                  processing_resolution: int | None = None, device: str = "cpu",
@@ -73,6 +75,12 @@ class TransformersDepthModel:
         self._bias = (-torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(1, 3, 1, 1).to(self.device)
 
     @classmethod
+    def from_model_config(cls, folder: str | os.PathLike, m) -> "TransformersDepthModel":
+        """Built from the `model:` section's settings this engine takes (models/kinds.py loads it)."""
+        return cls.from_pretrained(folder, dtype=m.dtype, device=m.device, processing_resolution=m.processing_resolution,
+                                   output_space=m.options.get("output_space"), name=m.path)
+
+    @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "auto", device: str = "auto",
                         processing_resolution: int | None = None, output_space: str | None = None,
                         name: str | None = None) -> "TransformersDepthModel":
@@ -94,7 +102,7 @@ class TransformersDepthModel:
                         "declared (%s), with DPT-style preprocessing; untested", folder, config.model_type,
                         family.output_space)
         dev = resolve_device(device)
-        torch_dtype = _DTYPES[resolve_dtype("transformers", dtype, dev.type)]
+        torch_dtype = _DTYPES[cls.kind.dtype(dtype, dev.type)]
         net = AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch_dtype)
         model = cls(net, json.loads(pre_file.read_text()), family=family, model_type=config.model_type,
                     processing_resolution=processing_resolution, device=str(dev), dtype=torch_dtype,

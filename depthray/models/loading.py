@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from depthray.config import ModelConfig, model_config
 from depthray.models.base import DepthModel
 from depthray.models.checkpoints import resolve_checkpoint
+from depthray.models.kinds import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +49,10 @@ def load_model(spec: ModelConfig | Mapping[str, Any],
                 "model interface (processing_resolution and __call__(views, seeds))"
             )
         return model
-    if cfg.kind == "transformers":
-        from depthray.models.hf_depth import TransformersDepthModel
-
-        folder = resolve_checkpoint(cfg.path, cfg.cache_dir, None, storage_options)
-        return TransformersDepthModel.from_pretrained(
-            folder, dtype=cfg.dtype, device=cfg.device, processing_resolution=cfg.processing_resolution,
-            output_space=cfg.options.get("output_space"), name=cfg.path)
-    if cfg.kind in ("marigold", "marigold-e2e"):
-        from depthray.models.marigold import MarigoldDepthModel
-        from depthray.models.marigold_e2e import MarigoldE2EModel, is_end_to_end
-
-        folder = resolve_checkpoint(cfg.path, cfg.cache_dir, cfg.variant, storage_options)
-        engine = MarigoldDepthModel
-        if cfg.kind == "marigold-e2e" or is_end_to_end(cfg.path, folder):
-            if cfg.kind == "marigold":
-                log.info("%s is an end-to-end fine-tuned checkpoint: running it single-step, "
-                         "zero noise (model.kind marigold-e2e)", cfg.path)
-            engine = MarigoldE2EModel
-        return engine.from_pretrained(
-            folder,
-            dtype=cfg.dtype,
-            variant=cfg.variant,
-            device=cfg.device,
-            processing_resolution=cfg.processing_resolution,
-            vae_decoder=cfg.vae_decoder,
-            compile=cfg.compile,
-            name=cfg.path,
-        )
-    raise ValueError(f"model.kind {cfg.kind!r} is unknown: use 'marigold', 'marigold-e2e', "
-                     "'transformers', or set model.factory")
+    kind = kind_of(cfg)  # raises for an unknown kind, naming the known ones
+    folder = resolve_checkpoint(cfg.path, cfg.cache_dir, cfg.variant if kind.variants else None, storage_options)
+    kind = kind_of(cfg, folder)  # a fetched checkpoint may say it is end-to-end
+    if kind.name != cfg.kind:
+        log.info("%s is an end-to-end fine-tuned checkpoint: running it single-step, zero noise "
+                 "(model.kind %s)", cfg.path, kind.name)
+    return kind.load(folder, cfg)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from depthray.models.base import check_view_tensor, check_views
 from depthray.models.checkpoints import checkpoint_defaults, resolve_checkpoint
 from depthray.models.latent_cache import LatentCache
-from depthray.precision import resolve_device, resolve_dtype
+from depthray.models.kinds import MARIGOLD, ModelKind
+from depthray.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return resolve_device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: Marigold's row of depthray/precision.py (bf16 on CUDA, float32 on CPU)."""
-    return _DTYPES[resolve_dtype("marigold", dtype, device.type)]
+def pick_dtype(dtype: str, device: torch.device, kind: ModelKind = MARIGOLD) -> torch.dtype:
+    """auto: what the kind's entry in depthray/models/kinds.py says (bf16 on CUDA, float32 on CPU)."""
+    return _DTYPES[kind.dtype(dtype, device.type)]
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -80,6 +81,8 @@ def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
 
 class MarigoldDepthModel:
     """Marigold depth estimation with the depthray model interface (see models/base.py)."""
+
+    kind = MARIGOLD  # its facts (dtype `auto`, steps, checkpoint marker): models/kinds.py
 
     def __init__(
         self,
@@ -153,6 +156,13 @@ class MarigoldDepthModel:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    def from_model_config(cls, folder: str | Path, m) -> "MarigoldDepthModel":
+        """Built from the `model:` section's settings this engine takes (models/kinds.py loads it)."""
+        return cls.from_pretrained(folder, dtype=m.dtype, variant=m.variant, device=m.device,
+                                   processing_resolution=m.processing_resolution, vae_decoder=m.vae_decoder,
+                                   compile=m.compile, name=m.path)
+
+    @classmethod
     def from_pretrained(
         cls,
         folder: str | Path,
@@ -179,7 +189,7 @@ class MarigoldDepthModel:
             raise FileNotFoundError(f"{folder}: no model_index.json; not a diffusers checkpoint")
         index = json.loads(index_path.read_text())
         dev = pick_device(device)
-        torch_dtype = pick_dtype(dtype, dev)
+        torch_dtype = pick_dtype(dtype, dev, cls.kind)
         kw = dict(torch_dtype=torch_dtype, variant=variant)
 
         # 1. Denoiser and autoencoder, with the classes the checkpoint names.

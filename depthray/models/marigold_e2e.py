@@ -17,34 +17,18 @@ predict.py ensembles such models over test-time augmentations (depthray/augment.
 
 from __future__ import annotations
 
-import json
-import re
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
+from depthray.models.kinds import MARIGOLD_E2E, is_end_to_end  # noqa: F401 - where callers found it
 from depthray.models.marigold import MarigoldDepthModel
-
-# The published checkpoints: GonzaloMG/marigold-e2e-ft-depth, ...-normals, and copies of them.
-_E2E_NAME = re.compile(r"e2e[-_]?ft", re.IGNORECASE)
-
-
-def is_end_to_end(path: str, folder: str | Path | None = None) -> bool:
-    """Whether a checkpoint is an end-to-end fine-tuned one: its name says so (the published
-    repositories are named *e2e-ft*), or its model_index.json sets `"end_to_end": true`."""
-    if _E2E_NAME.search(str(path)) or (folder is not None and _E2E_NAME.search(Path(folder).name)):
-        return True
-    index = Path(folder) / "model_index.json" if folder is not None else None
-    if index is not None and index.is_file():
-        return bool(json.loads(index.read_text()).get("end_to_end", False))
-    return False
 
 
 class MarigoldE2EModel(MarigoldDepthModel):
     """Single-step, zero-noise Marigold with the depthray model interface."""
 
     deterministic = True
+    kind = MARIGOLD_E2E
 
     def __init__(self, *args, **kwargs):
         from diffusers import DDIMScheduler
