@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from depthray.config import OutputConfig, QualityConfig, StorageConfig
-from depthray.io import records
+from depthray.io import records, row_meta
 from depthray.io.codecs import (
     decode_depth_png16,
     decode_uncertainty_png16,
@@ -58,7 +58,7 @@ def test_safe_key_never_escapes_and_never_collides():
 def predicted_rows(source: str, keys: list[str], h=6, w=9):
     rows = []
     for k in keys:
-        rows.append({"source": source, "key": k, "height": h, "width": w, "meta": json.dumps({"mode": "RGB"}),
+        rows.append({"source": source, "key": k, "height": h, "width": w, "meta": {"mode": "RGB"},
                      "depth_f32": np.full((h, w), 0.5, np.float32).tobytes(),
                      "uncertainty_f32": np.full((h, w), 0.01, np.float32).tobytes(),
                      "num_views": 1, "ensemble_size": 2, "infer_s": 0.1, "data": b"JPEGBYTES", "ext": "jpeg"})
@@ -257,7 +257,7 @@ def test_a_row_the_writer_cannot_build_is_an_error_row_but_a_storage_failure_rai
 
     rows = predicted_rows("s1", ["a", "bad", "c"]) + [{"source": "s1", "key": None, "shard_total": 3}]
     if fmt == "parquet":  # a kept map column's entry, as JSON: [int, str] is no Arrow list
-        rows[1]["meta"] = json.dumps({"columns": {"tags": [[1, "x"]]}})
+        row_meta.put(rows[1], columns={"tags": [[1, "x"]]})
     else:  # a name the writer cannot make (no input reaches this since keys are UTF-8)
         real = sinks.safe_key
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
-
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from depthray.config import ConfigError, InputConfig, StorageConfig
+from depthray.io import row_meta
 from depthray.io.sources import SHARD_KEY, Shard, expand_braces, list_shards, read_shards
 
 STORAGE = StorageConfig()
@@ -139,7 +137,7 @@ def test_parquet_reader_bytes_struct_and_missing_key_column(tmp_path, make_image
     # job refuses it before starting: job/checks.py).
     b = read_all(Shard("b", f"file://{tmp_path}/b.parquet", "parquet"))
     assert [r["key"] for r in b] == ["p", "p~dup1", None] and b[0]["data"] == img
-    assert json.loads(b[0]["meta"])["source_path"] == "p.jpg" and b[1]["error"] == "duplicate_key"
+    assert row_meta.get(b[0])["source_path"] == "p.jpg" and b[1]["error"] == "duplicate_key"
     named = read_all(Shard("b", f"file://{tmp_path}/b.parquet", "parquet"), InputConfig(key_column="id"))
     assert named[0]["error"] == "corrupt_shard" and "no key column 'id'" in named[0]["message"]
     pq.write_table(pa.table({"image": [img, img]}), tmp_path / "c.parquet")
@@ -224,7 +222,7 @@ def test_image_member_choice(tmp_path, make_tar, make_image):
     shard = Shard("m", f"file://{tmp_path}/m.tar", "webdataset")
     left, two, mask, _ = read_all(shard)
     assert left["data"] == jpg and left["ext"] == "jpg"
-    assert json.loads(left["meta"])["unlabelled_members"] == ["seg.png"]
+    assert row_meta.get(left)["unlabelled_members"] == ["seg.png"]
     assert two["error"] == "ambiguous_image" and "input.image_member" in two["message"]
     assert mask["error"] == "no_image"
     left, two, mask, _ = read_all(shard, InputConfig(image_member=["png", "jpg"]))

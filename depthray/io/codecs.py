@@ -9,7 +9,6 @@ the WebDataset JSON. Colour maps for previews: depthray/visualize.py.
 from __future__ import annotations
 
 import io
-import json
 import struct
 import zlib
 from typing import Any
@@ -23,7 +22,7 @@ try:  # ISA-L's deflate: same zlib stream, ~4x faster than zlib's fastest (docs/
 except ImportError:  # pragma: no cover - isal is a dependency; stock zlib still works
     _isal = None
 
-from depthray.io import records
+from depthray.io import records, row_meta
 from depthray.quality import assess
 
 SCALE_KEY = "depthray_uncertainty_scale"
@@ -141,13 +140,11 @@ def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:
         try:
             depth = np.frombuffer(maps[0][i], dtype=np.float32).reshape(h, w)
             unc = np.frombuffer(maps[1][i], dtype=np.float32).reshape(h, w)
-            meta = json.loads(row.get("meta") or "{}")
-            row["depth"] = encode_depth_png16(depth, meta.get("output_space", "depth"))
+            row["depth"] = encode_depth_png16(depth, row_meta.get(row).get("output_space", "depth"))
             row["uncertainty"], row["uncertainty_scale"] = encode_uncertainty_png16(unc)
             row["uncertainty_mean"] = float(unc.mean())
             if quality is not None:
-                meta.update(assess(depth, unc, quality).to_meta())
-                row["meta"] = json.dumps(meta)
+                row_meta.put(row, **assess(depth, unc, quality).to_meta())
         except Exception as e:  # a bad result must not take its neighbours with it (nor the job)
             out.append(records.error_row(row, "encode", "encode", f"{type(e).__name__}: {e}"))
             continue

@@ -10,7 +10,6 @@ failure becomes an error record; nothing raises out of the stage.
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from depthray.config import InputConfig
-from depthray.io import records
+from depthray.io import records, row_meta
 
 # File extensions read as images (input folders, WebDataset members, passthrough outputs).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
@@ -124,12 +123,12 @@ def decode_batch(batch: pa.Table, cfg: InputConfig, keep_input: bool) -> pa.Tabl
             arr, meta = decode_image(row["data"], cfg.max_pixels, cfg.min_side)
         except DecodeError as e:
             # an image read from a path (Parquet/Arrow path columns, folders): name the file
-            src = json.loads(row.get("meta") or "{}").get("source_url")
+            src = row_meta.get(row).get("source_url")
             out.append(records.error_row(row, "decode", e.reason, f"{src}: {e}" if src else str(e)))
             continue
-        meta = {**json.loads(row.get("meta") or "{}"), **meta}  # the reader's facts (source key, ...)
+        row_meta.put(row, **meta)  # beside the reader's facts (source key, ...)
         # arr.data: the pixels go into the Arrow column without another ~1 MB copy
-        row.update(pixels=np.ascontiguousarray(arr).data, height=arr.shape[0], width=arr.shape[1], meta=json.dumps(meta))
+        row.update(pixels=np.ascontiguousarray(arr).data, height=arr.shape[0], width=arr.shape[1])
         if not row.get("ext") and meta.get("format"):  # Parquet inputs carry no file name
             row["ext"] = {"JPEG": "jpg", "TIFF": "tif"}.get(meta["format"], meta["format"].lower())
         if not keep_input:

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from depthray.io.row_meta import META
+
 _COMMON = [
     ("source", pa.string()),
     ("key", pa.string()),
@@ -27,7 +29,7 @@ _COMMON = [
     ("ext", pa.string()),  # input image extension, e.g. "jpg"
 ]
 
-SAMPLE = pa.schema(_COMMON + [("meta", pa.string())])  # meta: JSON facts from the reader
+SAMPLE = pa.schema(_COMMON + [("meta", META)])  # meta: typed facts (io/row_meta.py), the reader's first
 
 DECODED = pa.schema(
     _COMMON
@@ -35,7 +37,7 @@ DECODED = pa.schema(
         ("pixels", pa.binary()),  # RGB uint8, row-major [height,width,3]
         ("height", pa.int32()),
         ("width", pa.int32()),
-        ("meta", pa.string()),  # JSON: decode facts (orientation, original mode, frames)
+        ("meta", META),  # + decode facts (orientation, original mode, frames)
     ]
 )
 
@@ -44,7 +46,7 @@ PREDICTED = pa.schema(
     + [
         ("height", pa.int32()),
         ("width", pa.int32()),
-        ("meta", pa.string()),
+        ("meta", META),  # + the label's space
         ("depth_f32", pa.binary()),  # float32 [height,width] in [0,1]
         ("uncertainty_f32", pa.binary()),  # float32 [height,width] >= 0
         ("num_views", pa.int32()),
@@ -58,7 +60,7 @@ ENCODED = pa.schema(
     + [
         ("height", pa.int32()),
         ("width", pa.int32()),
-        ("meta", pa.string()),
+        ("meta", META),  # + the quality verdict
         ("depth", pa.binary()),  # 16-bit PNG of depth * 65535
         ("uncertainty", pa.binary()),  # 16-bit PNG of uncertainty / scale * 65535
         ("uncertainty_scale", pa.float32()),

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from depthray.config import OutputConfig, StorageConfig
-from depthray.io import records
+from depthray.io import records, row_meta
 from depthray.io.fs import filesystem, join, write_atomic
 from depthray.io.table import part_rel as table_part_rel
 from depthray.io.tar_samples import tar_join, tar_member
@@ -140,7 +140,8 @@ class ParquetSink(Sink):
         self.extra = {"model": model, "config_hash": config_hash}
 
     def sample(self, row):
-        return {**row, **self.extra, KEPT: kept_columns(row)}
+        # the output's `meta` column: the typed facts as JSON text, the column every reader knows
+        return {**row, **self.extra, "meta": row_meta.to_json(row), KEPT: kept_columns(row)}
 
     def encode(self, samples):
         return _parquet_bytes(with_kept_columns(records.to_table(samples, OUTPUT_SCHEMA), samples))
@@ -176,7 +177,7 @@ def kept_columns(row: dict[str, Any]) -> dict[str, Any]:
     """A row's `input.keep_columns` values (carried in its meta as "columns"), each checked
     to become an Arrow value: after the reader's JSON some cannot (a map's [int, str]
     entries, a uint64 past int64's range), and one such value must cost its row, not the part."""
-    kept = json.loads(row.get("meta") or "{}").get("columns") or {}
+    kept = row_meta.get(row).get("columns") or {}
     for name, value in kept.items():
         try:
             pa.array([value])
@@ -221,7 +222,7 @@ class WebDatasetSink(Sink):
         name = safe_key(r["key"])
         meta = {k: r.get(k) for k in ("key", "source", "width", "height", "uncertainty_scale",
                                       "uncertainty_mean", "ensemble_size", "num_views")}
-        meta.update(self.extra, **json.loads(r.get("meta") or "{}"))
+        meta.update(self.extra, **row_meta.get(r))
         yield f"{name}.depth.png", r["depth"]
         yield f"{name}.uncertainty.png", r["uncertainty"]
         yield f"{name}.json", json.dumps(meta, sort_keys=True).encode()
@@ -267,8 +268,7 @@ def unlabelled_members(rows: list[dict[str, Any]]) -> Counter:
     `unlabelled_members`, io/sources.py), so the job summary can say they were not labelled."""
     found: Counter = Counter()
     for r in rows:
-        if r.get("meta") and "unlabelled_members" in r["meta"]:
-            found.update(json.loads(r["meta"]).get("unlabelled_members") or [])
+        found.update(row_meta.get(r).get("unlabelled_members") or [])
     return found
 
 

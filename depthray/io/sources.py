@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from depthray.config import InputConfig, StorageConfig
-from depthray.io import records
+from depthray.io import records, row_meta
 from depthray.io.columns import ACCEPTED, TableFile, base_folder, fetch, image_kind, image_value, key_of_path, resolve
 from depthray.io.decode import IMAGE_EXTS
 from depthray.io.folders import file_ext as _ext, select, split_url
@@ -201,13 +201,14 @@ class WebDatasetReader(Reader):
         if reason:
             return {"key": key, "error": reason, "message": message}
         name, offset, size = places[ext]
-        meta: dict[str, Any] = {"source_url": self.shard_url, "source_member": name}
+        row = {"key": key, "data": members[ext], "ext": ext.rsplit(".", 1)[-1]}
+        row_meta.put(row, source_url=self.shard_url, source_member=name)
         if not _compressed(self.shard_url):  # a gzipped tar's offsets are in the inflated stream
-            meta.update(source_offset=offset, source_size=size)
+            row_meta.put(row, source_offset=offset, source_size=size)
         others = sorted(e for e in members if e != ext and e.rsplit(".", 1)[-1] in IMAGE_EXTS)
         if others:
-            meta.update(image_member=ext, unlabelled_members=others)
-        return {"key": key, "data": members[ext], "ext": ext.rsplit(".", 1)[-1], "meta": json.dumps(meta)}
+            row_meta.put(row, image_member=ext, unlabelled_members=others)
+        return row
 
     def samples(self, fs, path):
         seen: dict[str, int] = {}
@@ -307,7 +308,8 @@ class ParquetReader(Reader):
                 r.pop("meta"), r.pop("ext")
         for r in rows:
             if "meta" in r:
-                r["meta"] = json.dumps(r["meta"], default=str)
+                facts, r["meta"] = r["meta"], None
+                row_meta.put(r, **facts)
             yield r
 
 
@@ -334,8 +336,9 @@ class ImageFolderReader(Reader):
                 yield {"key": key, "error": "duplicate_key",
                        "message": f"{posixpath.basename(p)}: another file has the same name stem"}
                 continue
-            yield {"key": key, "data": fs.cat_file(p), "ext": _ext(p),
-                   "meta": json.dumps({"source_url": fs.unstrip_protocol(p)})}
+            row = {"key": key, "data": fs.cat_file(p), "ext": _ext(p)}
+            row_meta.put(row, source_url=fs.unstrip_protocol(p))
+            yield row
 
 
 # Arrow IPC files (Hugging Face save_to_disk) are tables as Parquet files are: one reader.

@@ -7,11 +7,11 @@ each stage gets at most its `batch_size` rows per call; stateful stages are buil
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
+from depthray.io import row_meta
 from depthray.io.sources import Shard
 from depthray.job.stages import Stage, shard_items
 
@@ -171,7 +171,7 @@ def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict],
                     image, _ = decode_image(Path(by_key[row["key"]]).read_bytes(), cfg.input.max_pixels,
                                             cfg.input.min_side)
                     depth = decode_depth_png16(row["depth"])
-                    space = json.loads(row.get("meta") or "{}").get("output_space", "depth")
+                    space = row_meta.get(row).get("output_space", "depth")
                     Image.fromarray(preview_image(image, depth, preview_max_side, space)).save(
                         out / f"{row['key']}.preview.png")
                 if on_done:

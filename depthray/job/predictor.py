@@ -11,7 +11,6 @@ then narrows the batch down to the image that hangs or crashes).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from depthray.config import InferenceConfig, ModelConfig, StorageConfig
-from depthray.io import records
+from depthray.io import records, row_meta
 from depthray.job.inflight import DEFAULT_GPU_BATCH_TIMEOUT_S, InFlight, WorkerCrashed, WorkerHung
 
 log = logging.getLogger(__name__)
@@ -149,11 +148,9 @@ class DepthPredictor:
                 continue
             # What the map holds (depth | disparity) and how its members differed: a reader must
             # never take a disparity map for depth.
-            meta = json.loads(r.get("meta") or "{}")
-            meta["output_space"] = res.output_space
+            row_meta.put(r, output_space=res.output_space)
             if res.members != "seeds":
-                meta["ensemble_members"] = res.members
-            r["meta"] = json.dumps(meta)
+                row_meta.put(r, ensemble_members=res.members)
             r.update(depth_f32=res.depth.astype(np.float32).tobytes(),
                      uncertainty_f32=res.uncertainty.astype(np.float32).tobytes(),
                      num_views=res.num_views, ensemble_size=res.ensemble_size, infer_s=share)

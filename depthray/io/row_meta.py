@@ -1,0 +1,91 @@
+"""A row's metadata: one typed struct between stages, JSON in the outputs.
+
+Each stage adds facts to the row's `meta` (where the image came from, how it decoded, what
+space the label holds, the quality verdict). Between stages they travel as the typed struct
+`META` (depthray/io/records.py's row schemas use it), so a misspelt or mistyped fact fails
+where it is set instead of landing in a label; the outputs keep `meta` as JSON text (Parquet
+column, WebDataset `{key}.json`), so every reader written for them keeps working.
+
+Adding a metadata field is its line in `META` and the stage that fills it (`put`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+QUALITY = pa.struct([
+    ("passed", pa.bool_()),
+    ("uncertainty_mean", pa.float64()),
+    ("valid_fraction", pa.float64()),
+    ("max_uncertainty_mean", pa.float64()),  # thresholds as applied (null = not checked)
+    ("min_valid_fraction", pa.float64()),
+    ("max_pixel_uncertainty", pa.float64()),
+    ("reasons", pa.list_(pa.string())),  # why the verdict failed; empty when it passed
+])
+
+META = pa.struct([
+    # read: where the image came from (docs/training.md, "Back to the input image")
+    ("source_url", pa.string()),  # the image file, or the tar holding it
+    ("source_member", pa.string()),  # a tar's image member
+    ("source_offset", pa.int64()),  # the member's bytes in an uncompressed tar
+    ("source_size", pa.int64()),
+    ("source_table", pa.string()),  # the Parquet/Arrow file an embedded image is a value of
+    ("source_row", pa.int64()),
+    ("source_column", pa.string()),
+    ("source_key", pa.string()),  # the input's key column
+    ("source_path", pa.string()),  # a Parquet image struct's path
+    ("image_member", pa.string()),  # the member labelled when a sample held several images
+    ("unlabelled_members", pa.list_(pa.string())),
+    ("columns", pa.string()),  # input.keep_columns' values, JSON (their types are the input's)
+    # decode
+    ("format", pa.string()),
+    ("mode", pa.string()),
+    ("frames", pa.int64()),  # an animated image: frames it had (the first is labelled)
+    ("exif_orientation", pa.int64()),  # pixels were turned upright from this orientation
+    # infer
+    ("output_space", pa.string()),  # "depth" (0 = near) | "disparity" (1 = near)
+    ("ensemble_members", pa.string()),  # how members differ when not by seed: "augmentations"
+    # encode
+    ("quality", QUALITY),
+    ("low_confidence", pa.bool_()),
+])
+
+FIELDS = {f.name: f.type for f in META}
+_JSON_FIELDS = ("columns",)  # values of any type: JSON inside the struct
+
+
+def get(row: dict[str, Any]) -> dict[str, Any]:
+    """The facts a row holds (unset fields left out), as the outputs write them."""
+    meta = row.get("meta")
+    if not meta:
+        return {}
+    out = {k: v for k, v in meta.items() if v is not None}
+    for name in _JSON_FIELDS:
+        if name in out:
+            out[name] = json.loads(out[name])
+    return out
+
+
+def put(row: dict[str, Any], **facts: Any) -> None:
+    """Adds `facts` to the row's metadata; a name not in `META`, or a value its type cannot
+    hold, raises here, naming it (a programming error, never a silent label)."""
+    meta = dict(row.get("meta") or {})
+    for name, value in facts.items():
+        if name not in FIELDS:
+            raise KeyError(f"metadata field {name!r} is not in depthray/io/row_meta.py's META")
+        if name in _JSON_FIELDS and value is not None:
+            value = json.dumps(value, default=str)
+        try:
+            pa.scalar(value, type=FIELDS[name])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
+            raise TypeError(f"metadata field {name!r}: {value!r} is not {FIELDS[name]} ({e})") from None
+        meta[name] = value
+    row["meta"] = meta
+
+
+def to_json(row: dict[str, Any], **extra: Any) -> str:
+    """The row's metadata as the outputs store it (JSON text), `extra` fields first."""
+    return json.dumps({**extra, **get(row)}, default=str)
