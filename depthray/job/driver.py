@@ -183,7 +183,7 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
             log.info("Starting execution: %d shard(s) in this process (compute.executor: local)", len(resume.todo))
             batches = LocalRunner(job_stages(cfg, run_id, device_kind)).run(shard_tables(resume.todo))
         else:
-            ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
+            ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, res)
             if quiet:
                 quiet_ray_data()
             log.info("Starting execution: %d shard(s) on Ray, %s inference actor(s)", len(resume.todo),
