@@ -1,12 +1,17 @@
 """The Ray graph is generic over the stage list: each stage's execution hints (depthray/job/
-stages.py) become its `map_batches` arguments, without the graph naming a stage."""
+stages.py) become its `map_batches` arguments, and the pool reports itself to the job
+summary's watcher (depthray/job/pool_watch.py) without anyone naming a stage."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+import uuid
 
 import pytest
 
+from depthray.job.pool_watch import ALIVE_WITHIN_S, Heartbeat, PoolWatch, report_pool_member
 from depthray.job.ray_graph import Resources, apply_stages
 from depthray.job.stages import job_stages, stage
 from tests import golden_job
@@ -104,3 +109,96 @@ def test_stage_hints_that_cannot_run_are_refused():
         dataclasses.replace(infer, max_tasks=2)
     with pytest.raises(ValueError, match="not a function"):
         dataclasses.replace(stage(job_stages(_config()), "encode"), actor_pool=True)
+
+
+# ---------------------------------------------------------------- the pool reports itself
+
+
+def _wait(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.05)
+
+
+def test_heartbeat_stops_when_its_registry_is_gone_and_never_holds_a_process():
+    class Gone(Exception):
+        pass
+
+    calls = []
+
+    def beat():
+        calls.append(time.monotonic())
+        if len(calls) > 2:
+            raise Gone()
+
+    hb = Heartbeat(beat, every_s=0.01, gone=lambda e: isinstance(e, Gone)).start()
+    assert hb.thread.daemon
+    hb.thread.join(timeout=5)
+    assert not hb.thread.is_alive() and hb.beats == 2 and len(calls) == 3
+
+
+def test_heartbeat_rides_out_a_slow_registry_then_gives_up():
+    state = {"fail": 3, "calls": 0}
+
+    def beat():
+        state["calls"] += 1
+        if state["fail"]:
+            state["fail"] -= 1
+            raise TimeoutError()
+
+    hb = Heartbeat(beat, every_s=0.01, give_up_after_s=1.0).start()
+    _wait(lambda: hb.beats >= 2, 5, "beats after the registry came back")
+    state["fail"] = 10**9  # from now on the registry never answers
+    hb.thread.join(timeout=5)
+    assert not hb.thread.is_alive(), "a heartbeat to a registry that never answers must end"
+
+
+def test_a_pool_member_outside_a_ray_actor_reports_nothing():
+    assert report_pool_member("") is None
+    assert report_pool_member("r1") is None  # this process is no Ray actor (Ray may even run)
+
+
+class _Member:
+    """A stand-in pool stage class, built inside a Ray actor."""
+
+    def __init__(self, run_id: str):
+        self.heartbeat = report_pool_member(run_id)
+
+    def beating(self) -> bool:
+        return self.heartbeat is not None and self.heartbeat.thread.is_alive()
+
+
+def test_pool_watch_counts_the_actors_that_beat_and_drops_lost_ones(ray_session):
+    """A pool actor counts while it beats, stops counting within ALIVE_WITHIN_S once killed
+    (a lost node), and once the run's watch ends, a surviving member stops beating."""
+    import ray
+
+    run_id = "t-" + uuid.uuid4().hex[:8]
+    member = ray.remote(num_cpus=0)(_Member)
+    with PoolWatch(run_id, every_s=0.2) as watch:
+        a = member.remote(run_id)
+        _wait(lambda: watch.sizes and watch.sizes[-1][1] == 1, 60, "the first member counted")
+        b = member.remote(run_id)
+        _wait(lambda: watch.sizes[-1][1] == 2, 60, "the second member counted")
+        ray.kill(a)
+        t0 = time.monotonic()
+        _wait(lambda: watch.sizes[-1][1] == 1, 2 * ALIVE_WITHIN_S + 10, "the killed member dropped")
+        assert time.monotonic() - t0 >= ALIVE_WITHIN_S - 1.5  # gone only once its beats are stale
+    summary = watch.summary()
+    assert summary["pool_max"] == 2 and summary["pool_sizes"][-1][1] == 1, summary
+    here = ray.get_runtime_context().get_node_id()
+    assert list(summary["node_rampup_s"]) == [here[-8:]], summary
+    _wait(lambda: not ray.get(b.beating.remote()), 30, "the surviving member stopped beating")
+    ray.kill(b)
+
+
+def test_pool_watch_without_ray_state_never_fails(monkeypatch):
+    """Best effort: no registry (it could not start) and a failing sample leave the job
+    alone and the summary empty."""
+    watch = PoolWatch("none", every_s=0.01)
+    monkeypatch.setattr("depthray.job.pool_watch.start_registry", lambda name: 1 / 0)
+    with watch:
+        time.sleep(0.05)
+    assert watch.summary() == {"pool_sizes": [], "pool_max": 0, "node_rampup_s": {}}
+    assert not any(t.name == "depthray-pool-watch" for t in threading.enumerate())
