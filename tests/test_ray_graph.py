@@ -202,3 +202,27 @@ def test_pool_watch_without_ray_state_never_fails(monkeypatch):
         time.sleep(0.05)
     assert watch.summary() == {"pool_sizes": [], "pool_max": 0, "node_rampup_s": {}}
     assert not any(t.name == "depthray-pool-watch" for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------- the local Ray's CPUs
+
+
+@pytest.mark.parametrize("files, want", [
+    ({}, None),
+    ({"cpu.max": "max 100000"}, None),
+    ({"cpu.max": "150000 100000"}, 1),
+    ({"cpu.max": "300000 100000"}, 3),
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000", "cpuset/cpuset.cpus": "0-3,6"}, 5),
+    ({"cpu/cpu.cfs_quota_us": "200000", "cpu/cpu.cfs_period_us": "100000", "cpuset/cpuset.cpus": "0-3"}, 2),
+    ({"cpu.max": "1000 100000"}, 1),
+])
+def test_local_ray_cpus_counts_a_containers_cgroup_limits(tmp_path, monkeypatch, files, want):
+    import os
+
+    from depthray.job.checks import local_ray_cpus
+
+    monkeypatch.delenv("RAY_USE_MULTIPROCESSING_CPU_COUNT", raising=False)
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text + "\n")
+    assert local_ray_cpus(str(tmp_path)) == (want if want is not None else os.cpu_count())
