@@ -245,6 +245,7 @@ def test_shards_commit_while_the_model_still_runs(idle_ray, tmp_path, make_image
         "compute": {"images_per_batch": 4, "num_actors": 1, "num_cpus_per_actor": 0.5}}, require_io=True)
     summary = run_job(cfg)
     assert summary["images"] == 32 and summary["errors"] == 0, summary
+    assert summary["pool_max"] == 1, summary  # the one actor reported itself (pool_watch.py)
     manifests = sorted((tmp_path / "out" / "_manifest").glob("*.json"), key=lambda p: p.stat().st_mtime)
     assert len(manifests) == 4
     last_call = max(float(line.split()[3]) for line in calls.read_text().split("\n") if line)

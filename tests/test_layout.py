@@ -101,3 +101,35 @@ def test_docs_name_only_paths_that_exist():
         if re.search(r"\bDESIGN\.md\b", text):
             missing.append(f"{doc.name}: DESIGN.md (not in this repository)")
     assert not missing, missing
+
+
+def test_no_private_ray_modules_in_the_package():
+    """Ray's `_private` modules change without notice between releases: the package uses
+    public API only (the pool watch's registry, `ray.nodes()`; checks.py counts CPUs itself)."""
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in PKG.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"\bray\._private\b|from ray import _private|\bray\.(_raylet|experimental)\b", line)]
+    assert not hits, hits
+
+
+@pytest.mark.parametrize("module", ["depthray/job/ray_graph.py", "depthray/job/pool_watch.py"])
+def test_the_ray_graph_and_pool_watch_name_no_stage(module):
+    """The executor applies each stage's hints and the pool reports itself: neither knows a
+    stage (or its class) by name, so a new stage touches stages.py only."""
+    from depthray.job.stages import STAGE_NAMES, job_stages
+    from tests.golden_job import job_config
+
+    functions = {s.fn.__name__ for s in job_stages(job_config("in/x.tar", "out"))}  # DepthPredictor, ...
+    tree = ast.parse((ROOT / module).read_text())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    strings = [n.value for n in ast.walk(tree)
+               if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+    # a stage name as a value (`st.name == "infer"`, a dict keyed by it); a stage's function
+    # or class anywhere in a string (a lookup by class name)
+    named = [s for s in strings if s in STAGE_NAMES or any(f in s for f in functions)]
+    assert not named, named
+    idents = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not idents & functions, idents & functions

@@ -1,7 +1,9 @@
 """The labelling job: stages built from a Config, run by Ray (or locally), committed per shard.
 
-    stages.py     the ordered chain read -> decode -> infer -> encode -> write, a plain value
-    ray_graph.py  that chain as a Ray Data graph (tasks, the autoscaling-free actor pool)
+    stages.py     the ordered chain read -> decode -> infer -> encode -> write, a plain value,
+                  each stage with its execution hints (memory, actor pool, blocks, batches)
+    ray_graph.py  that chain as a Ray Data graph: the hints applied, the actor pool sized
+    pool_watch.py the pool over time for the summary: its actors report to a per-run registry
     local.py      the same chain in one process (benchmarks, `depthray predict`)
     predictor.py  the inference stage: model loaded once, OOM fallback, hang watchdog
     inflight.py   crash/hang bookkeeping that survives the predictor's process

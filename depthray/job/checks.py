@@ -230,12 +230,7 @@ def check_local_cpus(cfg: Config, address: str | None, num_cpus: int | None) -> 
     if num_cpus is not None and num_cpus < 1:
         return  # not a size at all: Ray's own start-up error says so
     if num_cpus is None:
-        try:  # what a local Ray sizes itself to (cgroup-aware); private, so not relied on
-            from ray._private.utils import get_num_cpus
-
-            num_cpus = get_num_cpus()
-        except Exception:
-            num_cpus = os.cpu_count() or 1
+        num_cpus = local_ray_cpus()
     actors = cfg.compute.num_actors or cfg.compute.min_actors
     need = actors * cfg.compute.num_cpus_per_actor + 1
     if num_cpus < need:
@@ -245,3 +240,40 @@ def check_local_cpus(cfg: Config, address: str | None, num_cpus: int | None) -> 
             f"+ 1 needs {need:g}. Use compute.executor: local (one process, any CPU count), a smaller "
             "compute.num_cpus_per_actor, or more CPUs (--num-cpus)")
 
+
+
+def local_ray_cpus(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The CPUs a local Ray sizes itself to, counted as Ray counts them (Ray's own function
+    is private): the machine's, unless a container's cgroup says fewer (a CPU quota, v1 or
+    v2, or a v1 cpuset; the smaller one, whole CPUs, at least 1)."""
+    count = os.cpu_count() or 1
+    if os.environ.get("RAY_USE_MULTIPROCESSING_CPU_COUNT"):
+        return count
+
+    def read(path: str) -> str | None:
+        try:
+            with open(os.path.join(cgroup, path)) as f:
+                return f.read().strip()
+        except (OSError, ValueError):
+            return None
+
+    quota = None
+    v1 = read("cpu/cpu.cfs_quota_us"), read("cpu/cpu.cfs_period_us")
+    v2 = (read("cpu.max") or "").split()
+    try:
+        if None not in v1:
+            quota = float(v1[0]) / float(v1[1])
+        elif len(v2) == 2 and v2[0].isnumeric() and v2[1].isnumeric():  # "max ..." = no quota
+            quota = float(v2[0]) / float(v2[1])
+    except (ValueError, ZeroDivisionError):
+        quota = None
+    if quota is not None and quota < 0:
+        quota = None
+    cpuset = None
+    try:
+        ranges = (read("cpuset/cpuset.cpus") or "").split(",")
+        cpuset = sum(int(r.split("-")[1]) - int(r.split("-")[0]) + 1 if "-" in r else 1 for r in ranges if r) or None
+    except ValueError:
+        cpuset = None
+    limits = [n for n in (quota, cpuset) if n is not None]
+    return max(1, int(min(limits))) if limits else count

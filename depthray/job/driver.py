@@ -183,12 +183,12 @@ def _run(cfg: Config, run_id: str, shards: list, lease: OutputLease, log_every_s
             log.info("Starting execution: %d shard(s) in this process (compute.executor: local)", len(resume.todo))
             batches = LocalRunner(job_stages(cfg, run_id, device_kind)).run(shard_tables(resume.todo))
         else:
-            ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, cfg, res)
+            ds = build_dataset(job_stages(cfg, run_id, device_kind), resume.todo, res)
             if quiet:
                 quiet_ray_data()
             log.info("Starting execution: %d shard(s) on Ray, %s inference actor(s)", len(resume.todo),
                      res.num_actors if res.fixed else f"{res.min_actors}..{res.max_actors or 'cluster limit'}")
-            watch = PoolWatch()
+            watch = PoolWatch(run_id)
             batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
         try:
             with watch or contextlib.nullcontext(), stop.installed():

@@ -21,6 +21,7 @@ import pyarrow as pa
 from depthray.config import InferenceConfig, ModelConfig, StorageConfig
 from depthray.io import records, row_meta
 from depthray.job.inflight import DEFAULT_GPU_BATCH_TIMEOUT_S, InFlight, WorkerCrashed, WorkerHung
+from depthray.job.pool_watch import report_pool_member
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class DepthPredictor:
             on_gpu = getattr(getattr(self.model, "device", None), "type", "cpu") == "cuda"
             timeout_s = DEFAULT_GPU_BATCH_TIMEOUT_S if on_gpu else 0.0
         self.timeout_s = float(timeout_s)
+        # Last, once the model is loaded: from now on this actor counts in the job summary's
+        # pool sizes (a no-op outside a Ray actor).
+        self.pool_heartbeat = report_pool_member(run_id)
 
     def _predict_watched(self, rows: list[dict], inflight: InFlight | None) -> list:
         """_predict under a watchdog: past timeout_s the call is taken for a hang, and the

@@ -1,15 +1,18 @@
 """The stage chain (depthray/job/stages.py) as a Ray Data graph.
 
-Resources are declared here, where `map_batches` is called: CPU tasks for read, decode,
-encode and write; an actor pool for infer (GPUs when the cluster has them). Every stage
-turns a bad row into an error row and never raises for one, so Ray Data's
-`max_errored_blocks` (kept at 0) can never drop rows silently.
+Generic over the stages: each one's execution hints (`memory`, `max_tasks`, `actor_pool`,
+`blocks_of_one_batch`, `one_call_per_block_on_cpu`) become its `map_batches` arguments,
+and no stage is known here by name. What is decided here is the cluster's side: the actor
+pool's size and per-actor GPUs and CPUs (`Resources`). Every stage turns a bad row into an
+error row and never raises for one, so Ray Data's `max_errored_blocks` (kept at 0) can never
+drop rows silently.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from depthray.config import Config
 from depthray.io.sources import Shard
@@ -75,46 +78,43 @@ def resolve_resources(cfg: Config) -> Resources:
     return Resources(min_actors=lo, max_actors=hi, gpus_per_actor=per, cpus_per_actor=cpus)
 
 
-def build_dataset(stages: list[Stage], shards: list[Shard], cfg: Config, res: Resources):
+def build_dataset(stages: list[Stage], shards: list[Shard], res: Resources):
     """The Ray Data graph running `stages` over `shards` (lazy; runs when iterated)."""
     import ray
-    from ray.data import DataContext, TaskPoolStrategy
+    from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.max_errored_blocks = 0  # a failing block fails the job loudly, never drops rows
     ctx.enable_progress_bars = False  # the driver logs its own progress lines
-
-    read_compute = TaskPoolStrategy(size=cfg.compute.read_parallelism) if cfg.compute.read_parallelism else None
-    # Decoded pixels take memory; saying so keeps Ray from packing too many decode tasks
-    # on one node. It also keeps Ray from fusing read+decode into the inference actor (it
-    # fuses operators with equal resource requests), which would put CPU decoding on the
-    # GPU actor's critical path.
-    resources = {
-        "read": {"compute": read_compute, "memory": 256 << 20},
-        "decode": {"compute": read_compute, "memory": 256 << 20},
-        "infer": {"compute": res.strategy(), "num_gpus": res.gpus_per_actor,
-                  "num_cpus": res.cpus_per_actor},
-    }
     items = shard_items(shards)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return apply_stages(ray.data.from_items(items, override_num_blocks=len(items)), stages, res)
+
+
+def apply_stages(ds, stages: list[Stage], res: Resources):
+    """`ds` run through every stage in order, each as its hints say."""
     for st in stages:
-        if st.name == "infer":
-            # Work travels in blocks of one actor batch, not whole shards: a shard's rows
-            # spread over every actor (the ledger still commits the shard as one unit), and
-            # at the tail no actor sits on a shard's worth of queued rows while others idle.
-            # On CPU actors each block is one call (batch_size=None): Ray would otherwise
-            # bundle a shard's short last block with the next shard's rows, which moves
-            # depth values by ~1e-5 (which images share a model batch). Ray insists on a
-            # batch_size for GPU actors; there a batch may span two shards, which the
-            # crash bookkeeping allows (rows are named by shard and key).
+        if st.blocks_of_one_batch:
             ds = ds.repartition(target_num_rows_per_block=max(1, st.batch_size or 1))
-        kw = dict(resources.get(st.name, {}))
-        if st.stateful:
-            per_block = st.name == "infer" and res.gpus_per_actor == 0
-            ds = ds.map_batches(st.fn, batch_size=None if per_block else st.batch_size,
-                                batch_format="pyarrow",
-                                fn_constructor_kwargs=st.kwargs, **kw)
-        else:
-            ds = ds.map_batches(st.fn, batch_size=st.batch_size, batch_format="pyarrow",
-                                fn_kwargs=st.kwargs, **kw)
+        ds = ds.map_batches(st.fn, **map_batches_args(st, res))
     return ds
+
+
+def map_batches_args(st: Stage, res: Resources) -> dict[str, Any]:
+    """A stage's `map_batches` keyword arguments (a hint left unset is left to Ray)."""
+    from ray.data import TaskPoolStrategy
+
+    on_gpu = st.actor_pool and res.gpus_per_actor > 0
+    args: dict[str, Any] = {
+        "batch_size": None if st.one_call_per_block_on_cpu and not on_gpu else st.batch_size,
+        "batch_format": "pyarrow",
+        "fn_constructor_kwargs" if st.stateful else "fn_kwargs": st.kwargs,
+    }
+    if st.actor_pool:
+        args.update(compute=res.strategy(), num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor)
+    elif st.stateful:  # Ray Data builds a class on actors only, and ours are the one pool's
+        raise ValueError(f"stage {st.name!r}: a class runs on the actor pool only (actor_pool=True)")
+    elif st.max_tasks:
+        args["compute"] = TaskPoolStrategy(size=st.max_tasks)
+    if st.memory:
+        args["memory"] = st.memory
+    return args

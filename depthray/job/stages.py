@@ -8,6 +8,10 @@ predict` and a cluster job cannot drift apart. Nothing here imports Ray.
 Every stage maps an Arrow table of rows to a table of rows (`read` yields several: a shard
 streams). `infer` is a class: it is built once per worker (it loads the model) and called
 per batch; the rest are plain functions.
+
+How a stage runs (task or actor, memory, batches, blocks) is said by the stage itself, in
+its execution hints below; an executor applies them without knowing any stage by name, so
+a new stage (another label, another model) states what it needs here and nowhere else.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ from depthray.job.predictor import DepthPredictor
 STAGE_NAMES = ("read", "decode", "infer", "encode", "write")
 
 
+# What a read or decode task reserves. Decoded pixels take memory; saying so keeps Ray from
+# packing too many decode tasks on one node. Read asks the same, so read and decode (equal
+# requests) fuse with each other and, unlike the inference actor's request, never fuse into
+# it (Ray fuses operators with equal resource requests): that would put CPU decoding on the
+# GPU actor's critical path.
+DECODED_PIXELS_MEMORY = 256 << 20
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -32,6 +44,35 @@ class Stage:
     kwargs: dict[str, Any] = field(default_factory=dict)
     batch_size: int | None = None  # rows per call; None = whatever block arrives
     stateful: bool = False  # fn is a class: built once per worker with kwargs, then called
+    # -- execution hints: what an executor that spreads work (Ray) must know; the local
+    #    runner needs none of them (one process, batches of batch_size).
+    # Bytes one task needs: the scheduler reserves them, so a node is not given more tasks
+    # than its memory holds (and see DECODED_PIXELS_MEMORY on fusion). None: no reservation.
+    memory: int | None = None
+    # At most this many tasks of the stage at once (compute.read_parallelism: input storage
+    # may throttle many concurrent readers). None: the executor decides.
+    max_tasks: int | None = None
+    # The stage runs on the job's actor pool, whose size and per-actor GPUs and CPUs are the
+    # cluster's business (ray_graph.resolve_resources), not the stage's: the costly state
+    # (a model) lives once per actor and the pool grows onto new GPU nodes. Needs `stateful`.
+    actor_pool: bool = False
+    # Cut the rows into blocks of one batch (batch_size rows) before this stage, instead of
+    # whole shards: a shard's rows spread over every actor of the pool (the ledger still
+    # commits the shard as one unit), and at the tail no actor sits on a shard's worth of
+    # queued rows while others idle.
+    blocks_of_one_batch: bool = False
+    # Where the stage runs without a GPU, call it once per block (with blocks_of_one_batch:
+    # one batch of one shard). Otherwise Ray bundles a shard's short last block with the next
+    # shard's rows, and which images share a model batch moves depth values by ~1e-5. Ray
+    # insists on a batch size for GPU actors; there a batch may span two shards, which the
+    # crash bookkeeping allows (rows are named by shard and key).
+    one_call_per_block_on_cpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.actor_pool and not self.stateful:
+            raise ValueError(f"stage {self.name!r}: an actor pool runs a class (stateful), not a function")
+        if self.actor_pool and self.max_tasks:
+            raise ValueError(f"stage {self.name!r}: max_tasks limits tasks; the pool's size is compute's")
 
     def make(self) -> Callable[[Any], Any]:
         """The per-batch callable: the built class, or fn with its settings bound."""
@@ -49,12 +90,16 @@ def job_stages(cfg: Config, run_id: str = "", device_kind: str | None = None) ->
     """The five stages of a job described by `cfg`, in order; `device_kind` ("cpu" | "cuda")
     is where the infer stage runs (it resolves `auto` settings in the config hash)."""
     keep_input = cfg.output.format == "webdataset" and cfg.output.include_image
+    readers = cfg.compute.read_parallelism or None
     return [
-        Stage("read", read_shards, {"cfg": cfg.input, "storage": cfg.storage}, batch_size=1),
-        Stage("decode", decode_batch, {"cfg": cfg.input, "keep_input": keep_input}),
+        Stage("read", read_shards, {"cfg": cfg.input, "storage": cfg.storage}, batch_size=1,
+              memory=DECODED_PIXELS_MEMORY, max_tasks=readers),
+        Stage("decode", decode_batch, {"cfg": cfg.input, "keep_input": keep_input},
+              memory=DECODED_PIXELS_MEMORY, max_tasks=readers),
         Stage("infer", DepthPredictor, {"model": cfg.model, "inference": cfg.inference, "storage": cfg.storage,
                                         "run_id": run_id, "timeout_s": cfg.compute.batch_timeout_s},
-              batch_size=cfg.compute.images_per_batch, stateful=True),
+              batch_size=cfg.compute.images_per_batch, stateful=True, actor_pool=True,
+              blocks_of_one_batch=True, one_call_per_block_on_cpu=True),
         Stage("encode", encode_batch, {"quality": cfg.quality}),
         Stage("write", write_batch, {"cfg": cfg.output, "storage": cfg.storage, "model": model_label(cfg),
                                      "config_hash": cfg.hash(device_kind), "run_id": run_id},
