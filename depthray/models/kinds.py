@@ -16,10 +16,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from depthray.config import ModelConfig
+# A `model:` section (depthray.config.ModelConfig). Not imported: the config imports this
+# module, and a kind needs only its fields.
+ModelConfig = Any
 
 # A Hugging Face hub id: `org/name` (any kind's checkpoint may be one).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
@@ -39,7 +40,7 @@ class ModelKind:
     # "one" (defined for exactly one step), "none" (one forward pass, no steps argument).
     steps: str
     # (processing resolution, steps, source) for `depthray plan`, without loading the model.
-    plan_settings: Callable[["ModelKind", "ModelConfig", int | None, int | None], tuple[int, int, str]]
+    plan_settings: Callable[["ModelKind", ModelConfig, int | None, int | None], tuple[int, int, str]]
 
     def dtype(self, dtype: str, device_type: str) -> str:
         """The dtype name this kind runs in for `dtype` on a device of `device_type`."""
@@ -66,7 +67,7 @@ class ModelKind:
         return (f"model.path {path!r}: a folder without {self.marker}, not a {self.name} checkpoint "
                 "(make one with `depthray make-tiny-model`, or use a hub id)")
 
-    def load(self, folder: str, m: "ModelConfig"):
+    def load(self, folder: str, m: ModelConfig):
         """The engine built from a fetched checkpoint folder and the `model:` section."""
         import importlib
 
@@ -86,7 +87,7 @@ def local_folder(path: str) -> str | None:
 # --------------------------------------------------------------- plan settings per kind
 
 
-def _checkpoint_settings(kind: ModelKind, m: "ModelConfig", res: int | None, steps: int | None):
+def _checkpoint_settings(kind: ModelKind, m: ModelConfig, res: int | None, steps: int | None):
     """Marigold layouts: the defaults model_index.json registers (the engine reads the same)."""
     from depthray.models.checkpoints import checkpoint_defaults
 
@@ -96,7 +97,7 @@ def _checkpoint_settings(kind: ModelKind, m: "ModelConfig", res: int | None, ste
     return int(res or found.processing_resolution), int(steps or found.denoising_steps), f"config + {found.source}"
 
 
-def _processor_settings(kind: ModelKind, m: "ModelConfig", res: int | None, steps: int | None):
+def _processor_settings(kind: ModelKind, m: ModelConfig, res: int | None, steps: int | None):
     """transformers: one forward at the input size its preprocessor_config.json registers."""
     rule = transformers_view_rule(m, res)
     if rule is not None:
@@ -107,7 +108,7 @@ def _processor_settings(kind: ModelKind, m: "ModelConfig", res: int | None, step
     return int(res), 1, "config"
 
 
-def transformers_view_rule(m: "ModelConfig", processing_resolution: int | None = None):
+def transformers_view_rule(m: ModelConfig, processing_resolution: int | None = None):
     """The view rule (models/hf_sizes.py) of a local transformers checkpoint, read from its
     config.json and preprocessor_config.json as the model reads them at load; None when the
     checkpoint is not a local folder."""
@@ -145,7 +146,7 @@ TRANSFORMERS = ModelKind(
 KINDS: dict[str, ModelKind] = {k.name: k for k in (MARIGOLD, MARIGOLD_E2E, TRANSFORMERS)}
 
 
-def kind_of(m: "ModelConfig", folder: str | None = None) -> ModelKind:
+def kind_of(m: ModelConfig, folder: str | None = None) -> ModelKind:
     """The kind a `model:` section runs as: `model.kind`, except that a `marigold` checkpoint
     that is end-to-end fine-tuned (its published name, or `end_to_end` in its model_index.json;
     `folder`: where it was fetched, else the local path) runs as `marigold-e2e`."""
