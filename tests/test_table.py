@@ -45,7 +45,7 @@ def test_kept_input_columns_become_table_columns(tmp_path):
     table = ShardTable(url, StorageConfig())
     table.ensure(OUTPUT_SCHEMA)
     part = dict([TableSink(url, StorageConfig(), "m", "h", "r").write(
-        "a", rows(["k"], meta='{"columns": {"caption": "a cat"}}'), "0" * 16)])
+        "a", rows(["k"], meta={"columns": '{"caption": "a cat"}'}), "0" * 16)])
     table.commit("a", part, table.next_txn())
     from deltalake import DeltaTable
 

@@ -174,6 +174,6 @@ def predict_files(paths: list[str], cfg, out_dir, on_done: Callable[[str, dict],
                     space = row_meta.get(row).get("output_space", "depth")
                     Image.fromarray(preview_image(image, depth, preview_max_side, space)).save(
                         out / f"{row['key']}.preview.png")
-                if on_done:
-                    on_done(by_key[row["key"]], row)
+                if on_done:  # the row as the outputs hold it: meta as JSON text
+                    on_done(by_key[row["key"]], {**row, "meta": row_meta.to_json(row)})
     return failed
