@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_option(p)
     p.add_argument("--address", help="Ray address to join (default: compute.address, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--pipeline", help="the labelling task: a module of pipelines/ (default: the config's "
+                   "`pipeline`, else depth) or a path to a .py file declaring stages(cfg, run_id, device_kind)")
     p.add_argument("--verbose", dest="ray_logs", action="store_true",
                    help="show Ray's own warnings and the workers' output (tracebacks included) here; "
                    "by default they stay in Ray's log files and each failure is one summary line")
@@ -372,6 +374,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"depthray: {e}", file=sys.stderr)
         return 2
+
+
+def run_pipeline_file(path: str, argv: list[str]) -> int:
+    """`python pipelines/<name>.py CONFIG [depthray run options]`: `depthray run` of that
+    pipeline (so `ray job submit -- python pipelines/<name>.py CONFIG` runs it on a cluster).
+    A module of the project's pipelines/ folder is named as a config would name it, so its
+    config hash is the plain run's; any other file by its path."""
+    import os
+
+    import pipelines
+
+    path = os.path.abspath(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    same = os.path.dirname(path) == os.path.dirname(os.path.abspath(pipelines.__file__))
+    return main(["run", *argv, "--pipeline", stem if same else path])
 
 
 if __name__ == "__main__":

@@ -165,6 +165,10 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    # The labelling task: a module of the project's pipelines/ folder by name ("depth": read,
+    # decode, infer, encode, write), or a path to a .py file declaring stages(cfg, run_id,
+    # device_kind) as pipelines/depth.py does (copy it to declare another task).
+    pipeline: str = "depth"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,7 +190,10 @@ class Config:
         # row's reading of `auto`, as before (what it runs is the factory's to say).
         kind = KINDS[model["kind"]] if model["factory"] is None else MARIGOLD
         model["dtype"] = kind.dtype(model["dtype"], model["device"])
-        return flatten({"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)})
+        settings = {"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)}
+        if self.pipeline != "depth":  # another task makes other labels; depth's hash stays as it was
+            settings["pipeline"] = self.pipeline
+        return flatten(settings)
 
     def hash(self, device_kind: str | None = None) -> str:
         """Short hash of `settings(device_kind)`: stored with every row and manifest, so two
@@ -229,6 +236,8 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         allowed = allowed() if callable(allowed) else allowed
         if flat[key] not in allowed:
             errors.append(f"{key}: must be one of {', '.join(allowed)}, got {flat[key]!r}")
+    if not cfg.pipeline.strip():
+        errors.append("pipeline: must name a pipeline (depth, or a path to a .py file)")
     inf = cfg.inference
     if inf.ensemble_size < 1:
         errors.append(f"inference.ensemble_size: must be >= 1, got {inf.ensemble_size}")

@@ -60,8 +60,13 @@ def example_config(input_url: str = "s3://my-bucket/images/", output_url: str = 
     head = ["# depthray job config: every key, its default and what it means (from depthray/config.py).",
             "# Run: depthray run THIS.yaml   Override: --set inference.ensemble_size=3", ""]
     body = []
+    notes = _comments(Config)
     for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):  # a top-level setting (`pipeline`)
+            body += [f"# {note}" for note in notes.get(f.name, [])] + [f"{f.name}: {_scalar(value)}", ""]
+            continue
         body.append(f"{f.name}:")
-        body += _section(getattr(cfg, f.name), 1)
+        body += _section(value, 1)
         body.append("")
     return "\n".join(head + body)

@@ -26,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from depthray.job.driver import run_job
     from depthray.job.ledger import summary_lines
 
-    cfg = load_config(args.config, args.set)
+    overrides = list(args.set or [])
+    if getattr(args, "pipeline", None):
+        overrides.append(f"pipeline={args.pipeline}")
+    cfg = load_config(args.config, overrides)
     try:
         summary = run_job(cfg, address=args.address, num_cpus=args.num_cpus,
                           quiet=not (args.verbose or args.ray_logs))
@@ -58,3 +61,4 @@ def error_fraction_failed(summary: dict, limit: float) -> str | None:
         return (f"{errors} of the {images + errors} images this run took became error rows "
                 f"(quality.max_error_fraction: {limit}); see _errors/ for the reasons")
     return None
+

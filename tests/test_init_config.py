@@ -17,8 +17,8 @@ def test_init_writes_every_key_and_loads(tmp_path, capsys):
     assert cfg.input.url == str(tmp_path / "in") and cfg.output.url == str(tmp_path / "out")
     assert cfg.to_dict() == {**Config().to_dict(), "input": {**dataclasses.asdict(Config().input), "url": cfg.input.url},
                              "output": {**dataclasses.asdict(Config().output), "url": cfg.output.url}}
-    for key in flatten(Config().to_dict()):
-        assert f"  {key.rsplit('.', 1)[-1]}:" in text, key
+    for key in flatten(Config().to_dict()):  # a section's keys indented, a top-level one (pipeline) not
+        assert (f"  {key.rsplit('.', 1)[-1]}:" if "." in key else f"\n{key}:") in text, key
     assert "# glob, brace range" in text and "ambiguous_image" in text  # the meanings come along
     assert main(["init", str(path)]) == 2  # never overwrites
 

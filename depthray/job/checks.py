@@ -181,6 +181,22 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(f"model.path {m.path!r}: no such folder, and not a hub id (org/name)")
 
 
+def check_pipeline(cfg: Config) -> None:
+    """The labelling task the config names (`pipeline`) loads and builds its stage list,
+    before Ray: a typo there would otherwise fail the job after Ray started."""
+    from depthray.job.pipelines import load_pipeline
+
+    try:
+        stages = load_pipeline(cfg.pipeline)(cfg, "", None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except Exception as e:
+        raise ConfigError(f"pipeline {cfg.pipeline!r}: its stages(cfg, ...) raised {type(e).__name__}: {e}") from None
+    if not stages or not all(hasattr(s, "fn") and hasattr(s, "name") for s in stages):
+        raise ConfigError(f"pipeline {cfg.pipeline!r}: stages(cfg, ...) must return a list of Stage "
+                          "(depthray/job/stages.py)")
+
+
 def check_steps(cfg: Config) -> None:
     """`inference.num_inference_steps` the model kind can run, before Ray: otherwise every
     image of the job would become an `infer` error row and the job would still exit 0

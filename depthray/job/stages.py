@@ -1,9 +1,11 @@
 """The job's stage chain as a plain value: what runs, in which order, with which settings.
 
-`job_stages(cfg)` is the only place the chain read -> decode -> infer -> encode -> write is
-written down. Ray (depthray/job/ray_graph.py) and the in-process runner
-(depthray/job/local.py) both execute this list unchanged, so a benchmark, `depthray
-predict` and a cluster job cannot drift apart. Nothing here imports Ray.
+Each stage of the job package is built here from a config (`read_stage`, ..., `write_stage`);
+a pipeline (pipelines/depth.py: read -> decode -> infer -> encode -> write) lists them in
+order, and `job_stages(cfg)` returns the list of the pipeline the config names. Ray
+(depthray/job/ray_graph.py) and the in-process runner (depthray/job/local.py) both execute
+that list unchanged, so a benchmark, `depthray predict` and a cluster job cannot drift
+apart. Nothing here imports Ray.
 
 Every stage maps an Arrow table of rows to a table of rows (`read` yields several: a shard
 streams). `infer` is a class: it is built once per worker (it loads the model) and called
@@ -87,24 +89,48 @@ def model_label(cfg: Config) -> str:
 
 
 def job_stages(cfg: Config, run_id: str = "", device_kind: str | None = None) -> list[Stage]:
-    """The five stages of a job described by `cfg`, in order; `device_kind` ("cpu" | "cuda")
-    is where the infer stage runs (it resolves `auto` settings in the config hash)."""
+    """The stages of the labelling task `cfg.pipeline` names (pipelines/depth.py by default),
+    in order; `device_kind` ("cpu" | "cuda") is where the infer stage runs (it resolves
+    `auto` settings in the config hash)."""
+    from depthray.job.pipelines import load_pipeline
+
+    return load_pipeline(cfg.pipeline)(cfg, run_id, device_kind)
+
+
+# The job package's stages, each built from a config: pipelines list them in order.
+
+
+def read_stage(cfg: Config) -> Stage:
+    """Shards -> sample rows (key, encoded image, where it came from)."""
+    return Stage("read", read_shards, {"cfg": cfg.input, "storage": cfg.storage}, batch_size=1,
+                 memory=DECODED_PIXELS_MEMORY, max_tasks=cfg.compute.read_parallelism or None)
+
+
+def decode_stage(cfg: Config) -> Stage:
+    """Encoded images -> RGB pixels as displayed (bad images become error rows)."""
     keep_input = cfg.output.format == "webdataset" and cfg.output.include_image
-    readers = cfg.compute.read_parallelism or None
-    return [
-        Stage("read", read_shards, {"cfg": cfg.input, "storage": cfg.storage}, batch_size=1,
-              memory=DECODED_PIXELS_MEMORY, max_tasks=readers),
-        Stage("decode", decode_batch, {"cfg": cfg.input, "keep_input": keep_input},
-              memory=DECODED_PIXELS_MEMORY, max_tasks=readers),
-        Stage("infer", DepthPredictor, {"model": cfg.model, "inference": cfg.inference, "storage": cfg.storage,
-                                        "run_id": run_id, "timeout_s": cfg.compute.batch_timeout_s},
-              batch_size=cfg.compute.images_per_batch, stateful=True, actor_pool=True,
-              blocks_of_one_batch=True, one_call_per_block_on_cpu=True),
-        Stage("encode", encode_batch, {"quality": cfg.quality}),
-        Stage("write", write_batch, {"cfg": cfg.output, "storage": cfg.storage, "model": model_label(cfg),
-                                     "config_hash": cfg.hash(device_kind), "run_id": run_id},
-              batch_size=cfg.output.rows_per_part),
-    ]
+    return Stage("decode", decode_batch, {"cfg": cfg.input, "keep_input": keep_input},
+                 memory=DECODED_PIXELS_MEMORY, max_tasks=cfg.compute.read_parallelism or None)
+
+
+def infer_stage(cfg: Config, run_id: str = "") -> Stage:
+    """Pixels -> depth and uncertainty maps, on the actor pool (the model loads once per actor)."""
+    return Stage("infer", DepthPredictor, {"model": cfg.model, "inference": cfg.inference, "storage": cfg.storage,
+                                           "run_id": run_id, "timeout_s": cfg.compute.batch_timeout_s},
+                 batch_size=cfg.compute.images_per_batch, stateful=True, actor_pool=True,
+                 blocks_of_one_batch=True, one_call_per_block_on_cpu=True)
+
+
+def encode_stage(cfg: Config) -> Stage:
+    """Maps -> 16-bit PNGs and the quality verdict."""
+    return Stage("encode", encode_batch, {"quality": cfg.quality})
+
+
+def write_stage(cfg: Config, run_id: str = "", device_kind: str | None = None) -> Stage:
+    """Rows -> staged parts of the output (and `_errors/`), acknowledged to the ledger."""
+    return Stage("write", write_batch, {"cfg": cfg.output, "storage": cfg.storage, "model": model_label(cfg),
+                                        "config_hash": cfg.hash(device_kind), "run_id": run_id},
+                 batch_size=cfg.output.rows_per_part)
 
 
 def stage(stages: list[Stage], name: str) -> Stage:
