@@ -93,7 +93,7 @@ def test_folders_are_searched_recursively_and_other_files_counted(tmp_path):
 
 
 def test_preview_long_side_is_capped_and_small_images_stay_as_they_are():
-    from depthray.job.local import preview_image
+    from depthray.predict_command import preview_image
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (2000, 3000, 3), dtype=np.uint8)
