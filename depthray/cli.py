@@ -130,51 +130,9 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import glob
-    from collections import Counter
+    from depthray.plan_command import run_plan
 
-    from depthray.config import load_config
-    from depthray.plan import format_plans, image_sizes, plan_image
-
-    cfg = load_config(args.config, args.set, require_io=False)
-    sizes: list[tuple[int, int]] = []
-    for text in args.size or []:
-        try:
-            w, h = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            print(f"depthray plan: --size {text!r}: expected WIDTHxHEIGHT, e.g. 4000x3000", file=sys.stderr)
-            return 2
-        sizes.extend([(h, w)] * args.count)
-    files: dict[tuple[int, int], str] = {}
-    for pattern in args.images or []:
-        paths = sorted(glob.glob(pattern)) or [pattern]
-        for path, size in zip(paths, image_sizes(paths)):
-            sizes.append(size)
-            files.setdefault(size, path)
-    if not sizes:
-        print("depthray plan: give --size WxH and/or --images GLOB", file=sys.stderr)
-        return 2
-    counts = sorted(Counter(sizes).items())
-    plans = [(plan_image(h, w, cfg, processing_resolution=args.processing_resolution, steps=args.steps,
-                         seconds_per_evaluation=args.seconds_per_evaluation), n) for (h, w), n in counts]
-    if args.measure:
-        from depthray.measure import measure_sizes
-
-        if args.processing_resolution:
-            cfg.model.processing_resolution = args.processing_resolution
-        if args.steps:
-            cfg.inference.num_inference_steps = args.steps
-        timings = measure_sizes(cfg, [size for size, _ in counts], files)
-        for (p, n), (size, _) in zip(plans, counts):
-            p.gpu_seconds = timings[size].seconds
-        total = sum(p.gpu_seconds * n for p, n in plans)
-        args.seconds_per_evaluation = total / max(sum(p.model_evaluations * n for p, n in plans), 1)
-        model_s = sum(timings[size].model_seconds * n for size, n in counts)
-        print(f"measured {args.seconds_per_evaluation:.4g} s per evaluation (view x member x step), everything "
-              f"an image costs in `depthray predict` on this machine: model {model_s:.1f} s + decoding, "
-              f"tile fusion, encoding and preview {total - model_s:.1f} s over the planned images")
-    print(format_plans(plans, args.seconds_per_evaluation, measured=args.measure))
-    return 0
+    return run_plan(args)
 
 
 def _add_set_option(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ global view's own batch, part-filled batches at level ends, and square tiles, wh
 a third more pixels than the 4:3 batch it timed. So an image is measured in two parts:
 
  1. everything but the model: the image goes through predict's own path
-    (depthray/job/local.py `predict_files`) with a stand-in model that answers each call
+    (depthray/predict_command.py `predict_files`) with a stand-in model that answers each call
     at once (cheap maps from the pixels, on the model's device) and records its shape;
  2. the model: each distinct recorded call (view size, distinct views, members, views the
     engine had already encoded) runs on the real model, timed after a warm-up; the image's
@@ -136,7 +136,7 @@ def synthetic_image(height: int, width: int, path: Path) -> Path:
 
 def measure_image(cfg, model: Any, path: str | Path, repeats: int | None = None) -> ImageTiming:
     """Seconds `depthray predict` spends on the image at `path` with `cfg`, model loaded."""
-    from depthray.job.local import predict_files
+    from depthray.predict_command import predict_files
     from depthray.plan import image_sizes
 
     h, w = image_sizes([path])[0]

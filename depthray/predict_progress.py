@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+from depthray.durations import format_duration
 from depthray.io.decode import IMAGE_EXTS
-from depthray.job.ledger import format_duration
 
 # one image asking for this many model evaluations (views x members) earns a warning
 COSTLY_EVALUATIONS = 200

@@ -141,3 +141,67 @@ def test_decode_batch_turns_failures_into_error_rows():
     assert (out[2]["stage"], out[2]["error"]) == ("read", "no_image")
     assert out[3]["shard_total"] == 3
     assert isinstance(decode_batch(records.to_table(rows[:1], records.SAMPLE), InputConfig(), True), pa.Table)
+
+
+def test_importing_depthray_leaves_pils_decompression_bomb_guard_alone():
+    """#27: only the decoder, which enforces input.max_pixels itself, turns PIL's guard off,
+    and only while it decodes; importing the readers (listing, status, preview, outputs, the
+    job's stages, the CLI) leaves PIL's process-wide limit at its default."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from PIL import Image; default = Image.MAX_IMAGE_PIXELS; "
+            "import depthray.io.listing, depthray.io.decode, depthray.io.outputs, depthray.status, "
+            "depthray.preview, depthray.job.stages, depthray.cli, depthray.predict_progress; "
+            "print(default, Image.MAX_IMAGE_PIXELS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    default, after = out.stdout.split()
+    assert default != "None" and after == default
+
+
+def test_an_image_past_pils_limit_decodes_within_max_pixels(monkeypatch):
+    """PIL's limit made small (as a 100 MP photo meets PIL's real one): within input.max_pixels
+    the image decodes, without PIL's warning or error, the job's own limit still refuses a
+    larger one, and PIL's limit is back afterwards, also after a failure."""
+    import warnings
+
+    from depthray.io.decode import displayed_bytes, own_pixel_limit
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encode(Image.fromarray(gradient(100, 120)), "PNG")  # 12000 px: > 2x PIL's limit
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))  # the guard is on outside the decoder
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would fail here
+        out, _ = decode(data, max_pixels=20_000)
+        np.testing.assert_array_equal(out, gradient(100, 120))
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rotated = encode(Image.fromarray(gradient(100, 120)), "JPEG", exif=exif.tobytes())
+        upright = displayed_bytes(rotated)  # a passthrough image of that size re-encodes too
+        with own_pixel_limit():
+            assert Image.open(io.BytesIO(upright)).size == (100, 120)
+        assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(DecodeError) as e:
+        decode(encode(Image.fromarray(gradient(200, 150)), "PNG"), max_pixels=20_000)
+    assert e.value.reason == "too_large" and "30000" in str(e.value)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    rows = [{"source": "s", "key": "a", "data": data, "ext": "png"}]
+    decoded = decode_batch(records.to_table(rows, records.SAMPLE), InputConfig(max_pixels=20_000),
+                           keep_input=True).to_pylist()
+    assert decoded[0]["error"] is None and (decoded[0]["height"], decoded[0]["width"]) == (100, 120)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_overlapping_decodes_restore_pils_limit_when_the_last_one_leaves(monkeypatch):
+    from depthray.io.decode import own_pixel_limit
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1234)
+    with own_pixel_limit():
+        with own_pixel_limit():  # a second thread's decode, entered while the first runs
+            assert Image.MAX_IMAGE_PIXELS is None
+        assert Image.MAX_IMAGE_PIXELS is None  # the first is still decoding
+    assert Image.MAX_IMAGE_PIXELS == 1234

@@ -286,3 +286,32 @@ def test_a_row_the_writer_cannot_build_is_an_error_row_but_a_storage_failure_rai
     monkeypatch.setattr(sinks, "write_atomic", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_batch(encoded_batch(rows), cfg, STORAGE, "m", "h")
+
+
+def test_folder_sink_writes_predicts_files_atomically_and_is_no_job_output_format(tmp_path):
+    """#27: `depthray predict`'s folder is a sink of this family: `{key}.depth.png` is the
+    encode stage's bytes, `{key}.preview.png` the row's preview, each written atomically (no
+    temporary file left); a row the folder cannot hold is a `write` error row naming its key.
+    A job cannot select it: no output.format makes `make_sink` return it."""
+    from depthray.config import ConfigError, config_from_dict
+    from depthray.io.sinks import FolderSink, make_sink, writable
+
+    depth = encode_depth_png16(np.random.default_rng(0).random((6, 9), dtype=np.float32), "depth")
+    rows = [{"source": "s", "key": "a", "depth": depth, "preview": b"PREVIEW-A"},
+            {"source": "s", "key": "b", "depth": depth, "preview": None},
+            {"source": "s", "key": "../c", "depth": depth, "preview": b"PREVIEW-C"}]
+    sink = FolderSink(str(tmp_path / "out"), STORAGE)
+    samples, failed = writable(sink, rows)
+    assert [(r["key"], r["stage"], r["error"]) for r in failed] == [("b", "write", "unwritable"),
+                                                                   ("../c", "write", "unwritable")]
+    assert "no preview PNG" in failed[0]["message"] and "outside the output folder" in failed[1]["message"]
+    assert sink.write_files(samples) == len(depth) + len(b"PREVIEW-A")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.depth.png", "a.preview.png"]
+    assert (tmp_path / "out" / "a.depth.png").read_bytes() == depth
+    assert not (tmp_path / "c.depth.png").exists()
+    for fmt in ("parquet", "webdataset", "delta"):
+        out = config_from_dict({"output": {"url": str(tmp_path / fmt), "format": fmt}}).output
+        assert not isinstance(make_sink(out, STORAGE, "m", "h", run_id="r"), FolderSink), fmt
+    for fmt in ("folder", "files", "images", "png"):
+        with pytest.raises(ConfigError, match="output.format"):
+            config_from_dict({"output": {"url": str(tmp_path), "format": fmt}})

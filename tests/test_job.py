@@ -160,7 +160,7 @@ def test_predict_writes_the_bytes_the_job_writes(ray_session, tmp_path, make_ima
     image and config its depth PNG is byte for byte the job's (one image per model batch and
     one thread on both sides, so even float rounding is the same)."""
     from depthray.job.driver import run_job
-    from depthray.job.local import predict_files
+    from depthray.predict_command import predict_files
 
     folder = tmp_path / "in" / "photos"
     folder.mkdir(parents=True)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from depthray.job.ledger import ShardLedger, format_duration
+from depthray.durations import format_duration
+from depthray.job.ledger import ShardLedger
 
 
 def ack(source: str, outputs: int, errors: int = 0, total: int | None = None) -> dict:

@@ -169,7 +169,7 @@ def test_plan_measure_agrees_with_predict_on_the_same_image(tmp_path, capsys):
     assert 0.75 <= estimate / measured <= 1.25, f"estimate {estimate} s, predict {measured} s per image"
     # Exactly, without a clock: the calls measure counts are the calls predict makes.
     from depthray.config import load_config
-    from depthray.job.local import predict_files
+    from depthray.predict_command import predict_files
     from depthray.measure import measure_image
     from tests.reliability.doubles import make
 

@@ -28,6 +28,20 @@ def test_predict_images_reports_every_view_after_announcing_the_total():
     assert [d for d, _ in heard] == list(range(total + 1)) and {t for _, t in heard} == {total}
 
 
+def test_predict_reporting_loads_nothing_of_the_job():
+    """The views line's duration formatter is shared (depthray/durations.py): predict's
+    reporting imports no module of the job's driver side (the ledger) to get it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, depthray.predict_progress; "
+            "print(sorted(m for m in sys.modules if m.startswith('depthray.job')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_time_left_appears_only_once_a_view_was_timed():
     assert views_line(0, 1, 1, 0, 120, 0.0) == "image 1/1: views 0/120"
     assert views_line(0, 1, 1, 0, 120, 30.0) == "image 1/1: views 0/120"  # time passed, no view done: no rate
@@ -79,7 +93,7 @@ def test_folders_are_searched_recursively_and_other_files_counted(tmp_path):
 
 
 def test_preview_long_side_is_capped_and_small_images_stay_as_they_are():
-    from depthray.job.local import preview_image
+    from depthray.predict_command import preview_image
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (2000, 3000, 3), dtype=np.uint8)

@@ -46,15 +46,20 @@ def _deflate(data: bytes) -> bytes:
     return z.compress(data) + z.flush()
 
 
+def _quantize16(values: np.ndarray) -> np.ndarray:
+    """[0,1] floats -> the uint16 levels a 16-bit PNG of them holds."""
+    v = np.clip(values, 0.0, 1.0)  # a new array: scaled and rounded in place
+    v *= 65535.0
+    return np.rint(v, out=v).astype(np.uint16)
+
+
 def _png16(values: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     """A standard 16-bit grayscale PNG (any reader opens it), written here because PIL's
     writer spent ~45 ms per 640x480 map: every row gets PNG's "Up" filter (byte-wise
     difference to the row above, in numpy) and the rows are deflated fast (`_deflate`):
     smaller than PIL at level 3 and ~10x faster (benchmarks/scale.py prints the table;
     docs/scale.md)."""
-    v = np.clip(values, 0.0, 1.0)  # a new array: scaled and rounded in place
-    v *= 65535.0
-    q = np.rint(v, out=v).astype(">u2")  # [H,W] big-endian, as PNG stores it
+    q = _quantize16(values).astype(">u2")  # [H,W] big-endian, as PNG stores it
     h, w = q.shape
     raw = q.view(np.uint8).reshape(h, w * 2)
     rows = np.empty((h, w * 2 + 1), np.uint8)
@@ -77,6 +82,12 @@ def encode_depth_png16(depth: np.ndarray, output_space: str | None = None) -> by
 
 def decode_depth_png16(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 65535.0
+
+
+def depth_as_stored(depth: np.ndarray) -> np.ndarray:
+    """float [H,W] -> what `decode_depth_png16` reads back from `encode_depth_png16(depth)`,
+    value for value, without writing or decoding the PNG."""
+    return _quantize16(depth).astype(np.float32) / 65535.0
 
 
 def depth_png_space(data: bytes) -> str | None:
@@ -109,7 +120,7 @@ def decode_uncertainty_png16(data: bytes, scale: float | None = None) -> np.ndar
     return np.asarray(img, dtype=np.float32) / 65535.0 * float(scale)
 
 
-def _column_buffers(batch: pa.Table, name: str) -> list[Any]:
+def column_buffers(batch: pa.Table, name: str) -> list[Any]:
     """A binary column's values as zero-copy buffers (None where null): the float maps are
     ~1.2 MB per 640x480 image, and copying them into Python bytes cost ~1 ms each."""
     if name not in batch.column_names:
@@ -130,7 +141,7 @@ def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:
     scores, thresholds, pass/fail, reasons and `low_confidence`.
     """
     out = []
-    maps = [_column_buffers(batch, name) for name in ("depth_f32", "uncertainty_f32")]
+    maps = [column_buffers(batch, name) for name in ("depth_f32", "uncertainty_f32")]
     small = batch.drop_columns([n for n in ("depth_f32", "uncertainty_f32") if n in batch.column_names])
     for i, row in enumerate(small.to_pylist()):
         if records.is_trailer(row) or records.is_error(row):

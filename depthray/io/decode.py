@@ -10,7 +10,9 @@ failure becomes an error record; nothing raises out of the stage.
 from __future__ import annotations
 
 import io
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,9 +24,31 @@ from depthray.io import records, row_meta
 # File extensions read as images (input folders, WebDataset members, passthrough outputs).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
 
-# We enforce input.max_pixels ourselves from the header, before decoding; PIL's own
-# limit would otherwise warn or raise at a different, global threshold.
-Image.MAX_IMAGE_PIXELS = None
+_limit_lock = threading.Lock()
+_limit_users = 0  # decodes now inside `own_pixel_limit`, all threads
+_pil_limit: int | None = None  # PIL's limit as it was when the first of them entered
+
+
+@contextmanager
+def own_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb guard off for the block: the decoder enforces
+    input.max_pixels itself from the header, and PIL's own limit (a process-wide global,
+    ~89 MP) would warn or refuse at another threshold. Scoped, not set at import, so every
+    other reader in the process (listing, status, preview, eval) keeps PIL's guard. Counted
+    across threads: overlapping decodes restore PIL's value when the last one leaves."""
+    global _limit_users, _pil_limit
+    with _limit_lock:
+        if _limit_users == 0:
+            _pil_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _limit_users += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_limit
 
 
 class DecodeError(Exception):
@@ -54,6 +78,11 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> tuple[np.ndarra
     """Bytes -> (RGB uint8 [H,W,3] as displayed, facts about the decode)."""
     if not data:
         raise DecodeError("empty", "zero-byte image")
+    with own_pixel_limit():
+        return _decode_image(data, max_pixels, min_side)
+
+
+def _decode_image(data: bytes, max_pixels: int, min_side: int) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         img = Image.open(io.BytesIO(data))
     except Exception as e:
@@ -92,7 +121,13 @@ def displayed_bytes(data: bytes) -> bytes:
     """The input image as any reader opens it: an image whose EXIF orientation is not 1 is
     re-encoded with its pixels in displayed orientation and the tag cleared (same format,
     other EXIF kept); every other image is returned byte-identical. A passthrough image
-    then pairs with its depth map whether or not the reader applies EXIF."""
+    then pairs with its depth map whether or not the reader applies EXIF. For an image the
+    decoder took (within input.max_pixels): PIL's own limit is off here too."""
+    with own_pixel_limit():
+        return _displayed_bytes(data)
+
+
+def _displayed_bytes(data: bytes) -> bytes:
     img = Image.open(io.BytesIO(data))
     exif = img.getexif()
     if exif.get(0x0112, 1) in (None, 1):

@@ -64,11 +64,15 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
     """Make `path` appear complete or not at all.
 
     Object stores: one PUT (an object is never visible half-written). Local and other
     filesystems: write a hidden temporary sibling, then rename over the final name.
+    `durable=False` skips the two fsyncs: still never half-written for a reader or after a
+    killed process, but a power loss may lose the file. For files a re-run simply writes
+    again (`depthray predict`'s folder), where the fsyncs cost more than the rest of
+    writing (io/sinks.py FolderSink).
     """
     parent = posixpath.dirname(path)
     if not is_local(fs):
@@ -80,9 +84,11 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the name does
+            if durable:
+                os.fsync(f.fileno())  # the bytes reach the disk before the name does
         os.replace(tmp, path)
-        fsync_dir(parent)  # ... and the new name survives a power loss
+        if durable:
+            fsync_dir(parent)  # ... and the new name survives a power loss
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

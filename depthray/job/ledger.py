@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from depthray.durations import format_duration
+
 log = logging.getLogger(__name__)
 
 
@@ -178,13 +180,3 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines += [f"  {line}" for line in summary.get("stages", [])]
     lines += [f"  unfinished {name}: {why} (re-run to retry)" for name, why in summary["shards_unfinished"].items()]
     return lines
-
-
-def format_duration(seconds: float) -> str:
-    """3725 -> '1h02m', 95 -> '1m35s', 8 -> '8s'."""
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, sec = divmod(rest, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    return f"{m}m{sec:02d}s" if m else f"{sec}s"

@@ -209,7 +209,7 @@ def test_depth_pro_orientation_holds_through_the_job(tmp_path, checkpoints, dept
     says disparity and its 16-bit label is 1 = near against the authors' depth."""
     from depthray.config import config_from_dict
     from depthray.io.codecs import decode_depth_png16
-    from depthray.job.local import predict_files
+    from depthray.predict_command import predict_files
 
     net, net_size = depth_pro_net
     image = scene(90, 160)
