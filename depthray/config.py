@@ -156,6 +156,33 @@ class QualityConfig:
     max_error_fraction: float = 1.0
 
 
+# How a sparse metric depth member stores metres (pipelines/metric_depth.py; docs/metric.md).
+METRIC_ENCODINGS = ("png16_mm", "png16_kitti", "npy")
+
+
+@dataclass
+class MetricConfig:
+    # pipeline metric_depth: the WebDataset member holding each frame's sparse metric depth,
+    # by extension (e.g. lidar.png); a sample without it, or whose member does not decode, is
+    # an error row. null = none (the metric_depth pipeline refuses to start without one).
+    member: str | None = None
+    # how that member stores metres: png16_mm (16-bit PNG in millimetres, 0 = no return) |
+    # png16_kitti (KITTI's 16-bit PNG, value / 256 = metres, 0 = none) | npy (float32 metres,
+    # 0 or NaN = none)
+    encoding: str = "png16_mm"
+    # The fit's verdict thresholds (depthray/metric_align.py's AlignOptions; docs/metric.md):
+    # a failed check makes the image low_confidence (kept as a label, with the reasons).
+    holdout_fraction: float = 0.2  # valid points kept out of the fit to score it, in (0, 1)
+    min_points: int = 50  # fewer valid points: fit on all of them, residual in-sample
+    min_coverage: float = 0.25  # share of an 8x8 grid of image cells holding a valid point
+    min_inlier_fraction: float = 0.6  # share of all valid points the fit accepts
+    max_abs_rel: float = 0.15  # held-out AbsRel against the sparse depths
+
+    def align_options(self) -> dict:
+        """The keyword arguments metric_align's aligners take."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("member", "encoding")}
+
+
 @dataclass
 class Config:
     input: InputConfig = field(default_factory=InputConfig)
@@ -165,6 +192,7 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
     # The labelling task: a module of the project's pipelines/ folder by name ("depth": read,
     # decode, infer, encode, write), or a path to a .py file declaring stages(cfg, run_id,
     # device_kind) as pipelines/depth.py does (copy it to declare another task).
@@ -193,6 +221,8 @@ class Config:
         settings = {"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)}
         if self.pipeline != "depth":  # another task makes other labels; depth's hash stays as it was
             settings["pipeline"] = self.pipeline
+            if self.metric.member:  # what the metric labels are aligned to, and how
+                settings["metric"] = dataclasses.asdict(self.metric)
         return flatten(settings)
 
     def hash(self, device_kind: str | None = None) -> str:
@@ -223,6 +253,7 @@ _CHOICES = {
     "input.format": ("auto", "webdataset", "parquet", "arrow", "images"),
     "output.format": ("parquet", "webdataset", "delta"),
     "compute.executor": ("ray", "local"),
+    "metric.encoding": METRIC_ENCODINGS,
 }
 
 
@@ -275,6 +306,7 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
     if cfg.output.lease_timeout_s <= 0:
         errors.append("output.lease_timeout_s: must be > 0 (seconds without heartbeat before a lease is taken over)")
     _validate_input(cfg.input, errors)
+    _validate_metric(cfg, errors)
     if require_io:
         if not cfg.input.url:
             errors.append("input.url: required (a glob, brace range, list file or folder)")
@@ -297,6 +329,26 @@ def _validate_input(inp: InputConfig, errors: list[str]) -> None:
         errors.append("input.image_root: a folder path or URL, or null (the folder of each input file)")
     if inp.images_per_shard < 1:
         errors.append("input.images_per_shard: must be >= 1")
+
+
+def _validate_metric(cfg: Config, errors: list[str]) -> None:
+    m = cfg.metric
+    if m.member is not None:
+        m.member = m.member.lower().lstrip(".")
+        if not m.member:
+            errors.append("metric.member: the sparse depth member's extension (e.g. lidar.png), or null")
+    if cfg.pipeline == "metric_depth" and not m.member:
+        errors.append("metric.member: pipeline metric_depth needs the member holding sparse metric depth "
+                      "(e.g. lidar.png)")
+    if not 0.0 < m.holdout_fraction < 1.0:
+        errors.append(f"metric.holdout_fraction: must be in (0, 1), got {m.holdout_fraction}")
+    if m.min_points < 2:
+        errors.append(f"metric.min_points: must be >= 2, got {m.min_points}")
+    for name in ("min_coverage", "min_inlier_fraction"):
+        if not 0.0 <= getattr(m, name) <= 1.0:
+            errors.append(f"metric.{name}: must be in [0, 1], got {getattr(m, name)}")
+    if m.max_abs_rel <= 0:
+        errors.append(f"metric.max_abs_rel: must be > 0, got {m.max_abs_rel}")
 
 
 def model_kinds() -> tuple[str, ...]:

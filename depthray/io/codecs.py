@@ -73,6 +73,9 @@ def _png16(values: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     return b"".join(pieces + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
 
 
+encode_png16 = _png16  # [0,1] floats (+ text chunks) -> 16-bit PNG: the metric labels' writer too
+
+
 def encode_depth_png16(depth: np.ndarray, output_space: str | None = None) -> bytes:
     """float [H,W] in [0,1] -> 16-bit grayscale PNG of depth * 65535. `output_space`
     ("depth": 0 = near, "disparity": 1 = near) goes into the PNG's text chunk, so a file that

@@ -27,6 +27,9 @@ _COMMON = [
     ("shard_total", pa.int64()),  # trailer only
     ("data", pa.binary()),  # encoded input image (dropped after decode unless passed through)
     ("ext", pa.string()),  # input image extension, e.g. "jpg"
+    # the sample's sparse metric depth member, as stored (pipelines/metric_depth.py reads it;
+    # null otherwise); the metric stage drops it once aligned
+    ("sparse", pa.binary()),
 ]
 
 SAMPLE = pa.schema(_COMMON + [("meta", META)])  # meta: typed facts (io/row_meta.py), the reader's first
@@ -52,6 +55,8 @@ PREDICTED = pa.schema(
         ("num_views", pa.int32()),
         ("ensemble_size", pa.int32()),
         ("infer_s", pa.float64()),  # this row's share of its batch's model time
+        # pipelines/metric_depth.py: 16-bit PNG of metres / scale (io/metric_labels.py)
+        ("metric_depth", pa.binary()),
     ]
 )
 
@@ -68,6 +73,7 @@ ENCODED = pa.schema(
         ("num_views", pa.int32()),
         ("ensemble_size", pa.int32()),
         ("infer_s", pa.float64()),
+        ("metric_depth", pa.binary()),  # as in PREDICTED; null unless the metric stage ran
     ]
 )
 

@@ -26,6 +26,28 @@ QUALITY = pa.struct([
     ("reasons", pa.list_(pa.string())),  # why the verdict failed; empty when it passed
 ])
 
+# pipelines/metric_depth.py: the per-image fit to sparse metric depth (depthray/metric_align.py)
+METRIC = pa.struct([
+    ("unit", pa.string()),  # "m": metric PNG value / 65535 * png_scale = metres (0 = no depth)
+    ("png_scale", pa.float64()),
+    ("member", pa.string()),  # the sample's member it was aligned to, and how that stored metres
+    ("encoding", pa.string()),
+    ("scale", pa.float64()),  # fit: metric (depth space) or 1/metric (disparity) = scale * label + shift
+    ("shift", pa.float64()),
+    ("space", pa.string()),  # the label's space the fit was made in
+    ("points_total", pa.int64()),
+    ("points_dropped", pa.int64()),
+    ("points_used", pa.int64()),
+    ("points_held_out", pa.int64()),
+    ("abs_rel", pa.float64()),  # held out, against the sparse depths
+    ("delta1", pa.float64()),
+    ("inlier_fraction", pa.float64()),
+    ("coverage", pa.float64()),
+    ("sigma", pa.float64()),
+    ("verdict", pa.string()),  # "ok" | "low_confidence"
+    ("reasons", pa.list_(pa.string())),  # one line per failed check; empty when ok
+])
+
 META = pa.struct([
     # read: where the image came from (docs/training.md, "Back to the input image")
     ("source_url", pa.string()),  # the image file, or the tar holding it
@@ -51,6 +73,8 @@ META = pa.struct([
     # encode
     ("quality", QUALITY),
     ("low_confidence", pa.bool_()),
+    # metric (pipelines/metric_depth.py)
+    ("metric", METRIC),
 ])
 
 FIELDS = {f.name: f.type for f in META}

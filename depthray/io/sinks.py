@@ -73,6 +73,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("meta", pa.string()),  # JSON: decode facts (exif_orientation, frames, ...), flags
     ]
 )
+# pipelines/metric_depth.py's outputs: one more column (depthray/io/metric_labels.py)
+METRIC_OUTPUT_SCHEMA = OUTPUT_SCHEMA.append(pa.field("metric_depth", pa.binary()))  # PNG, metres / scale
 
 
 def part_hash(keys: list[str]) -> str:
@@ -135,16 +137,17 @@ class ParquetSink(Sink):
     extension = "parquet"
     kind = "a Parquet row"
 
-    def __init__(self, url, storage, model: str, config_hash: str):
+    def __init__(self, url, storage, model: str, config_hash: str, metric: bool = False):
         super().__init__(url, storage)
         self.extra = {"model": model, "config_hash": config_hash}
+        self.schema = METRIC_OUTPUT_SCHEMA if metric else OUTPUT_SCHEMA
 
     def sample(self, row):
         # the output's `meta` column: the typed facts as JSON text, the column every reader knows
         return {**row, **self.extra, "meta": row_meta.to_json(row), KEPT: kept_columns(row)}
 
     def encode(self, samples):
-        return _parquet_bytes(with_kept_columns(records.to_table(samples, OUTPUT_SCHEMA), samples))
+        return _parquet_bytes(with_kept_columns(records.to_table(samples, self.schema), samples))
 
 
 class TableSink(ParquetSink):
@@ -200,8 +203,9 @@ def with_kept_columns(table: pa.Table, samples: list[dict[str, Any]]) -> pa.Tabl
 
 
 class WebDatasetSink(Sink):
-    """`{key}.depth.png`, `{key}.uncertainty.png`, `{key}.json` and optionally the input
-    image as `{key}.{ext}` (its original encoding and extension)."""
+    """`{key}.depth.png`, `{key}.uncertainty.png`, `{key}.json`, `{key}.metric_depth.png`
+    when the row has one (pipelines/metric_depth.py), and optionally the input image as
+    `{key}.{ext}` (its original encoding and extension)."""
 
     extension = "tar"
     kind = "a WebDataset sample"
@@ -225,6 +229,8 @@ class WebDatasetSink(Sink):
         meta.update(self.extra, **row_meta.get(r))
         yield f"{name}.depth.png", r["depth"]
         yield f"{name}.uncertainty.png", r["uncertainty"]
+        if r.get("metric_depth") is not None:
+            yield f"{name}.metric_depth.png", r["metric_depth"]
         yield f"{name}.json", json.dumps(meta, sort_keys=True).encode()
         if self.include_image and r.get("data"):
             ext = {"jpeg": "jpg"}.get(r.get("ext") or "jpg", r.get("ext") or "jpg")
@@ -294,14 +300,19 @@ class ErrorSink(Sink):
         return _parquet_bytes(records.to_table(samples, records.ERRORS))
 
 
-def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash: str, run_id: str = "") -> Sink:
+def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash: str, run_id: str = "",
+              metric: bool = False) -> Sink:
+    """`metric`: the rows carry metric depth (pipelines/metric_depth.py): Parquet parts get its
+    column (WebDataset writes the member whenever a row has one; Delta: not yet)."""
     if cfg.format == "delta":
+        if metric:
+            raise ValueError("output.format delta: metric depth outputs are not supported yet (parquet, webdataset)")
         if not run_id:  # two runs must never write one name: the second's would replace a live file
             raise ValueError("output.format delta: the write stage needs the run id")
         return TableSink(cfg.url, storage, model, config_hash, run_id)
     if cfg.format == "webdataset":
         return WebDatasetSink(cfg.url, storage, model, config_hash, cfg.include_image)
-    return ParquetSink(cfg.url, storage, model, config_hash)
+    return ParquetSink(cfg.url, storage, model, config_hash, metric)
 
 
 def unlabelled_members(rows: list[dict[str, Any]]) -> Counter:
@@ -332,9 +343,9 @@ def writable(sink: Sink, rows: list[dict[str, Any]]) -> tuple[list[Any], list[di
 
 
 def write_batch(batch: pa.Table, cfg: OutputConfig, storage: StorageConfig, model: str,
-                config_hash: str, run_id: str = "") -> pa.Table:
+                config_hash: str, run_id: str = "", metric: bool = False) -> pa.Table:
     """Ray Data UDF: ENCODED rows -> parts on storage, and one ACK row per source shard."""
-    sink = make_sink(cfg, storage, model, config_hash, run_id)
+    sink = make_sink(cfg, storage, model, config_hash, run_id, metric)
     errors_sink = ErrorSink(cfg.url, storage)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in batch.to_pylist():

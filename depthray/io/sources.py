@@ -104,7 +104,7 @@ class Reader:
                     rows.append(row)
                     total += 1
                     last_key = row.get("key", last_key)
-                    size += len(row.get("data") or b"")
+                    size += len(row.get("data") or b"") + len(row.get("sparse") or b"")
                     if len(rows) >= self.rows_per_block or size >= self.bytes_per_block:
                         yield records.to_table(rows, records.SAMPLE)
                         rows, size = [], 0
@@ -182,7 +182,11 @@ class WebDatasetReader(Reader):
     """Tar members grouped by WebDataset key (path up to the first dot of the basename);
     the image member is chosen by `input.image_member` (choose_member). Each row's meta says
     where its image lies: `source_url` (the tar), `source_member`, and for an uncompressed
-    tar `source_offset`/`source_size`, the member's bytes in it (one range read back)."""
+    tar `source_offset`/`source_size`, the member's bytes in it (one range read back).
+    With `sparse_member` (metric.member, set by the metric pipeline's read stage) that
+    member's bytes go along in the row's `sparse` column; a sample without it is an error."""
+
+    sparse_member: str | None = None
 
     def read(self, shard: Shard) -> Iterator[pa.Table]:
         self.shard_url = shard.url
@@ -202,10 +206,17 @@ class WebDatasetReader(Reader):
             return {"key": key, "error": reason, "message": message}
         name, offset, size = places[ext]
         row = {"key": key, "data": members[ext], "ext": ext.rsplit(".", 1)[-1]}
+        sparse = self.sparse_member
+        if sparse:  # pipelines/metric_depth.py: the frame's sparse metric depth travels with it
+            if sparse not in members:
+                return {"key": key, "error": "no_sparse_depth",
+                        "message": f"no member {sparse!r} (metric.member) in the sample (members: "
+                                   f"{', '.join(sorted(members))})"}
+            row["sparse"] = members[sparse]
         row_meta.put(row, source_url=self.shard_url, source_member=name)
         if not _compressed(self.shard_url):  # a gzipped tar's offsets are in the inflated stream
             row_meta.put(row, source_offset=offset, source_size=size)
-        others = sorted(e for e in members if e != ext and e.rsplit(".", 1)[-1] in IMAGE_EXTS)
+        others = sorted(e for e in members if e not in (ext, sparse) and e.rsplit(".", 1)[-1] in IMAGE_EXTS)
         if others:
             row_meta.put(row, image_member=ext, unlabelled_members=others)
         return row
@@ -346,8 +357,13 @@ READERS = {"webdataset": WebDatasetReader, "parquet": ParquetReader, "arrow": Pa
            "images": ImageFolderReader}
 
 
-def read_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig) -> Iterator[pa.Table]:
-    """Ray Data UDF: a block of shard descriptors -> streamed blocks of sample rows."""
+def read_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig,
+                sparse_member: str | None = None) -> Iterator[pa.Table]:
+    """Ray Data UDF: a block of shard descriptors -> streamed blocks of sample rows.
+    `sparse_member`: a WebDataset member carried along in `sparse` (the metric pipeline's)."""
     for item in batch.to_pylist():
         shard = Shard(name=item["name"], url=item["url"], format=item["format"])
-        yield from READERS[shard.format](cfg, storage).read(shard)
+        reader = READERS[shard.format](cfg, storage)
+        if sparse_member:
+            reader.sparse_member = sparse_member
+        yield from reader.read(shard)

@@ -97,3 +97,37 @@ def _node_id() -> str:
 
 def make(**options) -> FaultyModel:
     return FaultyModel(**options)
+
+
+class LogDepthImageModel:
+    """Test double for metric labels (tests/test_metric_pipeline.py): its input image holds
+    the scene's true depth as gray level = log depth over [near, far] (8 bits: the side channel
+    the test packs), and its relative output is that depth times a fixed smooth error (two
+    plane waves, ~`amp` in log depth), min-max normalised per view: metric depth up to an
+    affine map the job does not know, plus an error no alignment can remove. `output_space`
+    "disparity": the inverse depth, normalised the same way."""
+
+    def __init__(self, processing_resolution: int = 128, near: float = 0.5, far: float = 200.0,
+                 amp: float = 0.05, output_space: str = "depth"):
+        torch.set_num_threads(1)
+        self.processing_resolution = processing_resolution
+        self.near, self.far, self.amp = near, far, amp
+        self.output_space = output_space
+
+    def __call__(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        import math
+
+        n, _, h, w = views.shape
+        gray = views.double().mean(dim=1)  # [N,h,w]
+        depth = torch.exp(math.log(self.near) + gray * math.log(self.far / self.near))
+        y, x = torch.meshgrid(torch.linspace(0, 1, h, dtype=torch.float64),
+                              torch.linspace(0, 1, w, dtype=torch.float64), indexing="ij")
+        eps = 0.8 * torch.cos(2 * math.pi * (0.8 * x + 0.5 * y) + 0.3) + 0.6 * torch.cos(2 * math.pi * (1.1 * y - 0.6 * x) + 1.0)
+        v = depth * torch.exp(self.amp * eps)
+        v = v if self.output_space == "depth" else 1.0 / v
+        lo, hi = v.amin(dim=(1, 2), keepdim=True), v.amax(dim=(1, 2), keepdim=True)
+        return ((v - lo) / (hi - lo)).float()
+
+
+def make_log_depth(**options) -> LogDepthImageModel:
+    return LogDepthImageModel(**options)
