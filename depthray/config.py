@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from depthray.config_build import build, flatten
+from depthray.metric_config import METRIC_ENCODINGS, MetricConfig, validate_metric
 from depthray.models.kinds import KINDS
 
 
@@ -156,33 +157,6 @@ class QualityConfig:
     max_error_fraction: float = 1.0
 
 
-# How a sparse metric depth member stores metres (pipelines/metric_depth.py; docs/metric.md).
-METRIC_ENCODINGS = ("png16_mm", "png16_kitti", "npy")
-
-
-@dataclass
-class MetricConfig:
-    # pipeline metric_depth: the WebDataset member holding each frame's sparse metric depth,
-    # by extension (e.g. lidar.png); a sample without it, or whose member does not decode, is
-    # an error row. null = none (the metric_depth pipeline refuses to start without one).
-    member: str | None = None
-    # how that member stores metres: png16_mm (16-bit PNG in millimetres, 0 = no return) |
-    # png16_kitti (KITTI's 16-bit PNG, value / 256 = metres, 0 = none) | npy (float32 metres,
-    # 0 or NaN = none)
-    encoding: str = "png16_mm"
-    # The fit's verdict thresholds (depthray/metric_align.py's AlignOptions; docs/metric.md):
-    # a failed check makes the image low_confidence (kept as a label, with the reasons).
-    holdout_fraction: float = 0.2  # valid points kept out of the fit to score it, in (0, 1)
-    min_points: int = 50  # fewer valid points: fit on all of them, residual in-sample
-    min_coverage: float = 0.25  # share of an 8x8 grid of image cells holding a valid point
-    min_inlier_fraction: float = 0.6  # share of all valid points the fit accepts
-    max_abs_rel: float = 0.15  # held-out AbsRel against the sparse depths
-
-    def align_options(self) -> dict:
-        """The keyword arguments metric_align's aligners take."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("member", "encoding")}
-
-
 @dataclass
 class Config:
     input: InputConfig = field(default_factory=InputConfig)
@@ -306,7 +280,7 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
     if cfg.output.lease_timeout_s <= 0:
         errors.append("output.lease_timeout_s: must be > 0 (seconds without heartbeat before a lease is taken over)")
     _validate_input(cfg.input, errors)
-    _validate_metric(cfg, errors)
+    validate_metric(cfg.metric, cfg.pipeline, errors)
     if require_io:
         if not cfg.input.url:
             errors.append("input.url: required (a glob, brace range, list file or folder)")
@@ -329,26 +303,6 @@ def _validate_input(inp: InputConfig, errors: list[str]) -> None:
         errors.append("input.image_root: a folder path or URL, or null (the folder of each input file)")
     if inp.images_per_shard < 1:
         errors.append("input.images_per_shard: must be >= 1")
-
-
-def _validate_metric(cfg: Config, errors: list[str]) -> None:
-    m = cfg.metric
-    if m.member is not None:
-        m.member = m.member.lower().lstrip(".")
-        if not m.member:
-            errors.append("metric.member: the sparse depth member's extension (e.g. lidar.png), or null")
-    if cfg.pipeline == "metric_depth" and not m.member:
-        errors.append("metric.member: pipeline metric_depth needs the member holding sparse metric depth "
-                      "(e.g. lidar.png)")
-    if not 0.0 < m.holdout_fraction < 1.0:
-        errors.append(f"metric.holdout_fraction: must be in (0, 1), got {m.holdout_fraction}")
-    if m.min_points < 2:
-        errors.append(f"metric.min_points: must be >= 2, got {m.min_points}")
-    for name in ("min_coverage", "min_inlier_fraction"):
-        if not 0.0 <= getattr(m, name) <= 1.0:
-            errors.append(f"metric.{name}: must be in [0, 1], got {getattr(m, name)}")
-    if m.max_abs_rel <= 0:
-        errors.append(f"metric.max_abs_rel: must be > 0, got {m.max_abs_rel}")
 
 
 def model_kinds() -> tuple[str, ...]:

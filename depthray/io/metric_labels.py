@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from depthray.config import MetricConfig
+from depthray.metric_config import MetricConfig
 from depthray.io import records, row_meta
 from depthray.io.codecs import depth_as_stored, encode_png16
 from depthray.metric_align import align_to_points, points_from_map
