@@ -213,3 +213,39 @@ def test_the_plain_depth_pipeline_ignores_the_member(run):
             assert row["depth"] == rows[key]["depth"]
     hashes = {r["config_hash"] for r in plain.values()} | {r["config_hash"] for r in rows.values()}
     assert len(hashes) == 2  # another task, another config hash
+
+
+def test_a_disparity_label_is_fitted_in_inverse_depth(run, tmp_path):
+    """A model whose maps hold disparity (meta.output_space): the fit is made where the
+    relation is affine, 1/metric = s * label + t, and is as good as that oracle."""
+    tmp, truth, _, _, _ = run
+    assert main(["run", job(tmp, "disp", output_space="disparity"), "--pipeline", "metric_depth"]) == 0
+    rows = {r["key"]: r for r in pq.read_table(tmp / "disp").to_pylist()}
+    for family, seed in GOOD:
+        key = f"{family}{seed}"
+        row, gt = rows[key], truth[key]
+        meta = json.loads(row["meta"])
+        assert meta["output_space"] == "disparity" and meta["metric"]["space"] == "disparity"
+        assert meta["metric"]["verdict"] == "ok", meta["metric"]
+        label = decode_depth_png16(row["depth"]).astype(np.float64)
+        s, t = MA.fit_relative(label.reshape(-1), 1.0 / gt.reshape(-1))
+        oracle = absrel(1.0 / (s * label + t), gt)
+        assert absrel(decode_metric_png16(row["metric_depth"]), gt) <= 1.10 * oracle, key
+
+
+def test_python_pipelines_metric_depth_py_is_the_same_run(run):
+    """`python pipelines/metric_depth.py CONFIG` is `depthray run CONFIG --pipeline
+    metric_depth`: it finds every shard of that run's output complete (same config hash)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp = run[0]
+    root = Path(__file__).resolve().parents[1]
+    manifests = sorted((tmp / "out" / "_manifest").glob("*.json"))
+    before = [p.read_text() for p in manifests]
+    done = subprocess.run([sys.executable, str(root / "pipelines" / "metric_depth.py"), job(tmp, "out")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [p.read_text() for p in manifests] == before and "1 already complete" in done.stdout
