@@ -249,3 +249,31 @@ def test_python_pipelines_metric_depth_py_is_the_same_run(run):
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
     assert done.returncode == 0, done.stdout + done.stderr
     assert [p.read_text() for p in manifests] == before and "1 already complete" in done.stdout
+
+
+def test_on_ray_and_s3_the_metric_labels_are_the_local_ones(run, ray_session, s3_bucket, s3_endpoint):
+    """The same task on the Ray executor, input and output on S3 (moto): the same rows and
+    error rows as the local run, metric PNGs byte for byte."""
+    import s3fs
+
+    from depthray.config import load_config
+    from depthray.job.driver import run_job
+
+    tmp, _, _, rows, errors = run
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.put_file(str(tmp / "in" / "00000.tar"), f"{s3_bucket}/in/00000.tar")
+    path = tmp / "s3.yaml"
+    config = yaml.safe_load(open(job(tmp, "unused")))
+    config["input"]["url"] = f"s3://{s3_bucket}/in/*.tar"
+    config["output"]["url"] = f"s3://{s3_bucket}/out"
+    config["compute"].update(executor="ray", num_actors=1)
+    path.write_text(yaml.safe_dump(config))
+    summary = run_job(load_config(path, ["pipeline=metric_depth"]))
+    assert (summary["images"], summary["errors"], summary["shards_unfinished"]) == (len(rows), len(errors), {})
+    got = {r["key"]: r for r in pq.read_table(f"{s3_bucket}/out", filesystem=fs).to_pylist()}
+    assert sorted(got) == sorted(rows)
+    for key, row in got.items():
+        assert row["metric_depth"] == rows[key]["metric_depth"] and row["depth"] == rows[key]["depth"], key
+        assert json.loads(row["meta"])["metric"] == json.loads(rows[key]["meta"])["metric"], key
+    failed = {r["key"]: r["error"] for r in pq.read_table(f"{s3_bucket}/out/_errors", filesystem=fs).to_pylist()}
+    assert failed == {k: r["error"] for k, r in errors.items()}
