@@ -227,3 +227,16 @@ def test_image_member_choice(tmp_path, make_tar, make_image):
     assert mask["error"] == "no_image"
     left, two, mask, _ = read_all(shard, InputConfig(image_member=["png", "jpg"]))
     assert left["data"] == jpg and two["data"] == png and mask["error"] == "no_image"
+
+
+def test_the_sparse_depth_member_travels_with_its_image(tmp_path, make_tar, make_image):
+    """pipelines/metric_depth.py's read: `metric.member` goes along in `sparse`, never taken
+    for the image (even with a photo's extension), and a sample without it is an error row."""
+    jpg, png = make_image(16, 16), make_image(16, 16, fmt="PNG")
+    (tmp_path / "m.tar").write_bytes(make_tar([("a.jpg", jpg), ("a.png", png), ("b.jpg", jpg)]))
+    batch = pa.table({"name": ["m"], "url": [f"file://{tmp_path}/m.tar"], "format": ["webdataset"]})
+    a, b, _ = [r for t in read_shards(batch, InputConfig(), STORAGE, sparse_member="png") for r in t.to_pylist()]
+    assert a["data"] == jpg and a["sparse"] == png and "unlabelled_members" not in row_meta.get(a)
+    assert b["error"] == "no_sparse_depth" and "'png'" in b["message"] and "members: jpg" in b["message"]
+    plain = [r for t in read_shards(batch, InputConfig(), STORAGE) for r in t.to_pylist()]
+    assert plain[0]["error"] == "ambiguous_image" and plain[1]["sparse"] is None  # no member asked for

@@ -201,12 +201,12 @@ class WebDatasetReader(Reader):
                     "message": "key already seen in this shard (tar members not grouped by key?)"}
         if not_utf8:
             return {"key": key, "error": "bad_key", "message": not_utf8}
-        ext, reason, message = choose_member(list(members), self.cfg.image_member)
+        sparse = self.sparse_member  # never the image, even where its extension is a photo's
+        ext, reason, message = choose_member([m for m in members if m != sparse], self.cfg.image_member)
         if reason:
             return {"key": key, "error": reason, "message": message}
         name, offset, size = places[ext]
         row = {"key": key, "data": members[ext], "ext": ext.rsplit(".", 1)[-1]}
-        sparse = self.sparse_member
         if sparse:  # pipelines/metric_depth.py: the frame's sparse metric depth travels with it
             if sparse not in members:
                 return {"key": key, "error": "no_sparse_depth",
