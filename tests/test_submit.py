@@ -31,9 +31,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1 in its own process group, stopped (only it) afterwards.
+    """A Ray head on 127.0.0.1 in its own process group, shared by this module's tests (each
+    submits its own job into its own folders), stopped (only it) afterwards.
 
     `ray start --block` in a new session keeps the head's processes in one process group,
     so stopping it does not touch other Ray instances here (`ray stop` would stop them all).
