@@ -135,12 +135,15 @@ def fit_relative(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def robust_fit(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, hypotheses: int = 256,
-               inlier_k: float = 2.5, sigma_floor: float = 1e-3, rounds: int = 5):
+               inlier_k: float = 2.5, sigma_floor: float = 1e-3, rounds: int = 5, scored: int = 1024):
     """Least median of squares over random pairs, then least squares on inliers.
 
     x, y: [N] label and fit-space target (y > 0). Returns (s, t, sigma, inliers [N] bool);
     s = t = nan when no pair has two distinct labels (scale unobservable).
     sigma_floor keeps a noise-free fit from rejecting points by rounding alone.
+    Hypotheses are scored on at most `scored` random points: the median of 1024 is as robust
+    (breakdown 50 %) as that of all ~15k a LiDAR frame gives, at 1/15 of the cost (scoring
+    every point was ~60 ms an image); the refinement below uses every point.
     """
     n = len(x)
     if n == 2:  # exactly determined: no redundancy to judge outliers by
@@ -156,7 +159,8 @@ def robust_fit(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, *, hypoth
         return math.nan, math.nan, math.nan, np.zeros(n, bool)
     s = (y[i] - y[j])[ok] / dx[ok]  # [K] line through each pair
     t = y[i][ok] - s * x[i][ok]
-    med = np.median(np.abs(relative_residuals(s, t, x, y)), axis=1)  # [K]
+    sub = rng.choice(n, size=scored, replace=False) if n > scored else slice(None)
+    med = np.median(np.abs(relative_residuals(s, t, x[sub], y[sub])), axis=1)  # [K]
     best = int(np.argmin(med))
     s, t = float(s[best]), float(t[best])
     if n == 2:
@@ -258,7 +262,10 @@ def _fit(relative, space, rows, cols, depth, n_total, n_dropped, rng, o: AlignOp
     if not result["abs_rel"] <= o.max_abs_rel:  # nan (no accepted held-out point) fails too
         reasons.append(f"held-out abs_rel {result['abs_rel']:.3g} > max_abs_rel {o.max_abs_rel}")
     fit = MetricFit(**result)
-    bad = float(np.mean(~np.isfinite(fit.apply(relative[np.isfinite(relative)]))))
+    # Pixels `apply` leaves without a finite depth: where s*x + t is not positive (NaN in depth
+    # space; behind or at infinity in disparity space), found without building the map.
+    finite = relative[np.isfinite(relative)]
+    bad = float(np.mean(~(fit.scale * finite.astype(np.float64) + fit.shift > 0))) if finite.size else 1.0
     if bad > o.max_invalid_fraction:
         reasons.append(f"the fit gives no positive depth at {100 * bad:.1f}% of the pixels "
                        f"(max_invalid_fraction {100 * o.max_invalid_fraction:.0f}%)")

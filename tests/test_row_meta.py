@@ -18,6 +18,10 @@ def test_unknown_or_mistyped_facts_fail_where_they_are_set():
         row_meta.put(row, source_offset="512 bytes in")
     with pytest.raises(TypeError, match="quality"):
         row_meta.put(row, quality={"passed": "maybe"})
+    with pytest.raises(TypeError, match="source_size"):
+        row_meta.put(row, source_size=2**64)  # past int64: it would fail the whole block later
+    with pytest.raises(TypeError, match="unlabelled_members"):
+        row_meta.put(row, unlabelled_members=["seg.png", 3])
     assert row == {}  # nothing half-set
 
 

@@ -79,6 +79,23 @@ META = pa.struct([
 
 FIELDS = {f.name: f.type for f in META}
 _JSON_FIELDS = ("columns",)  # values of any type: JSON inside the struct
+# Python types a field takes as they are: checked here without building an Arrow scalar
+# (~20 us a fact, on every row of every stage); anything else goes through Arrow.
+_PLAIN = {pa.string(): (str,), pa.int64(): (int,), pa.float64(): (float, int), pa.bool_(): (bool,)}
+
+
+def _holds(typ: pa.DataType, value: Any) -> bool:
+    """Whether `value` surely converts to `typ` (False: ask Arrow)."""
+    if value is None:
+        return True
+    if typ in _PLAIN:
+        return type(value) in _PLAIN[typ] and not (type(value) is int and not -2**63 <= value < 2**63)
+    if pa.types.is_struct(typ) and type(value) is dict:
+        names = {f.name: f.type for f in typ}
+        return all(k in names and _holds(names[k], v) for k, v in value.items())
+    if pa.types.is_list(typ) and type(value) in (list, tuple):
+        return all(_holds(typ.value_type, v) for v in value)
+    return False
 
 
 def get(row: dict[str, Any]) -> dict[str, Any]:
@@ -102,10 +119,11 @@ def put(row: dict[str, Any], **facts: Any) -> None:
             raise KeyError(f"metadata field {name!r} is not in depthray/io/row_meta.py's META")
         if name in _JSON_FIELDS and value is not None:
             value = json.dumps(value, default=str)
-        try:
-            pa.scalar(value, type=FIELDS[name])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
-            raise TypeError(f"metadata field {name!r}: {value!r} is not {FIELDS[name]} ({e})") from None
+        if not _holds(FIELDS[name], value):
+            try:  # Arrow's own verdict and message, for what the plain check does not know
+                pa.scalar(value, type=FIELDS[name])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+                raise TypeError(f"metadata field {name!r}: {value!r} is not {FIELDS[name]} ({e})") from None
         meta[name] = value
     row["meta"] = meta
 
