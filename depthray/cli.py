@@ -252,10 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="score depth outputs against ground truth (AbsRel, delta1, ... after scale+shift)",
+        help="score depth outputs against ground truth (AbsRel, delta1, ... after scale+shift; "
+        "metric labels in metres, as written)",
         description="Compare predictions (Parquet/WebDataset output or a folder of 16-bit PNGs) "
         "with ground truth (16-bit PNG, .npy, .pfm; optional {key}.mask.png), matched by key. "
         "Each prediction gets a least-squares scale and shift (Marigold protocol). Any fsspec URL.",
+        epilog="Metric outputs (pipelines/metric_depth.py: a metric_depth column or "
+        "{key}.metric_depth.png) are also scored as written, in metres, with NO scale or shift "
+        "fitted: m_abs_rel, m_rmse (metres), m_delta1, m_no_depth (GT pixels the map leaves "
+        "without depth), beside the fit's own held-out abs_rel and its verdict (ok / "
+        "low_confidence, counted in the summary). This takes the GT as metres: a 16-bit PNG "
+        "divided by --gt-png-scale (1000 = millimetres, KITTI 256), .npy and .pfm as stored. "
+        "A median metric/GT ratio far from 1 (say 1000) means the GT is in another unit. "
+        "With --gt-disparity the metric map is not scored (disparity GT has no stated unit).",
     )
     p.add_argument("pred", metavar="PRED", help="depth output: folder, .parquet/.tar file, glob or URL")
     p.add_argument("gt", metavar="GT", help="ground-truth folder or URL")
@@ -264,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, last line")
     p.add_argument("--mask", help="folder of valid masks ({key}.png, non-zero = valid)")
     p.add_argument("--gt-png-scale", type=float, default=1000.0,
-                   help="16-bit GT PNG value per depth unit (1000 = millimetres; KITTI: 256)")
+                   help="16-bit GT PNG value per metre (1000 = millimetres; KITTI: 256); metric "
+                   "labels are compared with GT in metres")
     p.add_argument("--gt-disparity", action="store_true", help="GT files hold disparity, not depth")
     p.add_argument("--min-depth", type=float, help="ignore GT closer than this")
     p.add_argument("--max-depth", type=float, help="ignore GT farther than this")
@@ -276,13 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
         "preview",
         help="contact sheet PNG + one-file HTML page of depth outputs",
         description="Write preview.png (contact sheet) and preview.html (self-contained, sortable "
-        "by uncertainty) for the first N images of an output (Parquet, WebDataset or folder).",
+        "by uncertainty) for the first N images of an output (Parquet, WebDataset or folder). "
+        "A metric output (pipelines/metric_depth.py) shows its metric map instead of the "
+        "relative one, with a colour bar in metres from the map's own nearest to farthest "
+        "depth, and the fit's verdict and held-out abs_rel under it (low_confidence = flagged).",
     )
     p.add_argument("output", metavar="OUTPUT", help="depth output: folder, file, glob or URL")
     p.add_argument("--n", type=int, default=32, help="images to show (default 32)")
     p.add_argument("--out", required=True, help="folder for preview.png and preview.html")
     p.add_argument("--inputs", help="folder of input images ({key}.jpg ...) when the output has none")
-    p.add_argument("--gt", help="ground-truth folder: adds AbsRel / delta1 per image")
+    p.add_argument("--gt", help="ground-truth folder: adds AbsRel / delta1 per image (metric outputs: "
+                   "also m_abs_rel, the metric map against GT in metres, no fit)")
     p.add_argument("--max-uncertainty-mean", type=float,
                    help="flag images above this uncertainty (as quality.max_uncertainty_mean)")
     _add_storage_options(p)

@@ -5,6 +5,13 @@ of 16-bit PNGs). Ground truth: a folder (or fsspec URL) of `{key}.png` / `{key}.
 (16-bit, value / gt_png_scale = depth; 0 = no data), `{key}.npy` (float depth) or
 `{key}.pfm`; an optional valid mask `{key}.mask.png|npy` next to it or in its own folder
 (non-zero = valid). Predictions are streamed, one image in memory at a time.
+
+Metric outputs (pipelines/metric_depth.py: Parquet `metric_depth`, WebDataset
+`{key}.metric_depth.png`) are scored twice: the relative label as above, and the metric map
+as written, in metres, with no scale or shift fitted (a fit would hide exactly the error a
+metric label can have). That needs GT in metres: a 16-bit PNG divided by `gt_png_scale`
+(1000: millimetres, KITTI 256) or .npy / .pfm holding metres. Rows also carry the fit's
+verdict (`meta.metric.verdict`), counted in the summary.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +30,7 @@ from PIL import Image
 from depthray import metrics
 from depthray.config import StorageConfig
 from depthray.io.outputs import list_files, read_outputs
-from depthray.resize import resize_map
+from depthray.resize import resize_map, resize_with_holes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,9 @@ class EvalRow:
     metrics: metrics.ImageMetrics | None
     uncertainty_mean: float | None = None
     error: str | None = None  # why this image could not be scored
+    metric: metrics.MetricErrors | None = None  # the metric map in metres, no fit (metric outputs)
+    verdict: str | None = None  # meta.metric.verdict: ok | low_confidence
+    held_out_abs_rel: float | None = None  # meta.metric.abs_rel: what the fit said of itself
 
 
 @dataclass
@@ -172,14 +183,72 @@ def evaluate(
                 resized += 1
             pred = resize_map(rec.depth, gt.shape)
             m = metrics.compute_metrics(pred, gt, mask, space, min_depth, max_depth)
-            rows.append(EvalRow(rec.key, m, rec.uncertainty_mean))
+            rows.append(EvalRow(rec.key, m, rec.uncertainty_mean, **_metric_fields(rec, gt, mask, gt_is_disparity,
+                                                                                  min_depth, max_depth)))
         except (ValueError, OSError) as e:  # one bad file must not hide the others' scores
             log.warning("%s: not scored: %s", rec.key, e)
-            rows.append(EvalRow(rec.key, None, rec.uncertainty_mean, f"{type(e).__name__}: {e}"))
+            rows.append(EvalRow(rec.key, None, rec.uncertainty_mean, f"{type(e).__name__}: {e}",
+                                **_fit_fields(rec)))
     if resized:
         log.warning("%d predictions differ in size from their GT and were resized to it", resized)
     missing = sorted(set(gt_files) - seen)
     return EvalReport(rows, _summary(rows, missing, unmatched, space), missing, unmatched)
+
+
+def _fit_fields(rec) -> dict:
+    """What the metric stage said of its own fit (meta.metric), for rows of metric outputs."""
+    fit = rec.meta.get("metric")
+    if rec.metric is None and not fit:
+        return {}
+    fit = fit or {}
+    return {"verdict": fit.get("verdict") or "unknown", "held_out_abs_rel": fit.get("abs_rel")}
+
+
+def _metric_fields(rec, gt, mask, gt_is_disparity, min_depth, max_depth) -> dict:
+    """The metric map scored in metres as written (no fit), for rows that carry one."""
+    out = _fit_fields(rec)
+    if rec.metric is None or gt_is_disparity:  # disparity GT (pixels, 1/m?) has no stated unit
+        return out
+    pred = resize_with_holes(rec.metric, gt.shape)  # a hole stays a hole, not a blend with 0
+    return out | {"metric": metrics.metric_errors(pred, gt, mask, min_depth, max_depth)}
+
+
+# A metric map this many times off its GT in median is more likely a unit mix-up (GT in mm,
+# or .npy in cm) than a bad fit: say so instead of only printing a huge AbsRel.
+UNIT_SUSPECT_RATIO = 5.0
+
+
+def _metric_summary(rows: list[EvalRow]) -> dict:
+    """Mean metric errors over the images whose map covers some GT, the verdict counts, and
+    the metres AbsRel per verdict (does the verdict separate good labels from bad?)."""
+    with_fit = [r for r in rows if r.verdict is not None]
+    if not with_fit:
+        return {}
+    scored = [r for r in with_fit if r.metric is not None]
+    verdicts = Counter(r.verdict for r in with_fit)
+
+    def mean(rs, name):
+        vals = [getattr(r.metric, name) for r in rs]
+        vals = [v for v in vals if math.isfinite(v)]
+        return float(np.mean(vals)) if vals else None
+
+    ratio = mean(scored, "median_ratio")
+    if ratio is not None and not 1 / UNIT_SUSPECT_RATIO < ratio < UNIT_SUSPECT_RATIO:
+        log.warning("metric maps are %.3g x their GT in median: is the GT in metres? (16-bit PNG: "
+                    "--gt-png-scale; .npy/.pfm must hold metres)", ratio)
+    return {
+        "metric_n_images": sum(r.metric.n_covered > 0 for r in scored),
+        **{f"metric_{n}": mean(scored, n) for n in ("abs_rel", "rmse", "delta1", "median_ratio", "no_depth")},
+        "metric_verdicts": dict(sorted(verdicts.items())),
+        "metric_abs_rel_by_verdict": {v: mean([r for r in scored if r.verdict == v], "abs_rel")
+                                      for v in sorted(verdicts)},
+        "metric_held_out_abs_rel": _mean_of([r.held_out_abs_rel for r in scored]),
+    }
+
+
+def _mean_of(vals) -> float | None:
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
 
 
 def _summary(rows: list[EvalRow], missing: list[str], unmatched: list[str], space: str) -> dict:
@@ -195,6 +264,7 @@ def _summary(rows: list[EvalRow], missing: list[str], unmatched: list[str], spac
         # Does the stored uncertainty rank the errors? (Spearman over scored images)
         uncertainty_abs_rel_spearman=None if math.isnan(rho) else rho,
     )
+    out.update(_metric_summary(rows))
     return out
 
 
@@ -215,13 +285,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+# Metric outputs: the map in metres as written (no fit), then what the fit said of itself.
+_METRIC_COLUMNS = ("abs_rel", "rmse", "delta1", "no_depth")
+
+
 def format_rows(report: EvalReport) -> str:
+    metric = any(r.verdict is not None for r in report.rows)
     header = ["key", *_COLUMNS, "n_valid", "unc_mean"]
+    if metric:
+        header += [f"m_{c}" for c in _METRIC_COLUMNS] + ["held_out", "verdict"]
     body = []
     for r in report.rows:
         vals = [getattr(r.metrics, c) for c in _COLUMNS] if r.metrics else [None] * len(_COLUMNS)
         n_valid = r.metrics.n_valid if r.metrics else (r.error or "failed")
-        body.append([r.key, *map(_fmt, vals), _fmt(n_valid), _fmt(r.uncertainty_mean)])
+        cells = [r.key, *map(_fmt, vals), _fmt(n_valid), _fmt(r.uncertainty_mean)]
+        if metric:
+            mvals = [getattr(r.metric, c) for c in _METRIC_COLUMNS] if r.metric else [None] * len(_METRIC_COLUMNS)
+            cells += [*map(_fmt, mvals), _fmt(r.held_out_abs_rel), r.verdict or "-"]
+        body.append(cells)
     return _table(header, body)
 
 
@@ -233,7 +314,19 @@ def format_summary(report: EvalReport) -> str:
     text = f"summary ({s['space']} space alignment, mean over images)\n" + _table(header, body)
     if s.get("uncertainty_abs_rel_spearman") is not None:
         text += f"\nSpearman(uncertainty_mean, abs_rel) = {s['uncertainty_abs_rel_spearman']:.3f}"
+    if "metric_verdicts" in s:
+        text += "\n\n" + _format_metric_summary(s)
     return text
+
+
+def _format_metric_summary(s: dict) -> str:
+    header = ["images", *_METRIC_COLUMNS, "median_ratio", "held_out"]
+    body = [[_fmt(s["metric_n_images"]), *(_fmt(s[f"metric_{c}"]) for c in _METRIC_COLUMNS),
+             _fmt(s["metric_median_ratio"]), _fmt(s["metric_held_out_abs_rel"])]]
+    verdicts = ", ".join(f"{v} {n} (abs_rel {_fmt(s['metric_abs_rel_by_verdict'].get(v))})"
+                         for v, n in s["metric_verdicts"].items())
+    return ("metric depth (metres as written, no scale or shift fitted; GT taken as metres; "
+            "rmse in m; mean over images)\n" + _table(header, body) + f"\nverdicts: {verdicts}")
 
 
 def summary_json(report: EvalReport) -> str:

@@ -227,3 +227,57 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     rb -= rb.mean()
     denom = math.sqrt(float(np.sum(ra * ra) * np.sum(rb * rb)))
     return float(np.sum(ra * rb) / denom) if denom > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------- metric maps
+
+
+@dataclass
+class MetricErrors:
+    """A metric map (metres) against GT in metres, as written: no scale, no shift."""
+
+    abs_rel: float  # mean |d - d*| / d* over covered pixels (nan: none covered)
+    rmse: float  # metres
+    delta1: float  # fraction with max(d/d*, d*/d) < 1.25
+    median_ratio: float  # median d / d*: 1 = right scale; ~1000 = GT in millimetres
+    no_depth: float  # share of valid GT pixels where the map holds no depth
+    n_valid: int  # valid GT pixels (mask, range)
+    n_covered: int  # of those, with a finite positive metric depth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def metric_errors(
+    pred_m: np.ndarray,
+    gt_m: np.ndarray,
+    mask: np.ndarray | None = None,
+    min_depth: float | None = None,
+    max_depth: float | None = None,
+) -> MetricErrors:
+    """Score a metric depth map as it is: the point of a metric label is its scale, so
+    fitting one here would hide the very error it is meant to show.
+
+    pred_m: [H,W] metres, NaN/<= 0 where the map holds no depth; gt_m: [H,W] metres. Pixels
+    without a prediction are not scored but counted in `no_depth`, so a map that leaves out
+    its hard parts cannot look better than it is."""
+    if pred_m.shape != gt_m.shape:
+        raise ValueError(f"metric map {pred_m.shape} and ground truth {gt_m.shape} differ in size")
+    valid = valid_mask(gt_m, mask, min_depth, max_depth)  # [H,W]
+    covered = valid & np.isfinite(pred_m) & (pred_m > 0)  # [H,W]
+    n_valid, n_covered = int(valid.sum()), int(covered.sum())
+    no_depth = 1.0 - n_covered / n_valid if n_valid else math.nan
+    if not n_covered:
+        return MetricErrors(math.nan, math.nan, math.nan, math.nan, no_depth, n_valid, 0)
+    d = pred_m[covered].astype(np.float64)  # [P]
+    g = gt_m[covered].astype(np.float64)  # [P]
+    ratio = d / g
+    return MetricErrors(
+        abs_rel=float(np.mean(np.abs(d - g) / g)),
+        rmse=float(np.sqrt(np.mean((d - g) ** 2))),
+        delta1=float(np.mean(np.maximum(ratio, 1.0 / ratio) < 1.25)),
+        median_ratio=float(np.median(ratio)),
+        no_depth=no_depth,
+        n_valid=n_valid,
+        n_covered=n_covered,
+    )

@@ -38,6 +38,23 @@ def colorize_label(values: np.ndarray, space: str = "depth") -> np.ndarray:
     return colorize(1.0 - v if space == "disparity" else v, lo=0.0, hi=1.0)
 
 
+def colour_bar(width: int, height: int = 8) -> np.ndarray:
+    """The Spectral ramp left (lo, red) to right (hi, violet) as uint8 [height,width,3]: the
+    bar under a panel `colorize(values, lo, hi)` drew."""
+    ramp = np.linspace(0.0, 1.0, max(width, 2), dtype=np.float32)[:width]
+    return np.repeat(colorize(ramp[None, :], 0.0, 1.0), height, axis=0)
+
+
+def bar_ticks(lo: float, hi: float, n: int = 3) -> list[float]:
+    """Evenly spaced values from lo to hi, the colour bar's tick positions in its units."""
+    return [float(v) for v in np.linspace(lo, hi, n)]
+
+
+def metres_label(v: float) -> str:
+    """Metres as a bar label: 3 significant figures (0.523 m, 12.4 m, 187 m)."""
+    return f"{v:.3g} m" if v < 1000 else f"{v:.0f} m"
+
+
 def colorize_uncertainty(uncertainty: np.ndarray) -> np.ndarray:
     """Uncertainty HxW -> uint8 HxWx3 grey ramp, white = most uncertain (99th percentile)."""
     u = np.asarray(uncertainty, dtype=np.float32)

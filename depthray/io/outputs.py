@@ -8,7 +8,9 @@ this is also what any consumer of the outputs would write:
 - uncertainty: 16-bit PNG of uncertainty / scale * 65535; scale in the PNG text chunk
   `depthray_uncertainty_scale`, the Parquet column / JSON field `uncertainty_scale`;
 - WebDataset samples group `{key}.depth.png`, `{key}.uncertainty.png`, `{key}.json` and the
-  optional input `{key}.jpg`; the JSON's `key` is the original key (file names are sanitised).
+  optional input `{key}.jpg`; the JSON's `key` is the original key (file names are sanitised);
+- metric depth (pipelines/metric_depth.py): 16-bit PNG of metres / scale, Parquet column
+  `metric_depth` / `{key}.metric_depth.png`, read by depthray/io/metric_labels.py's decoder.
 
 Folders, files, globs and any fsspec URL (s3://...) work, opened the way the job opens
 them (depthray/io/fs.py: `storage:` settings, AWS_ENDPOINT_URL). Paths with a component
@@ -33,6 +35,7 @@ from depthray.config import StorageConfig
 from depthray.io.codecs import decode_depth, decode_uncertainty_png16, depth_png_space
 from depthray.io.decode import IMAGE_EXTS, decode_rgb
 from depthray.io.manifest import MANIFEST_DIR, manifest_parts
+from depthray.io.metric_labels import decode_metric_png16
 from depthray.io.fs import filesystem
 from depthray.io.table import is_table, table_options, table_uri
 from depthray.io.tar_samples import iter_samples
@@ -40,7 +43,7 @@ from depthray.io.tar_samples import iter_samples
 log = logging.getLogger(__name__)
 
 # Folder files named {key}.{role}.{ext}; roles that are not the depth map itself.
-_SIDE_ROLES = ("uncertainty", "preview", "mask", "valid", "image")
+_SIDE_ROLES = ("uncertainty", "preview", "mask", "valid", "image", "metric_depth")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class OutputRecord:
     uncertainty_mean: float | None = None
     image: np.ndarray | None = None  # uint8 [H,W,3] input passed through (when stored)
     meta: dict = field(default_factory=dict)
+    metric: np.ndarray | None = None  # float32 [H,W] metres, NaN = no depth (metric outputs only)
 
 
 def _is_hidden(path: str, root: str) -> bool:
@@ -127,7 +131,7 @@ def read_outputs(
             return
 
 
-_WANTED = ["key", "depth", "uncertainty", "uncertainty_scale", "uncertainty_mean", "meta", "image"]
+_WANTED = ["key", "depth", "uncertainty", "uncertainty_scale", "uncertainty_mean", "meta", "image", "metric_depth"]
 
 
 def _read_table(url, storage, with_uncertainty, with_image) -> Iterator[OutputRecord]:
@@ -178,6 +182,7 @@ def _record(key: str, row: dict, with_uncertainty: bool) -> OutputRecord:
         mean = float(unc.mean()) if mean is None else mean
         unc = unc if with_uncertainty else None
     image = decode_rgb(row["image"]) if row.get("image") else None
+    metric = _metric_map(row["metric_depth"], meta, key) if row.get("metric_depth") else None
     return OutputRecord(
         key=key,
         depth=decode_depth(row["depth"]),
@@ -185,7 +190,21 @@ def _record(key: str, row: dict, with_uncertainty: bool) -> OutputRecord:
         uncertainty_mean=None if mean is None else float(mean),
         image=image,
         meta=meta,
+        metric=metric,
     )
+
+
+def _metric_map(data: bytes, meta: dict, key: str) -> np.ndarray:
+    """A metric PNG -> metres: its scale from its own text chunk (the PNG describes itself),
+    else from `meta.metric.png_scale`; with neither, the map cannot be read as metres."""
+    try:
+        return decode_metric_png16(data)
+    except KeyError:
+        scale = (meta.get("metric") or {}).get("png_scale")
+        if scale is None:
+            raise ValueError(f"{key}: metric depth PNG without a scale (no text chunk, no "
+                             "meta.metric.png_scale): its metres cannot be read") from None
+        return decode_metric_png16(data, scale)
 
 
 def _read_webdataset(fs, files, with_uncertainty, with_image) -> Iterator[OutputRecord]:
@@ -208,6 +227,7 @@ def _wds_record(key, fields, with_uncertainty, with_image, path) -> OutputRecord
         "uncertainty_scale": meta.get("uncertainty_scale"),
         "uncertainty_mean": meta.get("uncertainty_mean"),
         "meta": meta,
+        "metric_depth": fields.get("metric_depth.png"),
     }
     if with_image:
         row["image"] = next((fields[e] for e in IMAGE_EXTS if e in fields), None)
@@ -259,6 +279,8 @@ def _read_folder(fs, files, with_uncertainty, with_image) -> Iterator[OutputReco
         row = {"depth": fs.cat_file(roles["depth"])}
         if "uncertainty" in roles:
             row["uncertainty"] = fs.cat_file(roles["uncertainty"])
+        if "metric_depth" in roles:
+            row["metric_depth"] = fs.cat_file(roles["metric_depth"])
         if with_image and "image" in roles:
             row["image"] = fs.cat_file(roles["image"])
         yield _record(key, row, with_uncertainty)
