@@ -170,10 +170,12 @@ def test_gt_units_png_millimetres_and_the_unit_warning(out, tmp_path, caplog):
     _, truth, gt, parquet, _ = out
     mm = tmp_path / "gt_mm"
     mm.mkdir()
+    stored = {}
     for key, depth in truth.items():
-        Image.fromarray(np.rint(np.minimum(depth, 65.535) * 1000).astype(np.uint16)).save(mm / f"{key}.png")
-    # 65.5 m is the most a 16-bit mm PNG holds: compare on pixels the PNG keeps exactly
-    near = {k: (d <= 65.535) for k, d in truth.items()}
+        stored[key] = np.rint(np.minimum(depth, 65.535) * 1000).astype(np.uint16)
+        Image.fromarray(stored[key]).save(mm / f"{key}.png")
+    # 65.535 m is the most a 16-bit mm PNG holds: compare below 65.5 m, where it is exact
+    near = {k: (v / 1000 <= 65.5) for k, v in stored.items()}
     npy_report = evaluate(str(parquet), str(gt), max_depth=65.5)
     png_report = evaluate(str(parquet), str(mm), max_depth=65.5)
     for a, b in zip(npy_report.rows, png_report.rows):
