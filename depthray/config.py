@@ -195,7 +195,7 @@ class Config:
         settings = {"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)}
         if self.pipeline != "depth":  # another task makes other labels; depth's hash stays as it was
             settings["pipeline"] = self.pipeline
-            if self.metric.member:  # what the metric labels are aligned to, and how
+            if self.metric.member or self.metric.column:  # what the metric labels are aligned to, and how
                 settings["metric"] = dataclasses.asdict(self.metric)
         return flatten(settings)
 

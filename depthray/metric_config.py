@@ -1,6 +1,6 @@
 """The `metric:` section of the job config (pipelines/metric_depth.py; docs/metric.md):
-which WebDataset member holds each frame's sparse metric depth, how it stores metres, and the
-fit's verdict thresholds. Part of depthray/config.py's `Config`, kept here to keep that
+which WebDataset member (or Parquet/Arrow column) holds each frame's sparse metric depth, how
+it stores metres, and the fit's verdict thresholds. Part of depthray/config.py's `Config`, kept here to keep that
 module short; `depthray init` documents these fields from their comments as any other."""
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ class MetricConfig:
     # by extension (e.g. lidar.png); a sample without it, or whose member does not decode, is
     # an error row. null = none (the metric_depth pipeline refuses to start without one).
     member: str | None = None
+    # the same for Parquet / Arrow inputs: the column holding each row's sparse metric depth
+    # (binary, or a {bytes, path} struct as datasets' Image() writes it), stored as `encoding`;
+    # a null value is an error row. null = none (a Parquet input then refuses to start).
+    column: str | None = None
     # how that member stores metres: png16_mm (16-bit PNG in millimetres, 0 = no return) |
     # png16_kitti (KITTI's 16-bit PNG, value / 256 = metres, 0 = none) | npy (float32 metres,
     # 0 or NaN = none)
@@ -33,7 +37,7 @@ class MetricConfig:
 
     def align_options(self) -> dict:
         """The keyword arguments metric_align's aligners take."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("member", "encoding")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("member", "column", "encoding")}
 
 
 def validate_metric(m: MetricConfig, pipeline: str, errors: list[str]) -> None:
@@ -42,9 +46,11 @@ def validate_metric(m: MetricConfig, pipeline: str, errors: list[str]) -> None:
         m.member = m.member.lower().lstrip(".")
         if not m.member:
             errors.append("metric.member: the sparse depth member's extension (e.g. lidar.png), or null")
-    if pipeline == "metric_depth" and not m.member:
+    if m.column is not None and not m.column.strip():
+        errors.append("metric.column: the Parquet/Arrow column holding sparse metric depth, or null")
+    if pipeline == "metric_depth" and not (m.member or m.column):
         errors.append("metric.member: pipeline metric_depth needs the member holding sparse metric depth "
-                      "(e.g. lidar.png)")
+                      "(e.g. lidar.png), or metric.column for Parquet/Arrow inputs")
     if not 0.0 < m.holdout_fraction < 1.0:
         errors.append(f"metric.holdout_fraction: must be in (0, 1), got {m.holdout_fraction}")
     if m.min_points < 2:

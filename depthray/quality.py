@@ -9,7 +9,9 @@ is in [0,1], so 0.05 = members disagree by 5% of the scene's depth range):
   `max_pixel_uncertainty`; below `quality.min_valid_fraction` the image is low confidence.
 
 The job stores `QualityVerdict.to_meta()` in the record's metadata (scores, thresholds,
-pass/fail, reasons) and may route failing images to a separate output.
+pass/fail, reasons) and may route failing images to a separate output. `row_verdict` joins
+it with a metric fit's verdict (pipelines/metric_depth.py) into the one `low_confidence`
+flag readers filter on.
 """
 
 from __future__ import annotations
@@ -77,3 +79,21 @@ def assess(depth: np.ndarray, uncertainty: np.ndarray, config) -> QualityVerdict
         max_pixel_uncertainty=pixel_thr,
         reasons=reasons,
     )
+
+
+def row_verdict(quality: QualityVerdict | None, metric: dict | None) -> dict:
+    """The row's top-level verdict, the flag readers filter on: `low_confidence` is true when
+    the quality thresholds failed or the row's metric fit (`meta.metric`) is not "ok" (a
+    stock reader keeping `low_confidence == false` must never take a poor metric label);
+    `low_confidence_reasons` then names each failed check by its source ("quality: ...",
+    "metric fit: ..."). Returns the facts for the row's metadata ({} when there are none)."""
+    facts = quality.to_meta() if quality is not None else {}
+    reasons = [f"quality: {r}" for r in quality.reasons] if quality is not None else []
+    if metric is not None:
+        verdict = metric.get("verdict")
+        if verdict != "ok":  # anything but a passed fit, a missing verdict included
+            reasons += [f"metric fit: {r}" for r in metric.get("reasons") or [f"verdict {verdict!r}"]]
+        facts.setdefault("low_confidence", False)
+    if reasons:
+        facts.update(low_confidence=True, low_confidence_reasons=reasons)
+    return facts

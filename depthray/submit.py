@@ -2,8 +2,12 @@
 
 The config is validated here, before anything is uploaded, then shipped in a small working
 directory with `python -m depthray run job.yaml` (the same `depthray run` as on a laptop)
-as the entry point. By default the local depthray package travels too (runtime_env
-py_modules), so the cluster runs exactly the code you have; `ship_code=False` uses the version installed on the cluster instead.
+as the entry point. By default the local depthray package and the project's pipelines/
+package (the labelling tasks a config names: `pipeline: metric_depth`) travel too
+(runtime_env py_modules), so the cluster runs exactly the code you have; `ship_code=False`
+uses the versions installed on the cluster instead. A pipeline given as a path to a .py file
+inside the current folder travels in the working directory at the same relative path (the
+path is part of the config hash); an absolute path must exist on the cluster as it is.
 Credentials are never put in the runtime env (it is visible in the dashboard): clusters
 should use instance roles; only the non-secret endpoint/region variables are forwarded.
 """
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from depthray.config import Config, load_config
+from depthray.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,33 @@ def job_config(cfg: Config) -> dict:
     return data
 
 
+def pipeline_file(cfg: Config) -> Path | None:
+    """The relative path of the config's pipeline file when it must travel with the job (a
+    .py file inside the current folder); None for a named pipeline or an absolute path."""
+    name = cfg.pipeline
+    if not (name.endswith(".py") or "/" in name or os.sep in name) or os.path.isabs(os.path.expanduser(name)):
+        return None
+    rel = Path(os.path.normpath(name))
+    if rel.parts and rel.parts[0] == "..":
+        raise ConfigError(f"pipeline {name!r}: a pipeline file outside the current folder does not travel with "
+                         "the job; submit from a folder that holds it, or give its absolute path on the cluster")
+    if not rel.is_file():
+        raise ConfigError(f"pipeline {name!r}: no such file")
+    return rel
+
+
+def code_modules() -> list[str]:
+    """The local packages a job runs: depthray, and pipelines/ (the named labelling tasks)."""
+    import depthray
+
+    modules = [str(Path(depthray.__file__).parent)]
+    try:
+        import pipelines
+    except ImportError:  # an installation without the project's pipelines/: named ones must be on the cluster
+        return modules
+    return modules + [str(Path(pipelines.__file__).parent)]
+
+
 def submit(config_path: str, overrides: list[str] | None = None, address: str | None = None,
            wait: bool = True, ship_code: bool = True, timeout_s: float | None = None,
            echo=print) -> tuple[str, str]:
@@ -73,18 +104,20 @@ def submit(config_path: str, overrides: list[str] | None = None, address: str | 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     cfg = load_config(config_path, overrides)  # fail here, not on the cluster
+    shipped = pipeline_file(cfg)
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     workdir = Path(tempfile.mkdtemp(prefix="depthray-job-"))
     try:
         (workdir / "job.yaml").write_text(yaml.safe_dump(job_config(cfg), sort_keys=False))
+        if shipped is not None:  # the job runs in the working dir: the same relative name resolves there
+            (workdir / shipped).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shipped, workdir / shipped)
         runtime_env: dict = {
             "working_dir": str(workdir),
             "env_vars": {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)},
         }
         if ship_code:
-            import depthray
-
-            runtime_env["py_modules"] = [str(Path(depthray.__file__).parent)]
+            runtime_env["py_modules"] = code_modules()
         client = JobSubmissionClient(address, headers=_auth_headers())
         job_id = _submit_when_ready(client, entrypoint="python -m depthray run job.yaml",
                                     runtime_env=runtime_env,

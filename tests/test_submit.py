@@ -118,3 +118,96 @@ def test_ray_job_submit_runs_a_pipeline_file(ray_head, tmp_path):
     again = subprocess.run([sys.executable, "-m", "depthray", "status", str(tmp_path / "job.yaml")],
                            capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0, again.stdout + again.stderr  # every shard complete for the plain config
+
+
+def _metric_job(tmp_path, pipeline: str = "metric_depth") -> tuple[Path, dict]:
+    """tests/test_metric_pipeline.py's eight samples (LiDAR members, two broken) as a
+    metric_depth job, and the labels a run here gives them. (The job runs the local executor
+    in its driver on the head: this is about reaching the cluster with the task's code; the
+    task on Ray's executor is tests/test_metric_pipeline.py's.)"""
+    import yaml
+
+    from tests.test_metric_pipeline import write_input
+
+    write_input(tmp_path / "in")
+    config = {"input": {"url": str(tmp_path / "in" / "*.tar")}, "output": {"url": str(tmp_path / "local")},
+              "model": {"factory": "tests.reliability.doubles:make_log_depth"},
+              "inference": {"ensemble_size": 1, "tiling": {"mode": "off"}},
+              "compute": {"images_per_batch": 4, "executor": "local"},
+              "pipeline": pipeline, "metric": {"member": "lidar.png"}}
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["run", str(tmp_path / "local.yaml")]) == 0
+    config["output"]["url"] = str(tmp_path / "cluster")  # run by the job on the head, in its driver (tiny)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "job.yaml", {r["key"]: r for r in pq.read_table(tmp_path / "local").to_pylist()}
+
+
+def _assert_metric_labels(folder: Path, local: dict) -> None:
+    got = {r["key"]: r for r in pq.read_table(folder).to_pylist()}
+    assert sorted(got) == sorted(local) and len(got) == 6  # 8 samples, 2 error rows
+    for key, row in got.items():
+        assert row["metric_depth"] is not None and row["metric_depth"] == local[key]["metric_depth"], key
+        assert row["config_hash"] == local[key]["config_hash"], key
+    assert sorted(r["key"] for r in pq.read_table(folder / "_errors").to_pylist()) == ["street8", "yard7"]
+
+
+def test_ray_job_submit_runs_the_metric_depth_pipeline(ray_head, tmp_path):
+    """#29: `ray job submit -- python pipelines/metric_depth.py CONFIG` against a local head:
+    the metric labels (and error rows) of a local run, byte for byte, same config hash."""
+    config, local = _metric_job(tmp_path)
+    ray = str(Path(sys.executable).parent / "ray")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    # the test double's module (tests/) on the job's path, wherever the head was started
+    runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}})
+    done = subprocess.run([ray, "job", "submit", "--address", ray_head, "--runtime-env-json", runtime_env, "--",
+                           sys.executable, str(ROOT / "pipelines" / "metric_depth.py"), str(config)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    _assert_metric_labels(tmp_path / "cluster", local)
+
+
+def test_depthray_submit_ships_the_named_pipeline(ray_head, tmp_path, capsys):
+    """`depthray submit` of a config naming `pipeline: metric_depth`: pipelines/ travels with
+    the job (runtime_env py_modules) beside depthray, and the job declares its task from that
+    copy, not from this checkout."""
+    config, local = _metric_job(tmp_path)
+    rc = cli_main(["submit", str(config), "--address", ray_head, "--timeout", "300"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "SUCCEEDED" in out, out[-3000:]
+    declared = [ln.split("pipeline metric_depth: ", 1)[1].strip() for ln in out.splitlines()
+                if "pipeline metric_depth: " in ln]
+    assert declared and all(p.endswith("metric_depth.py") for p in declared), out[-3000:]
+    assert not any(Path(p).resolve().is_relative_to(ROOT) for p in declared), declared  # the shipped copy
+    _assert_metric_labels(tmp_path / "cluster", local)
+
+
+def test_depthray_submit_ships_a_pipeline_file_named_by_a_relative_path(ray_head, tmp_path, monkeypatch, capsys):
+    """A task of your own (a copy of pipelines/metric_depth.py), named by its path from the
+    folder you submit from: it travels in the job's working directory under the same name,
+    so the cluster's labels carry a local run's config hash."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tasks").mkdir()
+    shutil.copyfile(ROOT / "pipelines" / "metric_depth.py", tmp_path / "tasks" / "my_metric.py")
+    config, local = _metric_job(tmp_path, pipeline="tasks/my_metric.py")
+    capsys.readouterr()
+    rc = cli_main(["submit", str(config), "--address", ray_head, "--timeout", "300"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "SUCCEEDED" in out, out[-3000:]
+    declared = [ln.split("pipeline tasks/my_metric.py: ", 1)[1].strip() for ln in out.splitlines()
+                if "pipeline tasks/my_metric.py: " in ln]
+    assert declared and not any(Path(p).resolve().is_relative_to(tmp_path) for p in declared), out[-3000:]
+    _assert_metric_labels(tmp_path / "cluster", local)
+
+
+def test_depthray_submit_refuses_a_pipeline_file_that_cannot_travel(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    (tmp_path / "task.py").write_text("def stages(cfg, run_id='', device_kind=None):\n    return []\n")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    config = {"input": {"url": str(tmp_path / "in.tar")}, "output": {"url": str(tmp_path / "out")},
+              "pipeline": "../task.py"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["submit", str(tmp_path / "job.yaml"), "--address", "http://127.0.0.1:9"]) == 2
+    assert "outside the current folder does not travel" in capsys.readouterr().err

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; stock zlib still
     _isal = None
 
 from depthray.io import records, row_meta
-from depthray.quality import assess
+from depthray.quality import assess, row_verdict
 
 SCALE_KEY = "depthray_uncertainty_scale"
 SPACE_KEY = "depthray_output_space"  # what a depth PNG holds: depth (0 = near) or disparity (1 = near)
@@ -141,7 +141,8 @@ def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:
     """Ray Data UDF: PREDICTED rows -> ENCODED rows (errors and trailers pass through).
 
     With `quality` (a QualityConfig) each row's metadata gets the confidence verdict:
-    scores, thresholds, pass/fail, reasons and `low_confidence`.
+    scores, thresholds, pass/fail, reasons and `low_confidence`; a row with a metric fit
+    that is not "ok" is `low_confidence` too (quality.row_verdict).
     """
     out = []
     maps = [column_buffers(batch, name) for name in ("depth_f32", "uncertainty_f32")]
@@ -157,8 +158,10 @@ def encode_batch(batch: pa.Table, quality: Any = None) -> pa.Table:
             row["depth"] = encode_depth_png16(depth, row_meta.get(row).get("output_space", "depth"))
             row["uncertainty"], row["uncertainty_scale"] = encode_uncertainty_png16(unc)
             row["uncertainty_mean"] = float(unc.mean())
-            if quality is not None:
-                row_meta.put(row, **assess(depth, unc, quality).to_meta())
+            verdict = row_verdict(assess(depth, unc, quality) if quality is not None else None,
+                                  row_meta.get(row).get("metric"))
+            if verdict:
+                row_meta.put(row, **verdict)
         except Exception as e:  # a bad result must not take its neighbours with it (nor the job)
             out.append(records.error_row(row, "encode", "encode", f"{type(e).__name__}: {e}"))
             continue

@@ -44,6 +44,20 @@ def image_kind(tp: pa.DataType) -> str | None:
     return None
 
 
+# pipelines/metric_depth.py: the column of each row's sparse metric depth (metric.column)
+SPARSE_ACCEPTED = "binary (a PNG or .npy file's bytes, as metric.encoding says) or a struct with a " \
+                  "binary `bytes` field (Hugging Face Image)"
+
+
+def sparse_kind(tp: pa.DataType) -> str | None:
+    """"bytes" or "struct" for a sparse depth column of type `tp`; None: not one we read
+    (its values are read from their bytes only: a file path is not fetched)."""
+    kind = image_kind(tp)
+    if kind == "struct" and any(tp.field(i).name == "bytes" for i in range(tp.num_fields)):
+        return kind
+    return kind if kind == "bytes" else None
+
+
 def _is(tp: pa.DataType, test: str) -> bool:
     check = getattr(pa.types, test, None)  # string/binary views: newer pyarrow only
     return bool(check and check(tp))
@@ -157,3 +171,26 @@ def image_value(value: Any, kind: str) -> tuple[bytes | None, str | None]:
         return None, None
     data = value.get("bytes")
     return (bytes(data) if data else None), (value.get("path") or None)
+
+
+def sparse_column_kind(schema: pa.Schema, column: str) -> str:
+    """The kind of `column`'s values (sparse_kind); raises ValueError naming what is wrong."""
+    if column not in schema.names:
+        raise ValueError(f"no column {column!r} (metric.column; columns: {', '.join(schema.names)})")
+    kind = sparse_kind(schema.field(column).type)
+    if kind is None:
+        raise ValueError(f"column {column!r} (metric.column) is {schema.field(column).type}, not {SPARSE_ACCEPTED}")
+    return kind
+
+
+def with_sparse(row: dict[str, Any], cell: Any, column: str, kind: str) -> dict[str, Any]:
+    """The row with its frame's sparse metric depth in `sparse`, or an error row where the
+    cell holds none (never a relative-only label in a metric output)."""
+    if row.get("error"):
+        return row
+    data, path = image_value(cell, kind)
+    if data:
+        row["sparse"] = data
+        return row
+    why = f"holds only a path ({path!r}), which is not read" if path else "is null"
+    return {"key": row["key"], "error": "no_sparse_depth", "message": f"column {column!r} (metric.column) {why}"}

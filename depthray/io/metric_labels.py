@@ -1,9 +1,9 @@
 """Metric depth labels in the job: the metric stage of pipelines/metric_depth.py.
 
-Per image, after infer: the sample's sparse metric depth member (LiDAR: `metric.member`,
-stored as `metric.encoding`) is decoded, its points aligned to the relative label
-(depthray/metric_align.py, in the row's `output_space`), and the fitted map stored as a
-16-bit PNG of metres / scale, 0 = no depth:
+Per image, after infer: the sample's sparse metric depth (LiDAR: the WebDataset member
+`metric.member` or the Parquet/Arrow column `metric.column`, stored as `metric.encoding`) is
+decoded, its points aligned to the relative label (depthray/metric_align.py, in the row's
+`output_space`), and the fitted map stored as a 16-bit PNG of metres / scale, 0 = no depth:
 
     metres = png / 65535 * scale     (scale: the PNG's text chunk "depthray_metric_scale",
                                       meta.metric.png_scale; unit "m")
@@ -83,24 +83,27 @@ def decode_metric_png16(data: bytes, scale: float | None = None) -> np.ndarray:
 def align_row(row: dict[str, Any], relative: np.ndarray, cfg: MetricConfig) -> dict[str, Any]:
     """One labelled row -> the row with `metric_depth` and `meta.metric`, or an error row."""
     data, row["sparse"] = row.get("sparse"), None
+    # a Parquet/Arrow row (its reader notes the row number) carries it in metric.column
+    origin = {"column": cfg.column} if "source_row" in row_meta.get(row) else {"member": cfg.member}
+    where = " ".join(f"{k} {v!r}" for k, v in origin.items())
     if data is None:
         return records.error_row(row, "metric", "no_sparse_depth",
-                                 f"no sparse metric depth for this image (metric.member {cfg.member!r}: "
-                                 "read from WebDataset samples only)")
+                                 f"no sparse metric depth for this image (metric.{where}: WebDataset members "
+                                 "and Parquet/Arrow columns are read)")
     try:
         sparse = decode_sparse(data, cfg.encoding)
     except SparseError as e:
-        return records.error_row(row, "metric", "sparse_undecodable", f"member {cfg.member!r}: {e}")
+        return records.error_row(row, "metric", "sparse_undecodable", f"{where}: {e}")
     if sparse.shape != relative.shape:
         return records.error_row(row, "metric", "sparse_size",
-                                 f"member {cfg.member!r} is {sparse.shape[1]}x{sparse.shape[0]}, the image "
+                                 f"{where} is {sparse.shape[1]}x{sparse.shape[0]}, the image "
                                  f"{relative.shape[1]}x{relative.shape[0]}")
     label = depth_as_stored(relative)  # what the depth PNG holds: the fit applies to it exactly
     space = row_meta.get(row).get("output_space", "depth")
     uv, depth = points_from_map(sparse)
     fit = align_to_points(label, space, uv, depth, **cfg.align_options())
     row["metric_depth"], png_scale = encode_metric_png16(fit.apply(label))
-    row_meta.put(row, metric={"unit": UNIT, "png_scale": png_scale, "member": cfg.member,
+    row_meta.put(row, metric={"unit": UNIT, "png_scale": png_scale, **origin,
                               "encoding": cfg.encoding, **fit.to_meta()})
     return row
 

@@ -31,6 +31,7 @@ METRIC = pa.struct([
     ("unit", pa.string()),  # "m": metric PNG value / 65535 * png_scale = metres (0 = no depth)
     ("png_scale", pa.float64()),
     ("member", pa.string()),  # the sample's member it was aligned to, and how that stored metres
+    ("column", pa.string()),  # ... or the Parquet/Arrow input's column
     ("encoding", pa.string()),
     ("scale", pa.float64()),  # fit: metric (depth space) or 1/metric (disparity) = scale * label + shift
     ("shift", pa.float64()),
@@ -72,7 +73,8 @@ META = pa.struct([
     ("ensemble_members", pa.string()),  # how members differ when not by seed: "augmentations"
     # encode
     ("quality", QUALITY),
-    ("low_confidence", pa.bool_()),
+    ("low_confidence", pa.bool_()),  # the quality verdict failed, or the metric fit (quality.row_verdict)
+    ("low_confidence_reasons", pa.list_(pa.string())),  # "quality: ...", "metric fit: ..." (when true)
     # metric (pipelines/metric_depth.py)
     ("metric", METRIC),
 ])

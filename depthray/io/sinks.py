@@ -156,12 +156,14 @@ class TableSink(ParquetSink):
     not list it before its shard's transaction).
     The run id in the name keeps a relabelled part apart from the live one it replaces."""
 
-    def __init__(self, url, storage, model: str, config_hash: str, run_id: str):
-        super().__init__(url, storage, model, config_hash)
+    def __init__(self, url, storage, model: str, config_hash: str, run_id: str, metric: bool = False):
+        super().__init__(url, storage, model, config_hash, metric)
         self.run_id = run_id
 
     def encode(self, samples):
-        table = with_kept_columns(records.to_table(samples, OUTPUT_SCHEMA), samples)
+        # a column the table lacks (metric_depth, kept input columns) is added at the shard's
+        # commit (table.ShardTable._add_columns)
+        table = with_kept_columns(records.to_table(samples, self.schema), samples)
         # `source` is the table's partition value (the log holds it), not a column of its files
         return _parquet_bytes(table.drop_columns(["source"]))
 
@@ -302,14 +304,12 @@ class ErrorSink(Sink):
 
 def make_sink(cfg: OutputConfig, storage: StorageConfig, model: str, config_hash: str, run_id: str = "",
               metric: bool = False) -> Sink:
-    """`metric`: the rows carry metric depth (pipelines/metric_depth.py): Parquet parts get its
-    column (WebDataset writes the member whenever a row has one; Delta: not yet)."""
+    """`metric`: the rows carry metric depth (pipelines/metric_depth.py): Parquet and Delta
+    parts get its column (WebDataset writes the member whenever a row has one)."""
     if cfg.format == "delta":
-        if metric:
-            raise ValueError("output.format delta: metric depth outputs are not supported yet (parquet, webdataset)")
         if not run_id:  # two runs must never write one name: the second's would replace a live file
             raise ValueError("output.format delta: the write stage needs the run id")
-        return TableSink(cfg.url, storage, model, config_hash, run_id)
+        return TableSink(cfg.url, storage, model, config_hash, run_id, metric)
     if cfg.format == "webdataset":
         return WebDatasetSink(cfg.url, storage, model, config_hash, cfg.include_image)
     return ParquetSink(cfg.url, storage, model, config_hash, metric)

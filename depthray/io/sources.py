@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from depthray.config import InputConfig, StorageConfig
 from depthray.io import records, row_meta
-from depthray.io.columns import ACCEPTED, TableFile, base_folder, fetch, image_kind, image_value, key_of_path, resolve
+from depthray.io.columns import (
+    ACCEPTED, TableFile, base_folder, fetch, image_kind, image_value, key_of_path, resolve, sparse_column_kind, with_sparse)
 from depthray.io.decode import IMAGE_EXTS
 from depthray.io.folders import file_ext as _ext, select, split_url
 from depthray.io.fs import filesystem
@@ -240,7 +241,11 @@ class ParquetReader(Reader):
     else "{shard}/{row}"; keys are unique across the dataset. Every row's meta keeps the
     source key or path, `source_url` when the image was read from a path (else
     `source_table`/`source_row`/`source_column`: the value in this file), and the columns
-    `input.keep_columns` names. An image path that cannot be read is that row's error."""
+    `input.keep_columns` names. An image path that cannot be read is that row's error.
+    With `sparse_column` (metric.column, the metric pipeline's) that column's bytes go along
+    in the row's `sparse`; a row whose value is null is an error."""
+
+    sparse_column: str | None = None
 
     def read(self, shard: Shard) -> Iterator[pa.Table]:
         self.shard_name, self.table_format, self.shard_url = shard.name, shard.format, shard.url
@@ -263,16 +268,21 @@ class ParquetReader(Reader):
                 raise ValueError(f"no key column {key_column!r} (columns: {', '.join(names)})")
             has_key = key_column in names
             keep = [c for c in self.cfg.keep_columns if c in names and c not in (self.cfg.image_column, key_column)]
-            cols = [self.cfg.image_column] + ([key_column] if has_key else []) + keep
+            sparse = self.sparse_column
+            sparse_as = sparse_column_kind(table.schema, sparse) if sparse else None
+            cols = list(dict.fromkeys([self.cfg.image_column] + ([key_column] if has_key else []) + keep
+                                      + ([sparse] if sparse else [])))
             index = 0
             for batch in table.batches(cols, self.rows_per_block):
                 images = batch.column(self.cfg.image_column).to_pylist()
                 keys = batch.column(key_column).to_pylist() if has_key else [None] * len(images)
                 kept = {c: batch.column(c).to_pylist() for c in keep}
+                cells = batch.column(sparse).to_pylist() if sparse else None
                 rows = []
                 for i, (raw_key, value) in enumerate(zip(keys, images)):
-                    rows.append(self._row(raw_key, *image_value(value, kind), index, seen,
-                                          {c: _jsonable(v[i]) for c, v in kept.items()}))
+                    row = self._row(raw_key, *image_value(value, kind), index, seen,
+                                    {c: _jsonable(v[i]) for c, v in kept.items()})
+                    rows.append(with_sparse(row, cells[i], sparse, sparse_as) if sparse else row)
                     index += 1
                 yield from self._fetched(rows)
 
@@ -358,12 +368,15 @@ READERS = {"webdataset": WebDatasetReader, "parquet": ParquetReader, "arrow": Pa
 
 
 def read_shards(batch: pa.Table, cfg: InputConfig, storage: StorageConfig,
-                sparse_member: str | None = None) -> Iterator[pa.Table]:
+                sparse_member: str | None = None, sparse_column: str | None = None) -> Iterator[pa.Table]:
     """Ray Data UDF: a block of shard descriptors -> streamed blocks of sample rows.
-    `sparse_member`: a WebDataset member carried along in `sparse` (the metric pipeline's)."""
+    `sparse_member` / `sparse_column`: a WebDataset member / a Parquet or Arrow column carried
+    along in `sparse` (the metric pipeline's)."""
     for item in batch.to_pylist():
         shard = Shard(name=item["name"], url=item["url"], format=item["format"])
         reader = READERS[shard.format](cfg, storage)
-        if sparse_member:
+        if sparse_member and hasattr(reader, "sparse_member"):
             reader.sparse_member = sparse_member
+        if sparse_column and hasattr(reader, "sparse_column"):
+            reader.sparse_column = sparse_column
         yield from reader.read(shard)

@@ -204,8 +204,9 @@ class ShardTable:
 
     @staticmethod
     def _add_columns(dt, schemas: list[pa.Schema]) -> None:
-        """`input.keep_columns` become columns of the parts: columns the table lacks are added
-        first (a schema change of their own; a file without them reads them as null)."""
+        """`input.keep_columns` and the metric pipeline's `metric_depth` are columns of the parts:
+        columns the table lacks are added first (a schema change of their own; a file without
+        them reads them as null)."""
         from deltalake import Field
         from deltalake.schema import Schema
 

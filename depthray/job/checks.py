@@ -7,6 +7,7 @@ the URL, raised before Ray starts. Nothing here imports Ray (`depthray status` u
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -111,11 +112,12 @@ def check_columns(cfg: Config, shards: list[Shard]) -> None:
     an image is read from (io/columns.py: bytes, a {bytes, path} struct, a path string),
     the key_column named (when one is) and input.keep_columns; else a ConfigError naming
     the columns that exist or the column's type (a wrong column would make every shard a
-    corrupt one, or keys row numbers)."""
+    corrupt one, or keys row numbers); the same for metric.column where the pipeline reads it."""
+    _, column = sparse_inputs(cfg) or (None, None)
     first = next((s for s in shards if s.format in ("parquet", "arrow")), None)
     if first is None:
         return
-    from depthray.io.columns import ACCEPTED, image_kind, read_schema
+    from depthray.io.columns import ACCEPTED, SPARSE_ACCEPTED, image_kind, read_schema, sparse_kind
 
     try:
         schema = read_schema(first.url, first.format, cfg.storage)
@@ -126,7 +128,7 @@ def check_columns(cfg: Config, shards: list[Shard]) -> None:
     inp = cfg.input
     wanted = [("input.image_column", inp.image_column)] + \
         ([("input.key_column", inp.key_column)] if inp.key_column else []) + \
-        [("input.keep_columns", c) for c in inp.keep_columns]
+        [("input.keep_columns", c) for c in inp.keep_columns] + ([("metric.column", column)] if column else [])
     missing = [f"{where} {col!r}" for where, col in wanted if col not in names]
     if missing:
         raise ConfigError(f"{', '.join(missing)}: no such column in {first.url} "
@@ -135,6 +137,46 @@ def check_columns(cfg: Config, shards: list[Shard]) -> None:
     if image_kind(tp) is None:
         raise ConfigError(f"input.image_column {inp.image_column!r} in {first.url} is of type {tp}: "
                           f"an image is read from {ACCEPTED}")
+    if column and sparse_kind(schema.field(column).type) is None:
+        raise ConfigError(f"metric.column {column!r} in {first.url} is of type {schema.field(column).type}: "
+                          f"sparse metric depth is read from {SPARSE_ACCEPTED}")
+
+
+def sparse_inputs(cfg: Config) -> tuple[str | None, str | None] | None:
+    """(member, column) the pipeline's read stage carries each image's sparse metric depth
+    from (pipelines/metric_depth.py); None where it reads none (or does not build:
+    check_pipeline says why)."""
+    from depthray.job.pipelines import load_pipeline
+
+    try:
+        stages = load_pipeline(cfg.pipeline)(cfg, "", None)
+        kwargs = next(s.kwargs for s in stages if s.name == "read")
+    except Exception:
+        return None
+    if "sparse_member" not in kwargs and "sparse_column" not in kwargs:
+        return None
+    return kwargs.get("sparse_member"), kwargs.get("sparse_column")
+
+
+def check_sparse_sources(cfg: Config, shards: list[Shard]) -> None:
+    """A pipeline that reads sparse metric depth: every input format among the shards has
+    where it comes from (a WebDataset member, a Parquet/Arrow column; an image folder has
+    none), else a ConfigError before Ray (every row would be an error row)."""
+    sparse = sparse_inputs(cfg)
+    if sparse is None:
+        return
+    member, column = sparse
+    formats = {s.format for s in shards}
+    if "webdataset" in formats and not member:
+        raise ConfigError(f"metric.member: input {cfg.input.url!r} holds WebDataset shards: name the member "
+                          "holding each sample's sparse metric depth (e.g. lidar.png)")
+    if formats & {"parquet", "arrow"} and not column:
+        raise ConfigError(f"metric.column: input {cfg.input.url!r} is a Parquet/Arrow table: name the column "
+                          "holding each row's sparse metric depth")
+    if "images" in formats:
+        raise ConfigError(f"input {cfg.input.url!r}: a folder of image files carries no sparse metric depth; "
+                          "use WebDataset samples with a member (metric.member) or a Parquet/Arrow column "
+                          "(metric.column)")
 
 
 def check_model(cfg: Config) -> None:
@@ -187,7 +229,8 @@ def check_pipeline(cfg: Config) -> None:
     from depthray.job.pipelines import load_pipeline
 
     try:
-        stages = load_pipeline(cfg.pipeline)(cfg, "", None)
+        declare = load_pipeline(cfg.pipeline)
+        stages = declare(cfg, "", None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     except Exception as e:
@@ -195,6 +238,8 @@ def check_pipeline(cfg: Config) -> None:
     if not stages or not all(hasattr(s, "fn") and hasattr(s, "name") for s in stages):
         raise ConfigError(f"pipeline {cfg.pipeline!r}: stages(cfg, ...) must return a list of Stage "
                           "(depthray/job/stages.py)")
+    # which file declared the task: on a cluster, the code that travelled with the job (depthray submit)
+    log.info("pipeline %s: %s", cfg.pipeline, inspect.getsourcefile(declare) or declare.__module__)
 
 
 def check_steps(cfg: Config) -> None:

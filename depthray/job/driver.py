@@ -34,6 +34,7 @@ from depthray.job.checks import (
     check_model,
     check_paths,
     check_pipeline,
+    check_sparse_sources,
     describe_error,
     list_input_shards,
 )
@@ -99,6 +100,7 @@ def run_job(cfg: Config, log_every_s: float = 10.0, address: str | None = None,
     check_paths(cfg, shards)
     check_bucket(cfg.output.url, "output.url", cfg)
     check_columns(cfg, shards)
+    check_sparse_sources(cfg, shards)
     check_pipeline(cfg)
     check_model(cfg)  # last: a factory's import may take seconds (torch)
     skipped = getattr(shards, "skipped", {})

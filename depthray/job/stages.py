@@ -103,10 +103,11 @@ def job_stages(cfg: Config, run_id: str = "", device_kind: str | None = None) ->
 
 def read_stage(cfg: Config, sparse: bool = False) -> Stage:
     """Shards -> sample rows (key, encoded image, where it came from). `sparse`: each
-    WebDataset sample's `metric.member` goes along too (a sample without it: an error row)."""
+    WebDataset sample's `metric.member`, or each Parquet/Arrow row's `metric.column`, goes
+    along too (a sample without it: an error row)."""
     kwargs = {"cfg": cfg.input, "storage": cfg.storage}
     if sparse:
-        kwargs["sparse_member"] = cfg.metric.member
+        kwargs.update(sparse_member=cfg.metric.member, sparse_column=cfg.metric.column)
     return Stage("read", read_shards, kwargs, batch_size=1,
                  memory=DECODED_PIXELS_MEMORY, max_tasks=cfg.compute.read_parallelism or None)
 
