@@ -1,14 +1,16 @@
 """Metric depth pseudo-labels: relative depth aligned per image to the sparse metric depth
-(LiDAR) each WebDataset sample carries (issue #29; docs/metric.md).
+(LiDAR) each WebDataset sample carries, or to a metric depth model's map (issue #29;
+docs/metric.md).
 
-    read (+ the metric.member) -> decode -> infer -> metric -> encode -> write
+    read (+ the metric.member) -> decode -> infer (+ metric.reference_model) -> metric -> encode -> write
 
 The metric stage fits the relative label to the sample's sparse points
 (depthray/metric_align.py) and stores the metric map (16-bit PNG, metres / scale) beside the
 relative one, with the fit and its verdict in `meta.metric`. A sample without the member, or
 whose member does not decode, is an error row. Run with `depthray run CONFIG --pipeline
 metric_depth` or `python pipelines/metric_depth.py CONFIG`; the config names the member
-(`metric: {member: lidar.png, encoding: png16_mm}`).
+(`metric: {member: lidar.png, encoding: png16_mm}`), or the metric model the infer actor runs
+beside the relative one (`metric: {reference_model: path/to/depth-pro}`).
 """
 
 from __future__ import annotations
@@ -19,14 +21,21 @@ from depthray.job.stages import decode_stage, encode_stage, infer_stage, metric_
 
 
 def stages(cfg, run_id: str = "", device_kind: str | None = None) -> list:
-    if not cfg.metric.member:
-        raise ValueError("pipeline metric_depth: set metric.member (the sample's sparse depth member, e.g. lidar.png)")
+    from depthray.job.checks import reference_problem
+
+    m = cfg.metric
+    if bool(m.member) == bool(m.reference_model):
+        raise ValueError("pipeline metric_depth: set metric.member (the sample's sparse depth member, e.g. "
+                         "lidar.png) or metric.reference_model (a metric depth checkpoint), one of them")
+    problem = reference_problem(m.reference_model) if m.reference_model else None
+    if problem:  # before Ray: a relative reference would give labels that only look like metres
+        raise ValueError(problem)
     if cfg.output.format == "delta":
         raise ValueError("pipeline metric_depth: output.format delta is not supported yet (parquet, webdataset)")
     return [
-        read_stage(cfg, sparse=True),
+        read_stage(cfg, sparse=bool(m.member)),
         decode_stage(cfg),
-        infer_stage(cfg, run_id),
+        infer_stage(cfg, run_id, reference=bool(m.reference_model)),
         metric_stage(cfg),
         encode_stage(cfg),
         write_stage(cfg, run_id, device_kind, metric=True),
