@@ -169,7 +169,7 @@ def test_depth_pro_reference_is_the_authors_inference(key, h, w, checkpoints, in
     theirs = authors_depth_pro(model.net, image, (pre["size"]["height"], pre["size"]["width"]))
     assert ours.shape == theirs.shape == (h, w)
     # the same float32 operations, the normalisation's multiply-adds in another order (an ulp
-    # of the network input) carried through the network; W/f from the height, or a bicubic
+    # of the network input) carried through the network; no W/f scaling, or a bicubic
     # resize, moves these depths by > 1 %
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
 
@@ -302,3 +302,21 @@ def test_one_source_exactly_and_its_settings_in_the_metric_task_s_hash(tmp_path,
     assert hash_of("depth", reference_model=da) == hash_of("depth")  # the plain task ignores it
     settings = config_from_dict({"pipeline": "metric_depth", "metric": {"member": "lidar.png"}}).settings("cpu")
     assert not any(k.startswith("metric.reference") for k in settings)  # LiDAR labels keep their hash
+
+
+def test_zoedepth_is_a_metric_family_and_without_torchvision_says_what_it_needs(tmp_path):
+    """ZoeDepth passes the check before Ray (its output is metres); its post-processing in
+    transformers needs torchvision, and without it the reference refuses to load, naming it,
+    before any weight loads (only its config is written here)."""
+    from transformers import ZoeDepthConfig
+    from transformers.utils import is_torchvision_available
+
+    from depthray.job.checks import reference_problem
+
+    ZoeDepthConfig().to_json_file(tmp_path / "config.json")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ZoeDepthImageProcessor"}))
+    assert reference_problem(str(tmp_path)) is None
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed: ZoeDepth's post-processing can run")
+    with pytest.raises(ImportError, match="ZoeDepth's post-processing in transformers needs torchvision"):
+        MetricReference.from_pretrained(tmp_path, device="cpu")

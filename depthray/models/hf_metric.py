@@ -109,8 +109,9 @@ class MetricReference:
         family = metric_reference_family(AutoConfig.from_pretrained(folder))
         dev = resolve_device(device)
         torch_dtype = _DTYPES[TRANSFORMERS.dtype(dtype, dev.type)]
+        processor = _processor(folder, family)  # first: what it cannot run is said before the weights load
         net = AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch_dtype)
-        model = cls(net, _processor(folder, family), family, str(dev), torch_dtype, name or str(folder))
+        model = cls(net, processor, family, str(dev), torch_dtype, name or str(folder))
         log.info("loaded metric reference %s (%s) on %s", model.name, family, dev)
         return model
 
