@@ -203,6 +203,18 @@ def test_a_label_from_the_reference_itself_gets_its_metres_back(tmp_path, inputs
         assert np.median(np.abs(metric[ok] / truth[ok] - 1)) < 0.01, key
 
 
+def test_a_disparity_label_from_a_relative_model_is_fitted_in_inverse_depth(tmp_path, inputs, checkpoints):
+    """Detail from a relative model (Depth Anything relative: disparity labels), scale from
+    the metric one: the fit is made in the label's space, 1/metric = s * label + t."""
+    model = {"kind": "transformers", "path": str(checkpoints["da_relative"]), "device": "cpu"}
+    assert main(["run", job(tmp_path, "disp", inputs, checkpoints["da_metric"], model=model), "--pipeline",
+                 "metric_depth"]) == 0
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "disp").to_pylist()}
+    metas = assert_rows_are_the_fit_to(rows, inputs[1], transformers_reference(checkpoints["da_metric"]),
+                                       checkpoints["da_metric"])
+    assert {m["space"] for m in metas.values()} == {"disparity"}
+
+
 def test_the_job_with_depth_pro_aligns_to_the_authors_metres(tmp_path, inputs, checkpoints):
     path = job(tmp_path, "pro", inputs, checkpoints["depth_pro"])
     assert main(["run", path, "--pipeline", "metric_depth"]) == 0
