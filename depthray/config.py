@@ -195,8 +195,9 @@ class Config:
         settings = {"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)}
         if self.pipeline != "depth":  # another task makes other labels; depth's hash stays as it was
             settings["pipeline"] = self.pipeline
-            if self.metric.member or self.metric.column:  # what the metric labels are aligned to, and how
-                settings["metric"] = dataclasses.asdict(self.metric)
+            metric = self.metric.task_settings(model["device"])  # what metric labels are aligned to, how
+            if metric is not None:
+                settings["metric"] = metric
         return flatten(settings)
 
     def hash(self, device_kind: str | None = None) -> str:

@@ -103,14 +103,16 @@ def align_row(row: dict[str, Any], relative: np.ndarray, cfg: MetricConfig) -> d
     uv, depth = points_from_map(sparse)
     fit = align_to_points(label, space, uv, depth, **cfg.align_options())
     row["metric_depth"], png_scale = encode_metric_png16(fit.apply(label))
-    row_meta.put(row, metric={"unit": UNIT, "png_scale": png_scale, **origin,
+    row_meta.put(row, metric={"unit": UNIT, "png_scale": png_scale, "source": "sparse", **origin,
                               "encoding": cfg.encoding, **fit.to_meta()})
     return row
 
 
-def align_batch(batch: pa.Table, cfg: MetricConfig) -> pa.Table:
+def align_batch(batch: pa.Table, cfg: MetricConfig, align=align_row) -> pa.Table:
     """Ray Data UDF: PREDICTED rows -> PREDICTED rows with `metric_depth` and `meta.metric`
-    (errors and trailers pass through; a row that cannot be aligned becomes an error row)."""
+    (errors and trailers pass through; a row that cannot be aligned becomes an error row).
+    `align(row, relative, cfg)`: to the sparse member (here) or to a reference model's map
+    (io/metric_reference.py)."""
     out = []
     for row in batch.to_pylist():
         if records.is_trailer(row) or records.is_error(row):
@@ -119,7 +121,7 @@ def align_batch(batch: pa.Table, cfg: MetricConfig) -> pa.Table:
             continue
         try:
             relative = np.frombuffer(row["depth_f32"], dtype=np.float32).reshape(row["height"], row["width"])
-            out.append(align_row(row, relative, cfg))
+            out.append(align(row, relative, cfg))
         except Exception as e:  # one image's failure must not take its neighbours (nor the job)
             out.append(records.error_row(row, "metric", "metric", f"{type(e).__name__}: {e}"))
     return records.to_table(out, records.PREDICTED)

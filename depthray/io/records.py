@@ -55,6 +55,9 @@ PREDICTED = pa.schema(
         ("num_views", pa.int32()),
         ("ensemble_size", pa.int32()),
         ("infer_s", pa.float64()),  # this row's share of its batch's model time
+        # pipelines/metric_depth.py with metric.reference_model: the reference model's depth,
+        # float32 metres [height,width] (io/metric_reference.py consumes and drops it)
+        ("reference_f32", pa.binary()),
         # pipelines/metric_depth.py: 16-bit PNG of metres / scale (io/metric_labels.py)
         ("metric_depth", pa.binary()),
     ]

@@ -26,10 +26,13 @@ QUALITY = pa.struct([
     ("reasons", pa.list_(pa.string())),  # why the verdict failed; empty when it passed
 ])
 
-# pipelines/metric_depth.py: the per-image fit to sparse metric depth (depthray/metric_align.py)
+# pipelines/metric_depth.py: the per-image fit to sparse metric depth or to a metric model's
+# map (depthray/metric_align.py)
 METRIC = pa.struct([
     ("unit", pa.string()),  # "m": metric PNG value / 65535 * png_scale = metres (0 = no depth)
     ("png_scale", pa.float64()),
+    ("source", pa.string()),  # what it was aligned to: "sparse" (member) | "model" (reference_model)
+    ("reference_model", pa.string()),  # source "model": the metric checkpoint (metric.reference_model)
     ("member", pa.string()),  # the sample's member it was aligned to, and how that stored metres
     ("column", pa.string()),  # ... or the Parquet/Arrow input's column
     ("encoding", pa.string()),

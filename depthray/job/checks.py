@@ -223,6 +223,31 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(f"model.path {m.path!r}: no such folder, and not a hub id (org/name)")
 
 
+def reference_problem(path: str) -> str | None:
+    """Why `metric.reference_model: path` cannot be a metric reference, before Ray (None: it
+    can; a hub id or URL is checked when the infer actor fetches it). Reads config.json only."""
+    import json
+
+    from depthray.models.hf_families import metric_reference_family
+    from depthray.models.kinds import HUB_ID, local_folder
+
+    folder = local_folder(path)
+    if folder is None:
+        bare = path[len("file://"):] if path.startswith("file://") else path
+        if "://" not in bare and (bare.startswith(("/", ".", "~")) or not HUB_ID.match(bare)):
+            return f"metric.reference_model {path!r}: no such folder, and not a hub id (org/name)"
+        return None
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        return f"metric.reference_model {path!r}: a folder without config.json, not a transformers checkpoint"
+    try:
+        with open(config) as f:
+            metric_reference_family(json.load(f))
+    except ValueError as e:  # json's decode error is one too
+        return f"metric.reference_model {path!r}: {e}"
+    return None
+
+
 def check_pipeline(cfg: Config) -> None:
     """The labelling task the config names (`pipeline`) loads and builds its stage list,
     before Ray: a typo there would otherwise fail the job after Ray started."""

@@ -6,6 +6,11 @@ retried one image at a time, so one bad image becomes one error row instead of f
 its neighbours; GPU out-of-memory retries with fewer views per model call; a model call
 past `compute.batch_timeout_s` ends the process so Ray restarts it (depthray/job/inflight.py
 then narrows the batch down to the image that hangs or crashes).
+
+With a metric reference model (pipelines/metric_depth.py, `metric.reference_model`) the
+actor loads it too, on the same device, and runs it on each image right after the label,
+inside the same watched call: its map in metres goes out in `reference_f32`, and an image
+it fails on is an error row (`reference`), never a label without its reference.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from depthray.config import InferenceConfig, ModelConfig, StorageConfig
+from depthray.metric_config import MetricConfig
 from depthray.io import records, row_meta
 from depthray.job.inflight import DEFAULT_GPU_BATCH_TIMEOUT_S, InFlight, WorkerCrashed, WorkerHung
 from depthray.job.pool_watch import report_pool_member
@@ -44,6 +50,10 @@ def _release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class ReferenceFailed(RuntimeError):
+    """The metric reference model failed on an image (the image's label is dropped with it)."""
+
+
 class DepthPredictor:
     """Ray Data actor: loads the model once, predicts depth for batches of decoded rows.
 
@@ -53,13 +63,21 @@ class DepthPredictor:
     """
 
     def __init__(self, model: ModelConfig, inference: InferenceConfig, storage: StorageConfig,
-                 run_id: str = "", timeout_s: float | None = None, loaded=None):
+                 run_id: str = "", timeout_s: float | None = None, loaded=None,
+                 reference: MetricConfig | None = None):
         """`loaded`: a model already in memory (`depthray plan --measure` passes a stand-in
-        that records calls); else `model` is loaded."""
+        that records calls); else `model` is loaded. `reference`: the `metric:` section
+        whose `reference_model` runs beside it (None: none)."""
         from depthray.io.fs import storage_options
         from depthray.models.loading import load_model
 
         self.model = loaded if loaded is not None else load_model(model, storage_options(model.path, storage))
+        self.reference = None
+        if reference is not None and reference.reference_model:
+            from depthray.models.hf_metric import load_reference
+
+            self.reference = load_reference(reference.reference_model, reference.reference_dtype,
+                                            model.device, storage)
         self.inference = inference
         self.progress = None  # predict.Progress for the next batches (depthray predict sets it)
         self.run_id = run_id
@@ -76,7 +94,7 @@ class DepthPredictor:
         process ends (a thread cannot interrupt a CUDA or C call), so Ray restarts the actor
         and the retry runs image by image (see InFlight)."""
         if not self.timeout_s:
-            return self._predict(rows)
+            return self._label(rows)
         import threading
 
         def hung() -> None:
@@ -90,9 +108,23 @@ class DepthPredictor:
         timer.daemon = True
         timer.start()
         try:
-            return self._predict(rows)
+            return self._label(rows)
         finally:
             timer.cancel()
+
+    def _label(self, rows: list[dict]) -> list[tuple]:
+        """(label, reference map in metres or None) for each of `rows`."""
+        results = self._predict(rows)
+        if self.reference is None:
+            return [(res, None) for res in results]
+        out = []
+        for r, res in zip(rows, results):
+            image = np.frombuffer(r["pixels"], np.uint8).reshape(r["height"], r["width"], 3)
+            try:
+                out.append((res, self.reference(image)))
+            except Exception as e:
+                raise ReferenceFailed(f"metric.reference_model {self.reference.name!r}: {type(e).__name__}: {e}") from e
+        return out
 
     def _predict(self, rows: list[dict]) -> list:
         """Depth for `rows`; on GPU out-of-memory, retry with half the views per model call
@@ -147,9 +179,11 @@ class DepthPredictor:
             if isinstance(res, Exception):
                 reason = ("timeout" if isinstance(res, WorkerHung)
                           else "crashed" if isinstance(res, WorkerCrashed)
+                          else "reference" if isinstance(res, ReferenceFailed)
                           else "non_finite" if isinstance(res, NonFiniteDepth) else "infer")
                 out.append(records.error_row(r, "infer", reason, f"{type(res).__name__}: {res}"))
                 continue
+            res, reference = res
             # What the map holds (depth | disparity) and how its members differed: a reader must
             # never take a disparity map for depth.
             row_meta.put(r, output_space=res.output_space)
@@ -157,7 +191,8 @@ class DepthPredictor:
                 row_meta.put(r, ensemble_members=res.members)
             r.update(depth_f32=res.depth.astype(np.float32).tobytes(),
                      uncertainty_f32=res.uncertainty.astype(np.float32).tobytes(),
-                     num_views=res.num_views, ensemble_size=res.ensemble_size, infer_s=share)
+                     num_views=res.num_views, ensemble_size=res.ensemble_size, infer_s=share,
+                     reference_f32=None if reference is None else reference.astype(np.float32).tobytes())
             r.pop("pixels", None)
             out.append(r)
         return records.to_table(out, records.PREDICTED)

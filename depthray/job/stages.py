@@ -25,6 +25,7 @@ from depthray.config import Config
 from depthray.io.codecs import encode_batch
 from depthray.io.decode import decode_batch
 from depthray.io.metric_labels import align_batch
+from depthray.io.metric_reference import align_reference_batch
 from depthray.io.sinks import write_batch
 from depthray.io.sources import Shard, read_shards
 from depthray.job.predictor import DepthPredictor
@@ -119,19 +120,24 @@ def decode_stage(cfg: Config) -> Stage:
                  memory=DECODED_PIXELS_MEMORY, max_tasks=cfg.compute.read_parallelism or None)
 
 
-def infer_stage(cfg: Config, run_id: str = "") -> Stage:
-    """Pixels -> depth and uncertainty maps, on the actor pool (the model loads once per actor)."""
-    return Stage("infer", DepthPredictor, {"model": cfg.model, "inference": cfg.inference, "storage": cfg.storage,
-                                           "run_id": run_id, "timeout_s": cfg.compute.batch_timeout_s},
+def infer_stage(cfg: Config, run_id: str = "", reference: bool = False) -> Stage:
+    """Pixels -> depth and uncertainty maps, on the actor pool (the model loads once per actor).
+    `reference`: the actor also runs `metric.reference_model` on each image (`reference_f32`)."""
+    kwargs = {"model": cfg.model, "inference": cfg.inference, "storage": cfg.storage,
+              "run_id": run_id, "timeout_s": cfg.compute.batch_timeout_s}
+    if reference:
+        kwargs["reference"] = cfg.metric
+    return Stage("infer", DepthPredictor, kwargs,
                  batch_size=cfg.compute.images_per_batch, stateful=True, actor_pool=True,
                  blocks_of_one_batch=True, one_call_per_block_on_cpu=True)
 
 
 def metric_stage(cfg: Config) -> Stage:
-    """Relative maps + the sample's sparse metric depth -> metric depth PNG and the fit
-    (meta.metric), per image on the CPU (~20 ms at 192x256 with ~2500 points); rows that
-    cannot be aligned (member unreadable, another size) become error rows."""
-    return Stage("metric", align_batch, {"cfg": cfg.metric})
+    """Relative maps + the sample's sparse metric depth (or the reference model's map, with
+    `metric.reference_model`) -> metric depth PNG and the fit (meta.metric), per image on the
+    CPU (~20 ms at 192x256 with ~2500 points); rows that cannot be aligned (member
+    unreadable, another size) become error rows."""
+    return Stage("metric", align_reference_batch if cfg.metric.reference_model else align_batch, {"cfg": cfg.metric})
 
 
 def encode_stage(cfg: Config) -> Stage:

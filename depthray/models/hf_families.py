@@ -93,3 +93,30 @@ def family_of(config: Any, declared: str | None = None) -> Family:
             f"predicts {family.raw} and upstream's post-processing returns {family.upstream}, which "
             f"depthray stores as {family.output_space}")
     return family
+
+
+# Families whose post-processed output is depth in metres: what pipelines/metric_depth.py may
+# align labels to (metric.reference_model; models/hf_metric.py runs them). A relative family
+# is refused there: aligned to relative depth, a label would read as metres and be wrong.
+METRIC_REFERENCES = {
+    ("depth_anything", "metric"): "Depth Anything (metric)",
+    ("zoedepth", None): "ZoeDepth",
+    ("depth_pro", None): "Depth Pro",
+}
+
+
+def metric_reference_family(config: Any) -> str:
+    """The metric family of a checkpoint's config (an object or config.json's dict), or a
+    ValueError saying why its output is not depth in metres."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    model_type = get("model_type", "")
+    estimation = get("depth_estimation_type", "relative") if model_type == "depth_anything" else None
+    name = METRIC_REFERENCES.get((model_type, estimation))
+    if name is None:
+        what = f"depth_anything with depth_estimation_type {estimation!r}" if estimation else repr(model_type)
+        raise ValueError(f"{what} is not a metric depth model: its output has no unit, and labels aligned "
+                         f"to it would not be metres (metric references: {', '.join(METRIC_REFERENCES.values())})")
+    if model_type == "depth_pro" and not get("use_fov_model", False):
+        raise ValueError("a Depth Pro checkpoint without its field-of-view head (use_fov_model false): "
+                         "transformers' post-processing then leaves its depth unscaled, not metres")
+    return name
