@@ -22,6 +22,11 @@ def test_unknown_or_mistyped_facts_fail_where_they_are_set():
         row_meta.put(row, source_size=2**64)  # past int64: it would fail the whole block later
     with pytest.raises(TypeError, match="unlabelled_members"):
         row_meta.put(row, unlabelled_members=["seg.png", 3])
+    # a key inside a struct the schema does not name: Arrow would drop it without a word
+    with pytest.raises(KeyError, match=r"metric\.sorce"):
+        row_meta.put(row, metric={"scale": 2.0, "sorce": "model"})
+    with pytest.raises(KeyError, match=r"quality\.pased"):
+        row_meta.put(row, quality={"pased": True})
     assert row == {}  # nothing half-set
 
 

@@ -103,6 +103,25 @@ def _holds(typ: pa.DataType, value: Any) -> bool:
     return False
 
 
+def _unknown_key(typ: pa.DataType, value: Any, path: str) -> str | None:
+    """The first key of a (nested) dict the struct type does not name: Arrow drops such keys
+    without a word when it converts a dict to a struct."""
+    if pa.types.is_struct(typ) and isinstance(value, dict):
+        names = {f.name: f.type for f in typ}
+        for k, v in value.items():
+            if k not in names:
+                return f"{path}.{k}"
+            found = _unknown_key(names[k], v, f"{path}.{k}")
+            if found:
+                return found
+    elif pa.types.is_list(typ) and isinstance(value, (list, tuple)):
+        for v in value:
+            found = _unknown_key(typ.value_type, v, f"{path}[]")
+            if found:
+                return found
+    return None
+
+
 def get(row: dict[str, Any]) -> dict[str, Any]:
     """The facts a row holds (unset fields left out), as the outputs write them."""
     meta = row.get("meta")
@@ -125,6 +144,9 @@ def put(row: dict[str, Any], **facts: Any) -> None:
         if name in _JSON_FIELDS and value is not None:
             value = json.dumps(value, default=str)
         if not _holds(FIELDS[name], value):
+            unknown = _unknown_key(FIELDS[name], value, name)
+            if unknown:
+                raise KeyError(f"metadata field {unknown!r} is not in depthray/io/row_meta.py's META")
             try:  # Arrow's own verdict and message, for what the plain check does not know
                 pa.scalar(value, type=FIELDS[name])
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
