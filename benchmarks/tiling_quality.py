@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/tiling_quality.py [--scenes 3] [--size 1536x2048] [--res 384]
     .venv/bin/python benchmarks/tiling_quality.py --ratios 4 8 16 --families yard street indoor \
         [--motorcycle-dir DIR] [--max-tiles N] [--variants "global only" pyramid pyramid-split]
+        [--budgets 0.6]       # tiling.budget variants vs `default` (docs/tiling.md, views budget)
     .venv/bin/python benchmarks/tiling_quality.py --quick     # smoke run, ~1-2 minutes
 
 Scenes come from depthray.samples (families yard: ground, slanted walls, boxes, 1-3 px poles

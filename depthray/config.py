@@ -39,7 +39,7 @@ class TilingConfig:
     # most views an image may spend, as a fraction of the plan's, in (0, 1] (1.0 = every tile):
     # finest-level tiles run where the level below shows depth detail (edges, thin structures)
     # and are skipped over planes, walls and sky, which keep the coarser estimate. `depthray
-    # plan` shows the upper bound; what it costs in quality: docs/tiling.md
+    # plan` shows the views it spends; what it costs in quality: docs/tiling.md
     budget: float = 1.0
     # tiles whose area in the level below has less depth detail than this (mean |depth - its
     # 5x5 box mean| / depth range; 0 on a plane) are skipped even within the budget; 0 = none

@@ -76,7 +76,8 @@ def tile_scores(detail: torch.Tensor, level: Level) -> torch.Tensor:
     """Mean of `detail` [h,w] (reference pixels) over each tile's area: [tiles]."""
     rh, rw = detail.shape
     lh, lw = level.size
-    csum = F.pad(detail.double().cumsum(0).cumsum(1), (1, 0, 1, 0))  # [h+1,w+1] integral image
+    # integral image [h+1,w+1], on the CPU: one copy instead of a device sync per tile
+    csum = F.pad(detail.detach().double().cpu().cumsum(0).cumsum(1), (1, 0, 1, 0))
     out = []
     for t in level.tiles:
         y0 = min(rh - 1, math.floor(t.top * rh / lh))

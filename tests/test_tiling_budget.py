@@ -210,3 +210,20 @@ def test_outputs_made_before_the_budget_keep_their_config_hash():
     budgeted = config_from_dict(nested)
     assert budgeted.settings("cpu")["inference.tiling.budget"] == 0.6
     assert budgeted.hash("cpu") != record["config_hash"]
+
+
+def test_benchmark_budget_table_judges_each_target(capsys):
+    """benchmarks/tiling_quality.py's budget summary: each target against its own bar."""
+    from benchmarks._tiling_budget import budget_table
+
+    def means(absrel, edge, seam):
+        return {"absrel": absrel, "edge_absrel": edge, "seam": seam}
+
+    results = [{"family": "yard", "ratio": 16.0, "views": {"default": 55, "budget 0.6": 33, "budget 0.8": 44},
+                "means": {"global only": means(0.1, 0.4, 0.95), "default": means(0.05, 0.2, 1.05),
+                          "budget 0.6": means(0.0524, 0.2112, 1.09), "budget 0.8": means(0.0526, 0.19, 1.12)}}]
+    rows = budget_table(results, {"global only": {}, "default": {}, "budget 0.6": {}, "budget 0.8": {}})
+    assert rows[0]["targets_met"] == {"views": True, "abs_rel": True, "edge_abs_rel": False, "seams": True}
+    # 44/55 views, AbsRel 1.052x, seam 1.12: within 0.1 of default's 1.05 but over max(0.95, 1.0) + 0.1
+    assert rows[1]["targets_met"] == {"views": False, "abs_rel": False, "edge_abs_rel": True, "seams": False}
+    assert "| yard | 16.0 | budget 0.6 | 33 (55)" in capsys.readouterr().out
