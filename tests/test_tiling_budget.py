@@ -14,7 +14,7 @@ import torch
 from depthray.cli import main
 from depthray.config import ConfigError, InferenceConfig, TilingConfig, config_from_dict
 from depthray.plan import plan_image
-from depthray.predict import predict_image
+from depthray.predict import predict_image, predict_images
 from depthray.tiling import cut_level, plan_tiles
 from depthray.tiling_budget import detail_map, level_quotas, max_views, select_tiles, tile_scores
 
@@ -121,10 +121,13 @@ def test_skipped_flat_tiles_keep_the_coarser_estimate_without_seams():
     full_model, budget_model = AffineDouble(64), AffineDouble(64)
     full = predict_image(image, full_model, InferenceConfig(ensemble_size=2, tiling=TilingConfig(mode="on")))
     tiling = TilingConfig(mode="on", detail_threshold=1e-4)
-    cut = predict_image(image, budget_model, InferenceConfig(ensemble_size=2, tiling=tiling))
+    ticks: list[tuple[int, int]] = []
+    cut = predict_images([image], budget_model, InferenceConfig(ensemble_size=2, tiling=tiling),
+                         progress=lambda done, total: ticks.append((done, total)))[0]
     plan = plan_tiles(384, 512, 64, tiling)
     assert cut.num_views < full.num_views == plan.num_views
     assert cut.model_evaluations == cut.num_views * 2 == budget_model.seen
+    assert ticks[0] == (0, plan.num_views) and ticks[-1] == (cut.num_views, cut.num_views)  # progress ends at 100 %
     # each tile that runs gets the seeds it gets in the full tiling (seeds follow plan order)
     assert set(budget_model.pairs) < set(full_model.pairs) and len(set(budget_model.pairs)) == budget_model.seen
     assert np.abs(cut.depth - full.depth).max() < 0.01
