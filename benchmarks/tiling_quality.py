@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/tiling_quality.py [--scenes 3] [--size 1536x2048] [--res 384]
     .venv/bin/python benchmarks/tiling_quality.py --ratios 4 8 16 --families yard street indoor \
         [--motorcycle-dir DIR] [--max-tiles N] [--variants "global only" pyramid pyramid-split]
+        [--budgets 0.6]       # tiling.budget variants vs `default` (docs/tiling.md, views budget)
     .venv/bin/python benchmarks/tiling_quality.py --quick     # smoke run, ~1-2 minutes
 
 Scenes come from depthray.samples (families yard: ground, slanted walls, boxes, 1-3 px poles
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks._tiling_budget import budget_table
 from depthray.config import InferenceConfig, TilingConfig
 from depthray.predict import predict_image
 from depthray.samples import SCENE_FAMILIES, make_scene
@@ -268,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--working-resolutions", type=int, nargs="*", default=[],
                         help="also run the default fusion with tiles cut from the image resized to "
                              "this long side (above the image's: finer than its pixels), one variant each")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[],
+                        help="also run the default fusion under tiling.budget B (views at most B x the "
+                             "plan's), one variant `budget B` each, compared with `default` in the summary")
+    parser.add_argument("--detail-threshold", type=float, default=0.0,
+                        help="tiling.detail_threshold of the --budgets variants")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 768x1024, ratios 4 8 16, two scenes per synthetic family, "
                              "global only vs the default fusion, max_tiles 1000 (~1-2 minutes on 2 "
@@ -292,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     variants.get("default", {}).update(fusion=default_fusion)
     for wr in args.working_resolutions:
         variants[f"tiles at {wr} px"] = {"mode": "on", "fusion": default_fusion, "working_resolution": wr}
+    for b in args.budgets:
+        variants[f"budget {b:g}"] = {"mode": "on", "fusion": default_fusion, "budget": b,
+                                     "detail_threshold": args.detail_threshold}
     for name, over in variants.items():
         if over.get("mode") == "on" and args.max_tiles is not None:
             over["max_tiles"] = args.max_tiles
@@ -303,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in args.ratios or [None]:
             totals: dict[str, list[Scores]] = {v: [] for v in variants}
             times: dict[str, float] = {v: 0.0 for v in variants}
-            views: dict[str, int] = {}
+            views: dict[str, list[int]] = {v: [] for v in variants}  # per scene (a budget's vary)
             for seed, (rgb, gt, valid) in enumerate(scenes):
                 sh, sw = gt.shape
                 res = args.res if ratio is None else max(16, round(max(sh, sw) / ratio))
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                     with _box_weights("no feathering" in name):
                         result = predict_image(image, model, cfg)
                     times[name] += time.perf_counter() - t0
-                    views[name] = result.num_views
+                    views[name].append(result.num_views)
                     plan = plan_tiles(sh, sw, res, cfg.tiling)
                     r, c = border_lines(plan, gt.shape) if plan.tiled else (rows, cols)
                     totals[name].append(score(result.depth, gt, edges, r, c, valid))
@@ -331,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             res = args.res if ratio is None else max(16, round(max(sh, sw) / ratio))
             means = {name: {k: float(np.mean([getattr(s, k) for s in totals[name]]))
                             for k in Scores.__dataclass_fields__} for name in variants}
+            views = {name: round(float(np.mean(v)), 2) for name, v in views.items()}  # mean per image
             results.append({"family": family, "ratio": ratio, "res": res, "size": [sh, sw], "scenes": len(scenes),
                             "views": views, "means": means,
                             "seconds_per_image": {n: times[n] / len(scenes) for n in variants}})
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             print("|---|---:|---:|---:|---:|---:|---:|---:|")
             for name in variants:
                 m = means[name]
-                print(f"| {name} | {views[name]} | {m['absrel']:.4f} | {m['delta1']:.4f} | {m['edge_absrel']:.4f} "
+                print(f"| {name} | {views[name]:g} | {m['absrel']:.4f} | {m['delta1']:.4f} | {m['edge_absrel']:.4f} "
                       f"| {m['seam']:.2f} | {m['seam_grad']:.4f} | {times[name] / len(scenes):.1f} |", flush=True)
     # Tiled vs global only, per (family, ratio). Targets (issue 15, item 8): edge AbsRel <= 0.3 x
     # global's, AbsRel <= 0.5 x, and no seams. "Seams at most half of global's" cannot be read
@@ -377,10 +388,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"| {row['abs_rel_ratio']:.3f} | {row['seam_grad_ratio']:.3f} | {row['seam_score']:.2f} "
                       f"({row['global_seam_score']:.2f}) | "
                       f"{', '.join(k for k, ok in row['targets_met'].items() if ok) or 'none'} |")
+    budget_summary = budget_table(results, variants) if "default" in variants else []
     elapsed = time.perf_counter() - t_start
     print(f"\ntotal {elapsed:.0f} s")
     print(json.dumps({"default_fusion": default_fusion, "seconds": round(elapsed, 1), "summary": summary,
-                      "results": results}))
+                      "budget_summary": budget_summary, "results": results}))
     return 0
 
 

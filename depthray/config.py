@@ -36,6 +36,14 @@ class TilingConfig:
     # how tiles are fused: pyramid-joint-split | pyramid-joint | pyramid-split | pyramid | align
     # | lowfreq | pyramid-lowfreq (docs/tiling.md)
     fusion: str = "pyramid-joint-split"
+    # most views an image may spend, as a fraction of the plan's, in (0, 1] (1.0 = every tile):
+    # finest-level tiles run where the level below shows depth detail (edges, thin structures)
+    # and are skipped over planes, walls and sky, which keep the coarser estimate. `depthray
+    # plan` shows the views it spends; what it costs in quality: docs/tiling.md
+    budget: float = 1.0
+    # tiles whose area in the level below has less depth detail than this (mean |depth - its
+    # 5x5 box mean| / depth range; 0 on a plane) are skipped even within the budget; 0 = none
+    detail_threshold: float = 0.0
 
 
 @dataclass
@@ -192,7 +200,11 @@ class Config:
         # row's reading of `auto`, as before (what it runs is the factory's to say).
         kind = KINDS[model["kind"]] if model["factory"] is None else MARIGOLD
         model["dtype"] = kind.dtype(model["dtype"], model["device"])
-        settings = {"labels": LABELS_VERSION, "model": model, "inference": dataclasses.asdict(self.inference)}
+        inference = dataclasses.asdict(self.inference)
+        tiling = inference["tiling"]
+        if tiling["budget"] == 1.0 and tiling["detail_threshold"] == 0.0:  # skips no tile: the
+            del tiling["budget"], tiling["detail_threshold"]  # hash of outputs made before the budget
+        settings = {"labels": LABELS_VERSION, "model": model, "inference": inference}
         if self.pipeline != "depth":  # another task makes other labels; depth's hash stays as it was
             settings["pipeline"] = self.pipeline
             metric = self.metric.task_settings(model["device"])  # what metric labels are aligned to, how
@@ -257,6 +269,10 @@ def _validate(cfg: Config, errors: list[str], require_io: bool) -> None:
         errors.append("inference.tiling.working_resolution: must be >= 0 (0 = native size)")
     if inf.tiling.max_tiles < 1:
         errors.append("inference.tiling.max_tiles: must be >= 1")
+    if not 0.0 < inf.tiling.budget <= 1.0:
+        errors.append(f"inference.tiling.budget: must be in (0, 1], got {inf.tiling.budget}")
+    if not inf.tiling.detail_threshold >= 0.0:
+        errors.append(f"inference.tiling.detail_threshold: must be >= 0, got {inf.tiling.detail_threshold}")
     if cfg.model.processing_resolution is not None and cfg.model.processing_resolution < 8:
         errors.append("model.processing_resolution: must be >= 8 or null")
     if cfg.model.factory is not None and ":" not in cfg.model.factory:

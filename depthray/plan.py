@@ -23,6 +23,7 @@ from typing import Iterable
 
 from depthray.config import Config
 from depthray.tiling import plan_tiles
+from depthray.tiling_budget import level_quotas
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,16 @@ class ImagePlan:
     processing_resolution: int
     global_size: tuple[int, int]  # (height, width) of the global view the model sees
     levels: list[tuple[int, int, int]]  # per tile level: (height, width, tiles); [] = global only
-    views: int
+    views: int  # under tiling.budget < 1 an upper bound: at most these run (see quotas)
     ensemble_size: int
     steps: int
     member_predictions: int  # views x members
     model_evaluations: int  # views x members x steps
     gpu_seconds: float | None  # model_evaluations x seconds_per_evaluation, if known
+    quotas: list[int] | None = None  # tiles per level the budget allows (None: every tile runs)
+    planned_views: int | None = None  # views without the budget (None: = views)
+    detail_threshold: float = 0.0  # tiling.detail_threshold: views may fall below the bound
+    budget: float = 1.0
 
 
 def model_settings(cfg: Config) -> tuple[int, int, str]:
@@ -117,8 +122,10 @@ def plan_image(
     steps = steps or default_steps
     global_size = global_view_size(height, width, cfg, processing_resolution)
     plan = plan_tiles(height, width, res, cfg.inference.tiling, global_size=global_size)
+    quotas = level_quotas(plan, plan.budget)
+    views = 1 + sum(quotas)  # the budget's upper bound (= plan.num_views without one)
     e = cfg.inference.ensemble_size
-    members = plan.num_views * e
+    members = views * e
     evaluations = members * steps
     return ImagePlan(
         height=height,
@@ -126,12 +133,16 @@ def plan_image(
         processing_resolution=res,
         global_size=plan.global_size,
         levels=[(lv.size[0], lv.size[1], len(lv.tiles)) for lv in plan.levels],
-        views=plan.num_views,
+        views=views,
         ensemble_size=e,
         steps=steps,
         member_predictions=members,
         model_evaluations=evaluations,
         gpu_seconds=None if seconds_per_evaluation is None else evaluations * seconds_per_evaluation,
+        quotas=quotas if views < plan.num_views else None,
+        planned_views=plan.num_views,
+        detail_threshold=plan.detail_threshold,
+        budget=plan.budget,
     )
 
 
@@ -167,7 +178,9 @@ def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: flo
     tot_images = tot_views = tot_evals = 0
     tot_seconds = 0.0
     for p, count in plans:
-        levels = " ".join(f"{w}x{h}:{n}" for h, w, n in p.levels) or "- (global only)"
+        quotas = p.quotas or [n for _, _, n in p.levels]
+        levels = " ".join(f"{w}x{h}:{n}" if q == n else f"{w}x{h}:{q}/{n}"
+                          for (h, w, n), q in zip(p.levels, quotas)) or "- (global only)"
         secs = f"{p.gpu_seconds:9.2f}" if p.gpu_seconds is not None else f"{'-':>9}"
         lines.append(f"{p.width:>6}x{p.height:<6} {count:>6} {levels:>28} {p.views:>6} "
                      f"{p.member_predictions:>8} {p.model_evaluations:>7} {secs}")
@@ -181,6 +194,9 @@ def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: flo
         lines.append(f"processing resolution {p0.processing_resolution}, ensemble {p0.ensemble_size}, "
                      f"{p0.steps} denoising step(s); evals = views x members x steps")
         lines.append(f"total: {tot_images} image(s), {tot_views} views, {tot_evals} model evaluations")
+        budget = budget_line([p for p, _ in plans])
+        if budget:
+            lines.append(budget)
         if measured:
             lines.append(f"estimated time: {tot_seconds:.1f} s = {tot_seconds / 3600:.2f} GPU-hours, per image "
                          "as `depthray predict` spends it here (measured: model, VAE, decoding, tile fusion, "
@@ -192,6 +208,19 @@ def format_plans(plans: list[tuple[ImagePlan, int]], seconds_per_evaluation: flo
         else:
             lines.append("pass --seconds-per-evaluation (measured on your GPU) for a GPU-time estimate")
     return "\n".join(lines)
+
+
+def budget_line(plans: list[ImagePlan]) -> str | None:
+    """What tiling.budget / detail_threshold make of the counts (None: neither is set)."""
+    p0 = plans[0]
+    if p0.budget >= 1.0 and p0.detail_threshold <= 0.0:
+        return None
+    line = (f"tiling.budget {p0.budget:g}: at most {p0.budget:.0%} of each plan's views (levels show tiles "
+            "run/planned), the finest tiles where the coarser estimate has the most depth detail")
+    if p0.detail_threshold <= 0.0:
+        return line + "; every image runs exactly these counts"
+    return (line + f"; detail_threshold {p0.detail_threshold:g} skips tiles over flat regions too, so views, "
+            "evals and GPU time are upper bounds: an image with flat regions runs fewer (docs/tiling.md)")
 
 
 def measure_seconds_per_evaluation(cfg: Config, repeats: int = 2) -> float:

@@ -37,6 +37,7 @@ from depthray.tiling import (
     plan_tiles,
     tile_weights,
 )
+from depthray.tiling_budget import background, detail_map, level_quotas, select_tiles, tile_scores
 from depthray.tiling_joint import solve_level, uses_joint
 
 
@@ -136,6 +137,8 @@ class _ImageJob:
         self.blender: TileBlender | None = None
         self.held: list[tuple[Tile, torch.Tensor, torch.Tensor]] = []  # a joint fusion's tiles
         self._first_tile_index = 1
+        self.quotas = level_quotas(plan, plan.budget)  # tiles each level may run (tiling.budget)
+        self.skipped = 0  # tiles the budget left out so far
 
     def global_view(self) -> _View:
         return _View(self.index, 0, None, self.plan.global_size)
@@ -147,9 +150,23 @@ class _ImageJob:
         # Antialiased resize: a tile must not see aliasing the full image would not show.
         self.level_pixels = resize(self.image, level.size, antialias=True)  # [3,Hk,Wk]
         self.blender = TileBlender(level.size, self.device)
-        first = self._first_tile_index
+        first = self._first_tile_index  # seeds follow plan order, skipped tiles or not
         self._first_tile_index += len(level.tiles)
-        return [_View(self.index, first + i, t, (t.height, t.width)) for i, t in enumerate(level.tiles)]
+        tiles, keep = level.tiles, range(len(level.tiles))
+        if self.quotas[k] < len(tiles) or self.plan.detail_threshold > 0:
+            assert self.reference is not None and self.uncertainty is not None
+            scores = tile_scores(detail_map(self.reference), level)
+            keep = select_tiles(scores, self.quotas[k], self.plan.detail_threshold)
+            for i in sorted(set(range(len(tiles))) - set(keep)):  # the level below, feathered
+                depth, unc = background(self.reference, self.uncertainty, tiles[i], level.size)
+                self.blender.add(tiles[i], depth, unc, tile_weights(tiles[i], level, self.device))
+            self.skipped += len(tiles) - len(keep)
+        return [_View(self.index, first + i, tiles[i], (tiles[i].height, tiles[i].width)) for i in keep]
+
+    @property
+    def num_views(self) -> int:
+        """Views this image runs: the plan's, less the tiles the budget skipped so far."""
+        return self.plan.num_views - self.skipped
 
     def pixels(self, view: _View) -> torch.Tensor:
         if view.tile is None:
@@ -212,9 +229,9 @@ class _ImageJob:
         return DepthResult(
             depth=depth.clamp_(0.0, 1.0).cpu().numpy(),
             uncertainty=unc.clamp_min_(0.0).cpu().numpy(),
-            num_views=self.plan.num_views,
+            num_views=self.num_views,
             ensemble_size=cfg.ensemble_size,
-            model_evaluations=self.plan.num_views * cfg.ensemble_size,
+            model_evaluations=self.num_views * cfg.ensemble_size,
             output_space=output_space,
             members=members,
         )
@@ -360,6 +377,7 @@ def _predict_images(images: Iterable[Any], model: DepthModel, cfg: InferenceConf
     for k in range(depth_levels):
         active = [job for job in jobs if k < len(job.plan.levels)]
         views = [v for job in active for v in job.start_level(k)]
+        total = sum(job.num_views for job in jobs)  # less what the budget skipped
         _run_level(model, jobs, views, cfg, tick)
         for job in active:
             job.finish_level()

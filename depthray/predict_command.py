@@ -32,6 +32,7 @@ def _warn_costly(files: list[str], model, cfg, shown: int = 3) -> None:
     from depthray.plan import image_sizes
     from depthray.predict_progress import COSTLY_EVALUATIONS, cost_warning
     from depthray.tiling import plan_tiles
+    from depthray.tiling_budget import max_views
 
     res = int(model.processing_resolution)
     costly = 0
@@ -41,7 +42,8 @@ def _warn_costly(files: list[str], model, cfg, shown: int = 3) -> None:
                 (h, w), = image_sizes([path])
         except Exception:  # noqa: BLE001 - an unreadable file gets its error row later
             continue
-        warning = cost_warning(path, plan_tiles(h, w, res, cfg.inference.tiling).num_views,
+        plan = plan_tiles(h, w, res, cfg.inference.tiling)
+        warning = cost_warning(path, max_views(plan, plan.budget),
                                cfg.inference.ensemble_size)
         if warning:
             costly += 1

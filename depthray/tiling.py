@@ -65,6 +65,8 @@ class TilePlan:
     global_size: tuple[int, int]  # the global view the model sees
     fusion: str
     levels: list[Level] = field(default_factory=list)  # tile levels, coarse to fine; [] = global only
+    budget: float = 1.0  # tiling.budget / detail_threshold: which tiles run (depthray/tiling_budget.py)
+    detail_threshold: float = 0.0
 
     @property
     def num_tiles(self) -> int:
@@ -156,7 +158,7 @@ def plan_tiles(height: int, width: int, processing_resolution: int, tiling: Tili
         raise ValueError(f"tiling.fusion must be one of {FUSIONS}, got {fusion!r}")
     # 1. Global view.
     plan = TilePlan((height, width), tuple(global_size) if global_size else global_view_size(height, width, res),
-                    fusion)
+                    fusion, budget=tiling.budget, detail_threshold=tiling.detail_threshold)
     # 2. Tile at all?
     long_side = max(height, width)
     if tiling.mode == "off" or (tiling.mode == "auto" and long_side <= tiling.auto_threshold * res):
