@@ -3,6 +3,7 @@ Ray Job API, and the outputs the job wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,9 @@ def ray_head():
     """
     bindir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0")
+    # The test doubles (tests/) importable on the head, as a cluster's image has the model
+    # factories its jobs name installed (depthray and pipelines/ travel with each job).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     temp_dir = tempfile.mkdtemp(prefix="drhead")  # short: Ray's socket paths have a length limit
     dash = _free_port()
     cmd = [os.path.join(bindir, "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
@@ -151,53 +155,82 @@ def _assert_metric_labels(folder: Path, local: dict) -> None:
     assert sorted(r["key"] for r in pq.read_table(folder / "_errors").to_pylist()) == ["street8", "yard7"]
 
 
-def test_ray_job_submit_runs_the_metric_depth_pipeline(ray_head, tmp_path):
-    """#29: `ray job submit -- python pipelines/metric_depth.py CONFIG` against a local head:
-    the metric labels (and error rows) of a local run, byte for byte, same config hash."""
-    config, local = _metric_job(tmp_path)
-    ray = str(Path(sys.executable).parent / "ray")
+def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def metric_submissions(ray_head, tmp_path_factory):
+    """The three metric_depth submissions the tests below check, started together: each
+    spends its ~20 s waiting on the head (runtime env, job driver start), not on this CPU, so
+    they overlap. name -> (process, its folder, the local run's labels); each test awaits its own."""
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    runs = {}
+    folder = tmp_path_factory.mktemp("ray_job_submit")
+    config, local = _metric_job(folder)
     # the test double's module (tests/) on the job's path, wherever the head was started
     runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}})
-    done = subprocess.run([ray, "job", "submit", "--address", ray_head, "--runtime-env-json", runtime_env, "--",
-                           sys.executable, str(ROOT / "pipelines" / "metric_depth.py"), str(config)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
-    _assert_metric_labels(tmp_path / "cluster", local)
+    ray = str(Path(sys.executable).parent / "ray")
+    runs["ray_job_submit"] = (_start([ray, "job", "submit", "--address", ray_head, "--runtime-env-json", runtime_env,
+                                      "--", sys.executable, str(ROOT / "pipelines" / "metric_depth.py"), str(config)],
+                                     ROOT, env, folder / "submit.log"), folder, local)
+    folder = tmp_path_factory.mktemp("named")
+    config, local = _metric_job(folder)
+    runs["named"] = (_start([sys.executable, "-m", "depthray", "submit", str(config), "--address", ray_head,
+                             "--timeout", "300"], ROOT, env, folder / "submit.log"), folder, local)
+    folder = tmp_path_factory.mktemp("relative")
+    (folder / "tasks").mkdir()
+    shutil.copyfile(ROOT / "pipelines" / "metric_depth.py", folder / "tasks" / "my_metric.py")
+    with contextlib.chdir(folder):  # the task is named by its path from the folder you run in
+        config, local = _metric_job(folder, pipeline="tasks/my_metric.py")
+    runs["relative"] = (_start([sys.executable, "-m", "depthray", "submit", str(config), "--address", ray_head,
+                                "--timeout", "300"], folder, env, folder / "submit.log"), folder, local)
+    yield runs
+    for proc, _, _ in runs.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
-def test_depthray_submit_ships_the_named_pipeline(ray_head, tmp_path, capsys):
+def _finished(run) -> tuple[int, str, Path, dict]:
+    proc, folder, local = run
+    rc = proc.wait(timeout=330)
+    return rc, (folder / "submit.log").read_text(errors="replace"), folder, local
+
+
+def test_ray_job_submit_runs_the_metric_depth_pipeline(metric_submissions):
+    """#29: `ray job submit -- python pipelines/metric_depth.py CONFIG` against a local head:
+    the metric labels (and error rows) of a local run, byte for byte, same config hash."""
+    rc, out, folder, local = _finished(metric_submissions["ray_job_submit"])
+    assert rc == 0 and "succeeded" in out, out[-3000:]
+    _assert_metric_labels(folder / "cluster", local)
+
+
+def test_depthray_submit_ships_the_named_pipeline(metric_submissions):
     """`depthray submit` of a config naming `pipeline: metric_depth`: pipelines/ travels with
     the job (runtime_env py_modules) beside depthray, and the job declares its task from that
     copy, not from this checkout."""
-    config, local = _metric_job(tmp_path)
-    rc = cli_main(["submit", str(config), "--address", ray_head, "--timeout", "300"])
-    out = capsys.readouterr().out
+    rc, out, folder, local = _finished(metric_submissions["named"])
     assert rc == 0 and "SUCCEEDED" in out, out[-3000:]
     declared = [ln.split("pipeline metric_depth: ", 1)[1].strip() for ln in out.splitlines()
                 if "pipeline metric_depth: " in ln]
     assert declared and all(p.endswith("metric_depth.py") for p in declared), out[-3000:]
     assert not any(Path(p).resolve().is_relative_to(ROOT) for p in declared), declared  # the shipped copy
-    _assert_metric_labels(tmp_path / "cluster", local)
+    _assert_metric_labels(folder / "cluster", local)
 
 
-def test_depthray_submit_ships_a_pipeline_file_named_by_a_relative_path(ray_head, tmp_path, monkeypatch, capsys):
+def test_depthray_submit_ships_a_pipeline_file_named_by_a_relative_path(metric_submissions):
     """A task of your own (a copy of pipelines/metric_depth.py), named by its path from the
     folder you submit from: it travels in the job's working directory under the same name,
     so the cluster's labels carry a local run's config hash."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tasks").mkdir()
-    shutil.copyfile(ROOT / "pipelines" / "metric_depth.py", tmp_path / "tasks" / "my_metric.py")
-    config, local = _metric_job(tmp_path, pipeline="tasks/my_metric.py")
-    capsys.readouterr()
-    rc = cli_main(["submit", str(config), "--address", ray_head, "--timeout", "300"])
-    out = capsys.readouterr().out
+    rc, out, folder, local = _finished(metric_submissions["relative"])
     assert rc == 0 and "SUCCEEDED" in out, out[-3000:]
     declared = [ln.split("pipeline tasks/my_metric.py: ", 1)[1].strip() for ln in out.splitlines()
                 if "pipeline tasks/my_metric.py: " in ln]
-    assert declared and not any(Path(p).resolve().is_relative_to(tmp_path) for p in declared), out[-3000:]
-    _assert_metric_labels(tmp_path / "cluster", local)
+    assert declared and not any(Path(p).resolve().is_relative_to(folder) for p in declared), out[-3000:]
+    _assert_metric_labels(folder / "cluster", local)
 
 
 def test_depthray_submit_refuses_a_pipeline_file_that_cannot_travel(tmp_path, monkeypatch, capsys):
