@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,12 @@ class EngineSettings:
     steps: int
     batch_size: int  # views per model call (both engines)
     rounds: int
+    # Weights' memory format on both sides; None: channels_last on CUDA (the engine's
+    # default there), contiguous elsewhere.
+    channels_last: bool | None = None
+
+    def uses_channels_last(self) -> bool:
+        return self.device.startswith("cuda") if self.channels_last is None else self.channels_last
 
     def inference(self) -> dict:
         return {"ensemble_size": self.ensemble_size, "batch_size": self.batch_size, "seed": 0,
@@ -53,6 +60,7 @@ def load_engine(folder, s: EngineSettings, **kw):
 
     model = MarigoldDepthModel.from_pretrained(folder, dtype=s.dtype, device=s.device,
                                                processing_resolution=s.resolution, **kw)
+    model.set_channels_last(s.uses_channels_last())
     return model
 
 
@@ -62,7 +70,46 @@ def load_diffusers(folder, s: EngineSettings):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[s.dtype]
     pipe = MarigoldDepthPipeline.from_pretrained(folder, torch_dtype=dtype).to(s.device)
     pipe.set_progress_bar_config(disable=True)
+    # The same weight layout as the engine's, as diffusers' own speed-up guide sets it.
+    fmt = torch.channels_last if s.uses_channels_last() else torch.contiguous_format
+    pipe.unet.to(memory_format=fmt)
+    pipe.vae.to(memory_format=fmt)
     return pipe
+
+
+def weights_memory_format(*modules) -> str:
+    """'channels_last' | 'contiguous' | 'mixed': the layout of the convolution weights
+    whose two layouts differ (k x k kernels over more than one channel)."""
+    seen = set()
+    for module in modules:
+        for w in module.parameters():
+            if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1:
+                if w.is_contiguous(memory_format=torch.channels_last):
+                    seen.add("channels_last")
+                elif w.is_contiguous():
+                    seen.add("contiguous")
+                else:
+                    seen.add("other")
+    return seen.pop() if len(seen) == 1 else "mixed"
+
+
+class UNetBatches:
+    """Counts the batch size of every UNet call (a forward pre-hook): what each side
+    actually puts in one model call, kept beside its timings."""
+
+    def __init__(self, unet):
+        self.unet, self.sizes = unet, Counter()
+
+    def __enter__(self) -> "UNetBatches":
+        self._handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        self.sizes[int(x.shape[0])] += 1
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
 
 
 def _views(images: list[np.ndarray], model, device: str = "cpu") -> torch.Tensor:
@@ -76,24 +123,31 @@ def _views(images: list[np.ndarray], model, device: str = "cpu") -> torch.Tensor
 
 
 # ------------------------------------------------------------------------- 1. vs diffusers
+DIFFUSERS_CALL = ("one call per round over the whole set, as its users batch equal-size images: "
+                  "pipe(list_of_images, batch_size=B, num_inference_steps=S, ensemble_size=E, "
+                  "processing_resolution=R, output_uncertainty=E > 1, generator=seeded)")
+
+
 def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None, warmup: int = 1) -> dict:
-    """Images/s of predict_images vs the diffusers pipeline, one call per image (its API
-    takes one image, or a batch of equal-sized ones), same members, steps, batch size.
+    """Images/s of predict_images vs the diffusers pipeline called as its users call it:
+    the whole list of equal-size images in one call, its own `batch_size` = the engine's
+    views per model call, same members, steps, resolution, dtype and weight layout.
     With `compiled` (the same engine after model.compile()), it runs as a third contender
     in the same rounds; its first call (the compilation) is timed separately."""
     from PIL import Image
 
     from depthray.predict import predict_images
 
+    if len({im.shape for im in images}) != 1:
+        raise ValueError("diffusers batches only equal-size images: give the benchmark one size")
     pil = [Image.fromarray(im) for im in images]
     gen_device = s.device if s.device.startswith("cuda") else "cpu"
 
     def diffusers_run():
-        for i, im in enumerate(pil):
-            pipe(im, ensemble_size=s.ensemble_size, processing_resolution=s.resolution,
-                 num_inference_steps=s.steps, batch_size=s.batch_size,
-                 output_uncertainty=s.ensemble_size > 1,  # diffusers refuses it for one member
-                 generator=torch.Generator(device=gen_device).manual_seed(i))
+        pipe(pil, num_inference_steps=s.steps, ensemble_size=s.ensemble_size,
+             processing_resolution=s.resolution, batch_size=s.batch_size,
+             output_uncertainty=s.ensemble_size > 1,  # diffusers refuses it for one member
+             generator=torch.Generator(device=gen_device).manual_seed(0))
 
     def engine_run(m):
         def run():
@@ -101,6 +155,10 @@ def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None, w
             predict_images(images, m, s.inference())
         return run
 
+    formats = {"depthray": weights_memory_format(model.unet, model.vae),
+               "diffusers": weights_memory_format(pipe.unet, pipe.vae)}
+    if formats["depthray"] != formats["diffusers"]:
+        raise ValueError(f"the two sides hold their weights in different layouts: {formats}")
     contenders = {"depthray": engine_run(model), "diffusers": diffusers_run}
     out: dict = {}
     if compiled is not None:
@@ -110,10 +168,15 @@ def engine_vs_diffusers(model, pipe, images, s: EngineSettings, compiled=None, w
         contenders["depthray_compiled"]()  # compiles for these shapes
         sync(s.device)
         out["compile_first_call_s"] = time.perf_counter() - t0
-    t = interleave(contenders, s.rounds, s.device, warmup=warmup)
+    with UNetBatches(model.unet) as ours, UNetBatches(pipe.unet) as theirs:
+        t = interleave(contenders, s.rounds, s.device, warmup=warmup)
+    calls = warmup + s.rounds
     ips = {name: len(images) / median(times) for name, times in t.items()}
     out.update(depthray_images_per_s=ips["depthray"], diffusers_images_per_s=ips["diffusers"],
-               ratio=ips["depthray"] / ips["diffusers"], times_s=t)
+               ratio=ips["depthray"] / ips["diffusers"], times_s=t, memory_format=formats,
+               diffusers_call=DIFFUSERS_CALL, batch_size=s.batch_size, images=len(images),
+               unet_batch_sizes={"depthray": {str(k): v / calls for k, v in sorted(ours.sizes.items())},
+                                 "diffusers": {str(k): v / calls for k, v in sorted(theirs.sizes.items())}})
     if compiled is not None:
         out.update(compiled_images_per_s=ips["depthray_compiled"],
                    ratio_compiled=ips["depthray_compiled"] / ips["diffusers"])

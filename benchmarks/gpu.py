@@ -5,16 +5,23 @@
 
 Sections, in order of importance; one whose estimated cost no longer fits the budget is
 skipped (and says so), so a run always ends inside its time limit with what it measured:
- 1. engine vs diffusers' MarigoldDepthPipeline at equal settings (resolution, dtype, batch
-    size, members, steps, seeded generators, uncertainty on both): steps 1 and 4 x members
-    1, 4 and 10, interleaved per cell; images/s and GPU-hours per million images;
+ 1. matrix: engine vs diffusers' MarigoldDepthPipeline called as its users call it (the
+    whole list of equal-size images in one call, its own batch_size = the engine's views
+    per model call) at equal settings (resolution, dtype, weight layout, members, steps,
+    seeded generators): the headline, like-for-like cells 1 x 1 and 4 x 1 (steps x
+    members: no ensembling on either side), interleaved per cell; images/s and GPU-hours
+    per million images;
  2. where a predict call's time goes: VAE encode, UNet, VAE decode (each call timed between
     device syncs) and the rest; UNet FLOPs per call and its share of the bf16 peak (the
     datasheet's and a measured bf16 matrix product's); full VAE decode vs TAESD;
- 3. the Ray job (one local actor on the GPU) against a plain loop over the same stages,
+ 3. matrix_ensembling: the same comparison at members 4 and 10 (uncertainty on both),
+    reported apart from the headline: diffusers' time there is mostly its scipy BFGS
+    ensembling, whose iteration count depends on how alike the members are (random
+    weights here), so these ratios need not carry over to a real checkpoint;
+ 4. the Ray job (one local actor on the GPU) against a plain loop over the same stages,
     steady state, and the actor's busy fraction (benchmarks/_job.py);
- 4. the engine after model.compile() against eager and diffusers at 4 steps x 4 members;
- 5. tiled cost per megapixel.
+ 5. the engine after model.compile() against eager and diffusers at 1 step x 1 member;
+ 6. tiled cost per megapixel.
 Each section's result is appended to --out as one JSON line as soon as it is measured (a
 run killed at its time limit keeps what it measured); the last line printed is every
 result as one JSON object. benchmarks/gpu_bundle.sh packs what a bare GPU machine lacks.
@@ -72,24 +79,38 @@ class Recorder:
 
 
 # ------------------------------------------------------------------------- 1. matrix
-def matrix(model, pipe, images, base: EngineSettings, cells) -> dict:
-    """Engine vs diffusers per (steps, members) cell, each cell interleaved on its own."""
-    out = {}
+HEADLINE_CELLS = ((1, 1), (4, 1))  # steps x members: no ensembling on either side
+ENSEMBLING_DEPENDS_ON = (
+    "diffusers' time at members > 1 is mostly its scipy BFGS ensembling (per image, on the "
+    "host), whose iteration count depends on how alike the members are: with random weights "
+    "these ratios are not shown to carry over to a real checkpoint")
+
+
+def matrix(model, pipe, images, base: EngineSettings, cells, first_warmup: int = 1) -> dict:
+    """Engine vs diffusers per (steps, members) cell, each cell interleaved on its own.
+    Cells with members > 1 are never headline (see ENSEMBLING_DEPENDS_ON)."""
+    out: dict = {}
     for n, (steps, members) in enumerate(cells):
         s = EngineSettings(**{**base.__dict__, "steps": steps, "ensemble_size": members})
         # One warm-up call each in the first cell only (CUDA and library start-up): later
         # cells' first rounds are ordinary, a slow one is outvoted by the median, and
         # diffusers' warm-ups at 10 members alone took a quarter of the H200 run's matrix.
-        r = _engine.engine_vs_diffusers(model, pipe, images, s, warmup=1 if n == 0 else 0)
+        r = _engine.engine_vs_diffusers(model, pipe, images, s, warmup=first_warmup if n == 0 else 0)
         ips = r["depthray_images_per_s"]
         out[f"{steps}x{members}"] = {
-            "steps": steps, "members": members, "depthray_images_per_s": ips,
+            "steps": steps, "members": members, "headline": (steps, members) in HEADLINE_CELLS,
+            "depthray_images_per_s": ips,
             "diffusers_images_per_s": r["diffusers_images_per_s"], "ratio": r["ratio"],
             "gpu_hours_per_million": _common.gpu_hours_per_million(ips),
             "diffusers_gpu_hours_per_million": _common.gpu_hours_per_million(r["diffusers_images_per_s"]),
+            "memory_format": r["memory_format"], "unet_batch_sizes": r["unet_batch_sizes"],
             "times_s": r["times_s"]}
         print(f"  {steps} step(s) x {members} member(s): depthray {ips:.2f} img/s, diffusers "
               f"{r['diffusers_images_per_s']:.2f} img/s, ratio {r['ratio']:.2f}x", flush=True)
+    out["headline_cells"] = [k for k, v in out.items() if v["headline"]]
+    out["diffusers_call"] = _engine.DIFFUSERS_CALL
+    if any(members > 1 for _, members in cells):
+        out["depends_on"] = ENSEMBLING_DEPENDS_ON
     return out
 
 
@@ -191,7 +212,8 @@ def compiled_section(folder, images, s: EngineSettings, pipe, eager, backend: st
     r = _engine.engine_vs_diffusers(eager, pipe, images, s, compiled=comp)
     out = {"steps": s.steps, "members": s.ensemble_size}
     out.update({k: r[k] for k in ("depthray_images_per_s", "diffusers_images_per_s", "compiled_images_per_s",
-                             "ratio", "ratio_compiled", "compile_first_call_s", "times_s")})
+                             "ratio", "ratio_compiled", "compile_first_call_s", "memory_format",
+                             "unet_batch_sizes", "times_s")})
     out["compiled_vs_eager"] = r["compiled_images_per_s"] / r["depthray_images_per_s"]
     # The compiled UNet alone, at the batch and latent shape the calls above compiled for.
     h, w = fit_long_side(*images[0].shape[:2], s.resolution, upscale=True)
@@ -203,6 +225,13 @@ def compiled_section(folder, images, s: EngineSettings, pipe, eager, backend: st
 
 
 # ------------------------------------------------------------------------- main
+def _cells(text: str) -> list[tuple[int, int]]:
+    cells = [tuple(int(x) for x in c.split("x")) for c in text.split(",")]
+    if any(len(c) != 2 or c[1] < 2 for c in cells):
+        raise argparse.ArgumentTypeError(f"{text!r}: STEPSxMEMBERS,... with members >= 2")
+    return cells
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -214,25 +243,33 @@ def parse_args(argv):
                     help="toy sizes and estimates (checks every section runs, e.g. on a CPU)")
     ap.add_argument("--compile-backend", default="inductor", help="eager: checks the plumbing fast")
     ap.add_argument("--skip", action="append", default=[],
-                    choices=("matrix", "breakdown", "job", "compiled", "tiling"))
+                    choices=("matrix", "breakdown", "matrix_ensembling", "job", "compiled", "tiling"))
+    ap.add_argument("--images", type=int, default=None, help="images per call (default: the size preset's)")
+    ap.add_argument("--resolution", type=int, default=None, help="processing resolution (default: the preset's)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per cell (default: the preset's)")
+    ap.add_argument("--ensembling-cells", default=None, type=_cells,
+                    help="STEPSxMEMBERS,... for matrix_ensembling (default: the preset's)")
     return ap.parse_args(argv)
 
 
 def sizes(rehearsal: bool, device: str, dtype: str) -> dict:
     if rehearsal:
-        return dict(engine=EngineSettings(device, dtype, 64, 4, 4, 8, 1), images=2, image_size=(48, 64),
-                    cells=[(1, 1), (2, 2)], breakdown_cells=[(1, 1)], compile_cell=(1, 2),
-                    job=JobSettings(1, 4, (40, 56), 32, 2, 2, device),
+        return dict(engine=EngineSettings(device, dtype, 64, 4, 4, 8, 1), images=4, image_size=(48, 64),
+                    cells=list(HEADLINE_CELLS), ensembling_cells=[(1, 2)], breakdown_cells=[(1, 1)],
+                    compile_cell=(1, 1), job=JobSettings(1, 4, (40, 56), 32, 2, 2, device),
                     tiles=TileSettings(((96, 128),), 48, 1, 8, 1, device),
-                    estimate={"matrix": 1, "breakdown": 1, "job": 1, "compiled": 1, "tiling": 1})
+                    estimate={"matrix": 1, "breakdown": 1, "matrix_ensembling": 1, "job": 1, "compiled": 1,
+                              "tiling": 1})
     return dict(engine=EngineSettings(device, dtype, 768, 4, 4, 16, 3), images=4, image_size=(480, 640),
-                cells=[(1, 1), (1, 4), (1, 10), (4, 1), (4, 4), (4, 10)],
-                breakdown_cells=[(1, 1), (1, 10), (4, 4)], compile_cell=(4, 4),
+                cells=list(HEADLINE_CELLS), ensembling_cells=[(1, 4), (4, 4), (1, 10), (4, 10)],
+                breakdown_cells=[(1, 1), (1, 10), (4, 4)], compile_cell=(1, 1),
                 job=JobSettings(2, 12, (480, 640), 768, 4, 8, device),
                 tiles=TileSettings(((1536, 2048), (3072, 4096)), 768, 1, 16, 1, device),
-                # measured on an H200 (benchmarks/results/h200-2026-11-28-*.jsonl): diffusers' scipy
-                # ensembling at 10 members is most of the matrix; a full pass is ~11 min
-                estimate={"matrix": 210, "breakdown": 20, "job": 250, "compiled": 110, "tiling": 20})
+                # measured on an H200 (benchmarks/results/h200-2026-11-28-*.jsonl, diffusers then
+                # called per image): the 1 x 1 and 4 x 1 cells took ~10 s with warm-ups; diffusers'
+                # scipy ensembling at 4 and 10 members ~190 s; a full pass is ~11 min
+                estimate={"matrix": 30, "breakdown": 20, "matrix_ensembling": 200, "job": 250, "compiled": 110,
+                          "tiling": 20})
 
 
 def run_section(name: str, fn, budget: Budget, estimate: float, record: Recorder, args) -> None:
@@ -258,6 +295,11 @@ def main(argv=None) -> int:
     budget = Budget(args.budget_s)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     p = sizes(args.rehearsal, args.device, dtype)
+    for key in ("resolution", "rounds"):
+        if getattr(args, key):
+            p["engine"] = EngineSettings(**{**p["engine"].__dict__, key: getattr(args, key)})
+    p["images"] = args.images or p["images"]
+    p["ensembling_cells"] = args.ensembling_cells or p["ensembling_cells"]
     s: EngineSettings = p["engine"]
     record = Recorder(args.out)
     cuda = args.device.startswith("cuda")
@@ -265,7 +307,8 @@ def main(argv=None) -> int:
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": args.device,
            "dtype": dtype, "model": args.model, "settings": {**s.__dict__, "images": p["images"],
-                                                              "image_size": p["image_size"]}}
+                                                              "image_size": p["image_size"]},
+           "channels_last": s.uses_channels_last(), "diffusers_call": _engine.DIFFUSERS_CALL}
     if cuda:
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
                    bf16_matmul_tflops=matmul_peak(args.device))
@@ -290,6 +333,11 @@ def main(argv=None) -> int:
         out["taesd"] = _engine.tiny_decoder_effect(model, _common.tiny_decoder_dir(args.model), images, s)
         return out
     run_section("breakdown", parts, budget, est["breakdown"], record, args)
+
+    # Warmed up by the matrix when it ran: one more warm-up would cost a scipy solve per image.
+    run_section("matrix_ensembling", lambda: matrix(model, pipe, images, s, p["ensembling_cells"],
+                                                    first_warmup=0 if "headline_cells" in record.results["matrix"] else 1),
+                budget, est["matrix_ensembling"], record, args)
 
     def job():
         from benchmarks._job import job_benchmark

@@ -3,6 +3,10 @@
 #   bash benchmarks/gpu_run.sh [BUDGET_S] [gpu.py args...]
 # Installs the bundle into /tmp/site, then runs benchmarks/gpu.py; results go to $OUT (the
 # device tool's folder that comes back) or ./gpu-results.
+# The like-for-like comparison with diffusers (issue 28: diffusers batched as its users call
+# it; headline cells 1x1 and 4x1 in `matrix`, members 4 and 10 apart in `matrix_ensembling`,
+# the compiled engine at 1x1) in one run that fits a 15-minute lease:
+#   bash benchmarks/gpu_run.sh 450 --device cuda --model sd2-random --skip job --skip tiling
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${1:-450}

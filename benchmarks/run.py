@@ -4,7 +4,8 @@
 
 Sections (each contender pair runs interleaved in this process, warm-up excluded, medians):
  1. engine vs diffusers' MarigoldDepthPipeline: same weights, images, members, steps,
-    resolution, dtype, device and batch size;
+    resolution, dtype, device, weight layout and batch size; diffusers gets the whole list
+    of equal-size images in one call with its own batch_size, as its users call it;
  2. what each engine feature buys: batching across images, encode-once, closed-form
     ensembling, tiny VAE decoder, torch.compile (not in smoke mode); on CUDA also bf16, channels_last;
  3. UNet FLOPs per call, achieved TFLOP/s and (CUDA) the fraction of the GPU's bf16 peak;
@@ -75,7 +76,13 @@ def engine_sections(args, folder: Path, p: dict, table: list) -> dict:
     out["engine_vs_diffusers"] = r["ratio"]
     out["engine_vs_diffusers_compiled"] = r.get("ratio_compiled")
     out["engine"] = {k: v for k, v in r.items() if k not in ("ratio", "ratio_compiled")}
+    # Like-for-like only without ensembling (benchmarks/gpu.py: HEADLINE_CELLS): at more than
+    # one member diffusers' time is mostly its scipy ensembling, which depends on the members.
+    out["engine_vs_diffusers_cell"] = {"steps": s.steps, "members": s.ensemble_size,
+                                       "headline": s.ensemble_size == 1}
     sizes = f"{p['images']} images {p['image_size'][1]}x{p['image_size'][0]}"
+    if s.ensemble_size > 1:
+        sizes += f"; {s.ensemble_size} members: ensembling-bound, not like-for-like"
     table += [("engine", "depthray images/s", f"{r['depthray_images_per_s']:.3f}", _common.spread(r["times_s"]["depthray"]) + " s/run"),
               ("engine", "diffusers images/s", f"{r['diffusers_images_per_s']:.3f}", _common.spread(r["times_s"]["diffusers"]) + " s/run"),
               ("engine", "engine_vs_diffusers", f"{r['ratio']:.2f}x", f"{sizes}; default engine (eager)")]

@@ -43,6 +43,53 @@ def test_benchmark_smoke_prints_table_and_json(tmp_path, tiny_model_dir):
     assert 0 <= abl["closed_form_ensembling"]["mean_abs_diff"] < 0.2
 
 
+@pytest.mark.timeout(120)
+def test_diffusers_is_called_once_with_the_whole_list_and_both_sides_share_a_layout(tiny_model_dir, monkeypatch):
+    """diffusers is called as its users batch equal-size images: one call per round with the
+    whole list and batch_size = the engine's views per call, so one UNet call holds every
+    image's latent (one call per image would hold one); both sides hold their weights, and
+    run their convolutions, in the layout asked for (channels_last here, on the CPU)."""
+    import torch
+    from diffusers import MarigoldDepthPipeline
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._common import scene_images
+    from benchmarks._engine import EngineSettings, engine_vs_diffusers, load_diffusers, load_engine
+
+    s = EngineSettings("cpu", "float32", resolution=32, ensemble_size=1, steps=1, batch_size=8, rounds=1,
+                       channels_last=True)
+    images = scene_images(3, 24, 32)
+    model, pipe = load_engine(tiny_model_dir, s), load_diffusers(tiny_model_dir, s)
+    calls, batches = [], {"depthray": [], "diffusers": []}
+    real_call = MarigoldDepthPipeline.__call__
+
+    def spy(self, image, **kwargs):
+        calls.append((image, kwargs))
+        return real_call(self, image, **kwargs)
+
+    monkeypatch.setattr(MarigoldDepthPipeline, "__call__", spy)
+    for side, unet in (("depthray", model.unet), ("diffusers", pipe.unet)):
+        unet.conv_in.register_forward_hook(
+            lambda mod, args, out, side=side: batches[side].append(
+                (out.shape[0], out.is_contiguous(memory_format=torch.channels_last))))
+    r = engine_vs_diffusers(model, pipe, images, s, warmup=1)
+
+    assert len(calls) == 2  # one warm-up call and one timed round, each over the whole set
+    for image, kwargs in calls:
+        assert isinstance(image, list) and [im.size for im in image] == [(32, 24)] * 3
+        assert kwargs["batch_size"] == 8 and kwargs["ensemble_size"] == 1 and kwargs["num_inference_steps"] == 1
+    assert batches["diffusers"] == batches["depthray"] == [(3, True), (3, True)]
+    assert r["unet_batch_sizes"] == {"depthray": {"3": 1.0}, "diffusers": {"3": 1.0}}
+    assert r["memory_format"] == {"depthray": "channels_last", "diffusers": "channels_last"}
+
+    pipe.vae.to(memory_format=torch.contiguous_format)  # one side's layout differs: refused
+    with pytest.raises(ValueError, match="layouts"):
+        engine_vs_diffusers(model, pipe, images, s)
+    pipe.vae.to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="equal-size"):
+        engine_vs_diffusers(model, pipe, images + scene_images(1, 32, 24), s)
+
+
 def test_ensemble_device_ablation_runs():
     """CUDA-only in run.py; its timing code runs here with the CPU as 'device'."""
     import numpy as np
@@ -147,12 +194,20 @@ def test_gpu_check_runs_every_section_and_keeps_results_line_by_line(tmp_path, t
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["section"] for x in lines] == ["env", "matrix", "breakdown", "job", "compiled", "tiling"]
+    assert [x["section"] for x in lines] == ["env", "matrix", "breakdown", "matrix_ensembling", "job", "compiled",
+                                             "tiling"]
     got = {x["section"]: x["result"] for x in lines}
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == json.loads(json.dumps(got))
-    for cell in ("1x1", "2x2"):
-        m = got["matrix"][cell]
+    # The headline is the cells without ensembling on either side; members > 1 apart, with why.
+    assert got["matrix"]["headline_cells"] == ["1x1", "4x1"] and "depends_on" not in got["matrix"]
+    assert got["matrix_ensembling"]["headline_cells"] == [] and "scipy" in got["matrix_ensembling"]["depends_on"]
+    for section, cell in (("matrix", "1x1"), ("matrix", "4x1"), ("matrix_ensembling", "1x2")):
+        m = got[section][cell]
         assert m["ratio"] > 0 and m["gpu_hours_per_million"] > 0
+        assert m["headline"] is (m["members"] == 1)
+        # 4 images of one size, 8 views per call: each side puts the whole set in one UNet call
+        assert m["unet_batch_sizes"] == {side: {str(4 * m["members"]): m["steps"]} for side in ("depthray", "diffusers")}
+        assert m["memory_format"] == {"depthray": "contiguous", "diffusers": "contiguous"}
     share = got["breakdown"]["predict"]["1x1"]["share"]
     assert all(share[k] > 0 for k in ("vae_encode", "unet", "vae_decode"))
     assert abs(sum(share.values()) - 1.0) < 1e-9 and share["other"] > -0.05
