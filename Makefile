@@ -34,7 +34,8 @@ test: $(VENV)/.installed
 # torch's generic kernels, AVX2 instead of AVX-512, and one thread (other reduction orders).
 NUMERIC_TESTS ?= tests/conformance tests/test_ensemble.py tests/test_ensemble_diffusers.py tests/test_tiling.py \
 	tests/test_tiling_joint.py tests/test_engine.py tests/test_predict_inputs.py tests/test_metrics.py \
-	tests/test_quality.py tests/test_job.py tests/test_model_kinds.py
+	tests/test_quality.py tests/test_job.py tests/test_model_kinds.py tests/test_tiling_budget.py \
+	tests/test_metric_align.py tests/test_metric_reference.py tests/test_metric_views.py
 test-portability: $(VENV)/.installed
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS)
