@@ -18,7 +18,7 @@ import yaml
 
 from depthray.config_build import build, flatten
 from depthray.metric_config import METRIC_ENCODINGS, MetricConfig, validate_metric
-from depthray.models.kinds import KINDS
+from depthray.models.kinds import KINDS, TORCH_DTYPES
 
 
 class ConfigError(ValueError):
@@ -235,7 +235,7 @@ _CHOICES = {
     "inference.ensemble_reduction": ("median", "mean"),
     "inference.tiling.mode": ("auto", "on", "off"),
     "inference.tiling.fusion": FUSIONS,
-    "model.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "model.dtype": ("auto", *TORCH_DTYPES),
     "model.kind": lambda: tuple(KINDS),  # read when validating: a kind registers once, in models/kinds.py
     "input.format": ("auto", "webdataset", "parquet", "arrow", "images"),
     "output.format": ("parquet", "webdataset", "delta"),

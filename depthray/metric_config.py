@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from depthray.models.kinds import TORCH_DTYPES
+
 
 # How a sparse metric depth member stores metres (pipelines/metric_depth.py; docs/metric.md).
 METRIC_ENCODINGS = ("png16_mm", "png16_kitti", "npy")
@@ -84,8 +86,8 @@ def validate_metric(m: MetricConfig, pipeline: str, errors: list[str]) -> None:
         errors.append("metric.member: pipeline metric_depth needs the member holding sparse metric depth "
                       "(e.g. lidar.png), metric.column for Parquet/Arrow inputs, or metric.reference_model "
                       "(a metric depth checkpoint)")
-    if m.reference_dtype not in ("auto", "float32", "float16", "bfloat16"):
-        errors.append(f"metric.reference_dtype: must be one of auto, float32, float16, bfloat16, "
+    if m.reference_dtype not in ("auto", *TORCH_DTYPES):
+        errors.append(f"metric.reference_dtype: must be one of auto, {', '.join(TORCH_DTYPES)}, "
                       f"got {m.reference_dtype!r}")
     if not 0.0 < m.holdout_fraction < 1.0:
         errors.append(f"metric.holdout_fraction: must be in (0, 1), got {m.holdout_fraction}")

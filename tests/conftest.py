@@ -77,6 +77,18 @@ def _encode_image(arr, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after. The CI box is small and shared:
+    torch's thread pool fighting other processes makes many small ops 10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def make_image():
     """make_image(h, w, seed=0, fmt="JPEG") -> encoded bytes of a random RGB image."""

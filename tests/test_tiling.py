@@ -30,14 +30,7 @@ from depthray.tiling import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box is small and shared: torch's thread pool fighting other processes makes the
-    # many small ops here 10x slower. Restore the setting for the rest of the session.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class AffineDouble:

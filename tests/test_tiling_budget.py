@@ -19,12 +19,7 @@ from depthray.tiling import cut_level, plan_tiles
 from depthray.tiling_budget import detail_map, level_quotas, max_views, select_tiles, tile_scores
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class AffineDouble:

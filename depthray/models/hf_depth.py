@@ -34,7 +34,6 @@ from depthray.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DEFAULT_NORMALISATION = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # DPT's and Depth Pro's processor defaults
 
 
@@ -102,7 +101,7 @@ class TransformersDepthModel:
                         "declared (%s), with DPT-style preprocessing; untested", folder, config.model_type,
                         family.output_space)
         dev = resolve_device(device)
-        torch_dtype = _DTYPES[cls.kind.dtype(dtype, dev.type)]
+        torch_dtype = cls.kind.torch_dtype(dtype, dev.type)
         net = AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch_dtype)
         model = cls(net, json.loads(pre_file.read_text()), family=family, model_type=config.model_type,
                     processing_resolution=processing_resolution, device=str(dev), dtype=torch_dtype,

@@ -30,7 +30,6 @@ from depthray.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json -> torch modes
 
 
@@ -108,7 +107,7 @@ class MetricReference:
             raise FileNotFoundError(f"{folder}: no config.json; not a transformers checkpoint")
         family = metric_reference_family(AutoConfig.from_pretrained(folder))
         dev = resolve_device(device)
-        torch_dtype = _DTYPES[TRANSFORMERS.dtype(dtype, dev.type)]
+        torch_dtype = TRANSFORMERS.torch_dtype(dtype, dev.type)
         processor = _processor(folder, family)  # first: what it cannot run is said before the weights load
         net = AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch_dtype)
         model = cls(net, processor, family, str(dev), torch_dtype, name or str(folder))

@@ -26,6 +26,9 @@ ModelConfig = Any
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
+TORCH_DTYPES = ("float32", "float16", "bfloat16")  # what model.dtype and metric.reference_dtype may name
+
+
 @dataclass(frozen=True)
 class ModelKind:
     name: str
@@ -47,6 +50,15 @@ class ModelKind:
         if dtype != "auto":
             return dtype
         return self.auto_cuda_dtype if device_type == "cuda" else "float32"
+
+    def torch_dtype(self, dtype: str, device_type: str):
+        """The torch dtype this kind loads its weights in (`dtype` as `self.dtype` reads it)."""
+        import torch
+
+        name = self.dtype(dtype, device_type)
+        if name not in TORCH_DTYPES:
+            raise ValueError(f"dtype {name!r}: one of {', '.join(TORCH_DTYPES)} (or auto)")
+        return getattr(torch, name)
 
     def step_problem(self, steps: int | None, path: str) -> str | None:
         """Why `inference.num_inference_steps: steps` cannot run on this kind (None: it can)."""

@@ -27,16 +27,13 @@ from depthray.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def pick_device(device: str = "auto") -> torch.device:
     return resolve_device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device, kind: ModelKind = MARIGOLD) -> torch.dtype:
     """auto: what the kind's entry in depthray/models/kinds.py says (bf16 on CUDA, float32 on CPU)."""
-    return _DTYPES[kind.dtype(dtype, device.type)]
+    return kind.torch_dtype(dtype, device.type)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
